@@ -1,0 +1,58 @@
+"""Tiny random models of every supported architecture, built from configs (no downloads).
+
+Shapes are chosen so that the traps of ``architectures.md`` are exercised: grouped-query attention
+(K < H) wherever the family allows it, a head size that differs from d / H (Gemma, Qwen3), fused
+projections (GPT-2, GPT-NeoX, Phi-3), biases, and non-trivial norm gains (every parameter is random).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+D, L, H, V = 48, 3, 4, 97
+_COMMON = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+_LLAMA_LIKE = dict(hidden_size=D, num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=2,
+                   intermediate_size=96, max_position_embeddings=64)
+
+CONFIGS: dict[str, dict] = {
+    "gpt2": dict(n_embd=D, n_layer=L, n_head=H, n_positions=64),
+    "gpt_neox": dict(hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=96,
+                     max_position_embeddings=64, rotary_pct=0.5),
+    "llama": dict(_LLAMA_LIKE),
+    "mistral": dict(_LLAMA_LIKE, sliding_window=16),
+    "qwen2": dict(_LLAMA_LIKE),
+    "qwen3": dict(_LLAMA_LIKE, head_dim=16),
+    "gemma": dict(_LLAMA_LIKE, head_dim=16, num_key_value_heads=1),
+    "gemma2": dict(_LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=16, sliding_window=16),
+    "gemma3_text": dict(_LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=16, sliding_window=16),
+    "opt": dict(hidden_size=D, num_hidden_layers=L, num_attention_heads=H, ffn_dim=96, word_embed_proj_dim=D,
+                max_position_embeddings=64),
+    "gptj": dict(n_embd=D, n_layer=L, n_head=H, n_positions=64, rotary_dim=6),
+    "phi": dict(_LLAMA_LIKE, partial_rotary_factor=0.5),
+    "phi3": dict(_LLAMA_LIKE),
+}
+ARCHS = list(CONFIGS)
+
+
+def make_config(arch: str, **overrides):
+    return AutoConfig.for_model(arch, **{**_COMMON, **CONFIGS[arch], **overrides})
+
+
+def make_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A tiny ``arch`` causal LM with every parameter random (norm gains around 1), in eval mode."""
+    config = make_config(arch, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            is_gain = name.endswith("weight") and p.ndim == 1
+            if is_gain and not arch.startswith("gemma"):
+                p.add_(1.0)
+    return model.to(dtype).eval()
+
+
+def input_ids(batch: int = 2, seq: int = 10, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, V, (batch, seq), generator=torch.Generator().manual_seed(seed))

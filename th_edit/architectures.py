@@ -1,0 +1,285 @@
+"""Where each model family keeps its per-head attention weights: one declarative table.
+
+Keyed by ``config.model_type``, never by a model's name. Each :class:`ArchSpec` says where the blocks
+are, which module holds the pre-attention normalisation, how the query/key/value projections are laid
+out (separate modules, one fused matrix in contiguous ``[Q | K | V]`` blocks, or a fused matrix
+interleaved per head as ``(head, {q, k, v}, d_h)``), and whether weights are stored ``[out, in]``
+(``nn.Linear``) or ``[in, out]`` (GPT-2's ``Conv1D``).
+
+:class:`AttentionLayout` turns a spec plus a live model into views of per-head weights in row-vector
+form (``W_Q[h], W_K[h], W_V[h]: [d, d_h]``, ``W_O[h]: [d_h, d]``). Views alias the model's storage, so
+writing through them edits the model in place and touches nothing else.
+
+Grouped-query attention: query head ``h`` reads key/value head ``h // (H // K)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InvalidArgumentError, OffloadedWeightsError, UnsupportedModelError
+
+__all__ = ["ArchSpec", "ARCHITECTURES", "AttentionLayout", "supported_model_types", "get_spec"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one model family keeps its attention weights.
+
+    Attributes:
+        layers: dotted path from the ``*ForCausalLM`` module to the ``ModuleList`` of blocks.
+        attn_norm: path, relative to a block, of the pre-attention norm (None if there is none).
+        norm_kind: ``"layernorm"``, ``"rmsnorm"`` or ``"rmsnorm_plus_one"`` (Gemma stores gain as 1 + w).
+        qkv_layout: ``"separate"``, ``"contiguous"`` (fused ``[Q | K | V]`` row blocks) or
+            ``"interleaved"`` (fused, ordered ``(head, {q, k, v}, d_h)``).
+        q, k, v: module paths relative to a block (the same path for fused layouts).
+        o: output projection path relative to a block.
+        conv1d: weights are stored ``[in, out]`` (GPT-2 ``Conv1D``) instead of ``[out, in]``.
+        q_norm, k_norm: per-head query/key norm paths (Qwen3, Gemma3); only their gain is folded.
+        qk_norm_kind: norm kind of ``q_norm``/``k_norm``.
+        norm_enabled_flag: config flag that must be true for ``attn_norm`` to apply (OPT).
+        unsupported_flags: config flags that make the model unsupported, with the reason.
+    """
+
+    layers: str
+    attn_norm: str | None
+    norm_kind: str
+    qkv_layout: str
+    q: str
+    k: str
+    v: str
+    o: str
+    conv1d: bool = False
+    q_norm: str | None = None
+    k_norm: str | None = None
+    qk_norm_kind: str = "rmsnorm"
+    norm_enabled_flag: str | None = None
+    unsupported_flags: tuple[tuple[str, str], ...] = ()
+
+
+_LLAMA = ArchSpec(
+    layers="model.layers", attn_norm="input_layernorm", norm_kind="rmsnorm", qkv_layout="separate",
+    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+)
+_GEMMA = ArchSpec(
+    layers="model.layers", attn_norm="input_layernorm", norm_kind="rmsnorm_plus_one", qkv_layout="separate",
+    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+)
+
+#: The architecture table, keyed by ``config.model_type``.
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec(
+        layers="transformer.h", attn_norm="ln_1", norm_kind="layernorm", qkv_layout="contiguous",
+        q="attn.c_attn", k="attn.c_attn", v="attn.c_attn", o="attn.c_proj", conv1d=True,
+    ),
+    "gpt_neox": ArchSpec(
+        layers="gpt_neox.layers", attn_norm="input_layernorm", norm_kind="layernorm", qkv_layout="interleaved",
+        q="attention.query_key_value", k="attention.query_key_value", v="attention.query_key_value",
+        o="attention.dense",
+    ),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": ArchSpec(**{**_LLAMA.__dict__, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}),
+    "smollm3": _LLAMA,
+    "gemma": _GEMMA,
+    "gemma2": _GEMMA,
+    "gemma3_text": ArchSpec(
+        **{**_GEMMA.__dict__, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
+           "qk_norm_kind": "rmsnorm_plus_one"}
+    ),
+    "opt": ArchSpec(
+        layers="model.decoder.layers", attn_norm="self_attn_layer_norm", norm_kind="layernorm",
+        qkv_layout="separate", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
+        o="self_attn.out_proj", norm_enabled_flag="do_layer_norm_before",
+    ),
+    "gptj": ArchSpec(
+        layers="transformer.h", attn_norm="ln_1", norm_kind="layernorm", qkv_layout="separate",
+        q="attn.q_proj", k="attn.k_proj", v="attn.v_proj", o="attn.out_proj",
+    ),
+    "phi": ArchSpec(
+        layers="model.layers", attn_norm="input_layernorm", norm_kind="layernorm", qkv_layout="separate",
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.dense",
+        unsupported_flags=(("qk_layernorm", "its per-head LayerNorm on queries and keys (centering "
+                            "included) cannot be folded into W_Q/W_K"),),
+    ),
+    "phi3": ArchSpec(
+        layers="model.layers", attn_norm="input_layernorm", norm_kind="rmsnorm", qkv_layout="contiguous",
+        q="self_attn.qkv_proj", k="self_attn.qkv_proj", v="self_attn.qkv_proj", o="self_attn.o_proj",
+    ),
+}
+
+
+def supported_model_types() -> list[str]:
+    """Sorted list of the ``config.model_type`` values th_edit supports."""
+    return sorted(ARCHITECTURES)
+
+
+def get_spec(config: Any) -> ArchSpec:
+    """The :class:`ArchSpec` for a transformers config, or :class:`UnsupportedModelError`."""
+    model_type = getattr(config, "model_type", None)
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported by th_edit. Supported types: "
+            f"{', '.join(supported_model_types())}. To add one, describe where its attention weights live "
+            "with an ArchSpec and pass it as ChannelEditor(model, spec=...)."
+        )
+    for flag, reason in spec.unsupported_flags:
+        if getattr(config, flag, False):
+            raise UnsupportedModelError(
+                f"{model_type} with {flag}=True is not supported: {reason}. Use a checkpoint with {flag}=False."
+            )
+    return spec
+
+
+def _resolve_param(module: nn.Module, name: str) -> torch.Tensor:
+    """The tensor holding ``module.<name>``'s real values (following accelerate's CPU offload hooks)."""
+    param = getattr(module, name)
+    if param is None or param.device.type != "meta":
+        return param
+    hook = getattr(module, "_hf_hook", None)
+    weights_map = getattr(hook, "weights_map", None)
+    if weights_map is not None:
+        try:
+            real = weights_map[name]
+        except Exception:  # noqa: BLE001 - any failure means the storage is not reachable here
+            real = None
+        # In-memory offload (accelerate's cpu_offload) keeps real tensors; disk offload hands out
+        # fresh copies read from files, which an in-place edit would not reach.
+        dataset = getattr(weights_map, "dataset", weights_map)
+        in_memory = isinstance(dataset, dict) or type(dataset).__name__ == "dict"
+        if isinstance(real, torch.Tensor) and real.device.type != "meta" and in_memory:
+            if dataset[getattr(weights_map, "prefix", "") + name] is real:
+                return real
+    raise OffloadedWeightsError(
+        f"parameter {name!r} of {type(module).__name__} is on the meta device (offloaded to disk by "
+        "accelerate) and th_edit cannot reach its real storage to edit it in place. Load the model with "
+        "enough CPU/GPU memory for the attention layers (e.g. device_map with max_memory, or offload to "
+        "'cpu' rather than 'disk'), or edit a copy without offloading and save it."
+    )
+
+
+class AttentionLayout:
+    """Per-head views of one model's attention weights, in row-vector form.
+
+    Args:
+        model: a transformers causal LM whose ``config.model_type`` is in :data:`ARCHITECTURES`.
+        spec: override the table entry (for architectures th_edit does not know).
+
+    Attributes:
+        n_layers (L), n_heads (H), n_kv_heads (K), d_model (d), d_head (d_h).
+    """
+
+    def __init__(self, model: nn.Module, spec: ArchSpec | None = None) -> None:
+        config = model.config
+        self.spec = spec if spec is not None else get_spec(config)
+        self.model = model
+        self.blocks = list(model.get_submodule(self.spec.layers))
+        self.n_layers = len(self.blocks)
+        self.n_heads = int(config.num_attention_heads)
+        self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}."
+            )
+        self.d_model = int(config.hidden_size)
+        o_mod = self.blocks[0].get_submodule(self.spec.o)
+        o_in = self._row_form(self._param(o_mod, "weight")).shape[0]
+        if o_in % self.n_heads:
+            raise UnsupportedModelError(
+                f"output projection input size {o_in} is not a multiple of {self.n_heads} heads."
+            )
+        self.d_head = o_in // self.n_heads
+        self.norm_enabled = self.spec.attn_norm is not None and (
+            self.spec.norm_enabled_flag is None or bool(getattr(config, self.spec.norm_enabled_flag, True))
+        )
+
+    # ----- low-level access ---------------------------------------------------------------------
+    def _param(self, module: nn.Module, name: str) -> torch.Tensor | None:
+        if getattr(module, name, None) is None:
+            return None
+        return _resolve_param(module, name)
+
+    def _row_form(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[in, out]`` view of a projection weight."""
+        return weight if self.spec.conv1d else weight.t()
+
+    def _offset(self, kind: str, head: int) -> int:
+        """Start of head ``head``'s ``kind`` ('q', 'k' or 'v') columns in its module's output dim."""
+        H, K, dh = self.n_heads, self.n_kv_heads, self.d_head
+        layout = self.spec.qkv_layout
+        if layout == "separate":
+            return head * dh
+        if layout == "contiguous":
+            return {"q": 0, "k": H * dh, "v": H * dh + K * dh}[kind] + head * dh
+        if layout == "interleaved":
+            return head * 3 * dh + {"q": 0, "k": dh, "v": 2 * dh}[kind]
+        raise UnsupportedModelError(f"unknown qkv_layout {layout!r}")
+
+    def kv_head(self, head: int) -> int:
+        """Key/value head read by query head ``head`` (GQA): ``head // (H // K)``."""
+        return head // (self.n_heads // self.n_kv_heads)
+
+    def check(self, layer: int, head: int) -> None:
+        """Raise :class:`InvalidArgumentError` if ``(layer, head)`` is out of range."""
+        for name, value, n in (("layer", layer, self.n_layers), ("head", head, self.n_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+                raise InvalidArgumentError(f"{name}={value!r} is out of range: this model has {n} (0..{n - 1}).")
+
+    def module(self, layer: int, path: str) -> nn.Module:
+        return self.blocks[layer].get_submodule(path)
+
+    # ----- per-head views (aliasing model storage) ----------------------------------------------
+    def proj_weight(self, layer: int, head: int, kind: str) -> torch.Tensor:
+        """``[d, d_h]`` view of ``W_Q[h]`` (kind 'q'), ``W_K[g]`` or ``W_V[g]`` (g = kv head of h)."""
+        idx = head if kind == "q" else self.kv_head(head)
+        mod = self.module(layer, getattr(self.spec, kind))
+        return self._row_form(self._param(mod, "weight")).narrow(1, self._offset(kind, idx), self.d_head)
+
+    def proj_bias(self, layer: int, head: int, kind: str) -> torch.Tensor | None:
+        """``[d_h]`` view of the q/k/v bias of the head, or None."""
+        idx = head if kind == "q" else self.kv_head(head)
+        bias = self._param(self.module(layer, getattr(self.spec, kind)), "bias")
+        return None if bias is None else bias.narrow(0, self._offset(kind, idx), self.d_head)
+
+    def out_weight(self, layer: int, head: int) -> torch.Tensor:
+        """``[d_h, d]`` view of ``W_O[h]``."""
+        w = self._row_form(self._param(self.module(layer, self.spec.o), "weight"))
+        return w.narrow(0, head * self.d_head, self.d_head)
+
+    def out_bias(self, layer: int) -> torch.Tensor | None:
+        """``[d]`` output bias of the layer (shared by all heads), or None."""
+        return self._param(self.module(layer, self.spec.o), "bias")
+
+    def norm_params(self, layer: int) -> tuple[str | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(kind, gain [d], bias [d])`` of the pre-attention norm; gain is the effective one (1 + w
+        for Gemma). ``kind`` is None when the attention reads the residual stream directly."""
+        if not self.norm_enabled:
+            return None, None, None
+        mod = self.module(layer, self.spec.attn_norm)
+        w, b = self._param(mod, "weight"), self._param(mod, "bias")
+        gain = None if w is None else (1.0 + w.float() if self.spec.norm_kind == "rmsnorm_plus_one" else w)
+        return self.spec.norm_kind, gain, b
+
+    def qk_gains(self, layer: int, head: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Effective ``[d_h]`` gains of the per-head query and key norms, or ``(None, None)``."""
+        if self.spec.q_norm is None:
+            return None, None
+        gains = []
+        for path in (self.spec.q_norm, self.spec.k_norm):
+            w = self._param(self.module(layer, path), "weight")
+            gains.append(1.0 + w.float() if self.spec.qk_norm_kind == "rmsnorm_plus_one" else w)
+        return gains[0], gains[1]
+
+    def target(self, layer: int, head: int, circuit: str) -> torch.Tensor:
+        """The view an edit of ``circuit`` writes: ``W_O[h]`` for 'ov', ``W_Q[h]`` for 'qk'."""
+        if circuit == "ov":
+            return self.out_weight(layer, head)
+        if circuit == "qk":
+            return self.proj_weight(layer, head, "q")
+        raise InvalidArgumentError(f"circuit={circuit!r} is not one of 'ov', 'qk'.")

@@ -1,0 +1,437 @@
+"""ChannelEditor: per-head circuits, their SVD, and exact in-place rescaling of singular components.
+
+It joins the pure maths of :mod:`th_edit.linalg` with the architecture table of
+:mod:`th_edit.architectures`. Circuits follow ``method.md``: ``OV = W_V W_O`` and ``QK = W_Q W_K^T``
+per head, folded by default (the block's input normalisation's linear part ``N`` on the read side:
+``W_Q^f = N W_Q``, ``W_K^f = N W_K``, ``W_V^f = N W_V``; per-head q/k-norm gains folded too).
+
+Edits write only the edited head's ``W_O[h]`` (OV) or ``W_Q[h]`` (QK), in the model's dtype, with the
+maths in float32/float64; key/value weights shared under GQA are never touched. Every edit is logged with
+the exact values it overwrote, so :meth:`ChannelEditor.undo` and :meth:`ChannelEditor.reset` restore
+the original tensors bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from . import linalg
+from .architectures import ArchSpec, AttentionLayout
+from .errors import InvalidArgumentError, NothingToUndoError, PlanMismatchError
+from .plan import BaseModelIdentity, Edit, EditPlan
+
+__all__ = ["ChannelEditor", "HeadWeights", "SVDResult", "CIRCUITS"]
+
+logger = logging.getLogger("th_edit")
+
+CIRCUITS = ("ov", "qk")
+
+
+class SVDResult(NamedTuple):
+    """SVD of one head's circuit, ``M = U diag(S) V^T``; unpacks as ``U, S, V``.
+
+    ``U [d, d_h]``: read directions (what the head reads from the residual stream; for QK the query
+    side). ``S [d_h]``: singular values, descending. ``V [d, d_h]``: write directions for OV, key-side
+    read directions for QK. All float32.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+    def degenerate_blocks(self, rtol: float = 1e-3) -> list[list[int]]:
+        """Groups of components with nearly equal singular values (see :func:`linalg.degenerate_blocks`).
+        A component inside such a block is a subspace, not a direction: edit the whole block."""
+        return linalg.degenerate_blocks(self.S, rtol)
+
+
+@dataclass
+class HeadWeights:
+    """Float32 copies of one head's attention parameters in row-vector form.
+
+    ``W_Q, W_K, W_V: [d, d_h]``, ``W_O: [d_h, d]``; biases ``[d_h]`` (``b_O [d]``, shared by the layer's
+    heads) or None; ``norm_kind`` of the pre-attention norm (None: no norm) with effective
+    ``norm_gain``/``norm_bias [d]``; ``q_gain``/``k_gain [d_h]``: per-head q/k-norm gains or None.
+    """
+
+    W_Q: torch.Tensor
+    W_K: torch.Tensor
+    W_V: torch.Tensor
+    W_O: torch.Tensor
+    b_Q: torch.Tensor | None
+    b_K: torch.Tensor | None
+    b_V: torch.Tensor | None
+    b_O: torch.Tensor | None
+    norm_kind: str | None
+    norm_gain: torch.Tensor | None
+    norm_bias: torch.Tensor | None
+    q_gain: torch.Tensor | None
+    k_gain: torch.Tensor | None
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to(torch.float32).clone()
+
+
+class ChannelEditor:
+    """Read, decompose and rescale the attention circuits of a transformers causal LM in place.
+
+    Args:
+        model: a causal LM from ``AutoModelForCausalLM.from_pretrained`` (or ``from_config``) whose
+            ``config.model_type`` is in :data:`th_edit.ARCHITECTURES`; it may be dispatched with
+            accelerate's ``device_map``.
+        spec: an :class:`ArchSpec` overriding the table (for an architecture th_edit does not know).
+        folded: default for every ``folded=`` argument: fold the input norm into circuits (True) or
+            use the raw weights (False).
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=100))
+        >>> editor = ChannelEditor(model)
+        >>> U, S, V = editor.svd(layer=1, head=2, circuit="ov")
+        >>> U.shape, S.shape
+        (torch.Size([64, 16]), torch.Size([16]))
+        >>> edit = editor.scale_component(layer=1, head=2, circuit="ov", component=0, alpha=0.0)
+        >>> editor.undo() is edit
+        True
+    """
+
+    def __init__(self, model: nn.Module, *, spec: ArchSpec | None = None, folded: bool = True) -> None:
+        self.model = model
+        self.layout = AttentionLayout(model, spec)
+        self.folded = bool(folded)
+        self._log: list[tuple[Edit, torch.Tensor]] = []
+        self._fingerprints: dict[str, str] = {}
+
+    # ----- geometry -------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.layout.n_layers
+
+    @property
+    def n_heads(self) -> int:
+        return self.layout.n_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.layout.n_kv_heads
+
+    @property
+    def d_model(self) -> int:
+        return self.layout.d_model
+
+    @property
+    def d_head(self) -> int:
+        return self.layout.d_head
+
+    @property
+    def edits(self) -> list[Edit]:
+        """Edits currently applied, oldest first."""
+        return [e for e, _ in self._log]
+
+    def __repr__(self) -> str:
+        return (
+            f"ChannelEditor({self.model.config.model_type}, layers={self.n_layers}, heads={self.n_heads}, "
+            f"kv_heads={self.n_kv_heads}, d_model={self.d_model}, d_head={self.d_head}, edits={len(self._log)})"
+        )
+
+    # ----- reading ------------------------------------------------------------------------------
+    def head_weights(self, layer: int, head: int) -> HeadWeights:
+        """Float32 copies of head ``head`` of layer ``layer`` (query head index; GQA resolved)."""
+        self.layout.check(layer, head)
+        L = self.layout
+        kind, gain, bias = L.norm_params(layer)
+        q_gain, k_gain = L.qk_gains(layer, head)
+        return HeadWeights(
+            W_Q=_f32(L.proj_weight(layer, head, "q")), W_K=_f32(L.proj_weight(layer, head, "k")),
+            W_V=_f32(L.proj_weight(layer, head, "v")), W_O=_f32(L.out_weight(layer, head)),
+            b_Q=_f32(L.proj_bias(layer, head, "q")), b_K=_f32(L.proj_bias(layer, head, "k")),
+            b_V=_f32(L.proj_bias(layer, head, "v")), b_O=_f32(L.out_bias(layer)),
+            norm_kind=kind, norm_gain=_f32(gain), norm_bias=_f32(bias), q_gain=_f32(q_gain), k_gain=_f32(k_gain),
+        )
+
+    def circuit_factors(
+        self, layer: int, head: int, circuit: str = "ov", *, folded: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The thin factors ``(A, B)`` with ``circuit = A @ B.T``, both ``[d, d_h]`` float32.
+
+        OV: ``A = N W_V``, ``B = W_O^T``. QK: ``A = N W_Q G_q``, ``B = N W_K G_k`` (``N``: the norm's
+        linear part when folded, identity when raw; ``G``: per-head q/k-norm gains when folded).
+        """
+        self._check_circuit(circuit)
+        folded = self.folded if folded is None else bool(folded)
+        w = self.head_weights(layer, head)
+        kind = w.norm_kind if folded else None
+        if circuit == "ov":
+            return linalg.fold_norm(w.W_V, kind, w.norm_gain), w.W_O.T.contiguous()
+        W_Q, W_K = w.W_Q, w.W_K
+        if folded and w.q_gain is not None:
+            W_Q, W_K = W_Q * w.q_gain, W_K * w.k_gain
+        return linalg.fold_norm(W_Q, kind, w.norm_gain), linalg.fold_norm(W_K, kind, w.norm_gain)
+
+    def circuit_matrix(self, layer: int, head: int, circuit: str = "ov", *, folded: bool | None = None) -> torch.Tensor:
+        """The dense ``[d, d]`` circuit (materialised: for inspection and tests, not for bulk work)."""
+        A, B = self.circuit_factors(layer, head, circuit, folded=folded)
+        return A @ B.T
+
+    def svd(self, layer: int, head: int, circuit: str = "ov", *, folded: bool | None = None) -> SVDResult:
+        """Factored SVD of one head's circuit (float32, deterministic signs). See :class:`SVDResult`."""
+        A, B = self.circuit_factors(layer, head, circuit, folded=folded)
+        return SVDResult(*linalg.factored_svd(A, B))
+
+    def svd_all(
+        self, circuit: str = "ov", *, folded: bool | None = None, layers: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+    ) -> SVDResult:
+        """Batched factored SVD of every head of the chosen layers.
+
+        Returns:
+            :class:`SVDResult` with ``U, V [n_layers, H, d, d_h]`` and ``S [n_layers, H, d_h]`` on
+            ``device`` (default: the device of the first layer's weights).
+        """
+        layers = list(range(self.n_layers)) if layers is None else list(layers)
+        A, B = self.stacked_factors(circuit, folded=folded, layers=layers, device=device)
+        return SVDResult(*linalg.factored_svd(A, B))
+
+    def stacked_factors(
+        self, circuit: str = "ov", *, folded: bool | None = None, layers: Sequence[int] | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors of every head of ``layers`` stacked: ``A, B [n_layers, H, d, d_h]`` float32."""
+        layers = list(range(self.n_layers)) if layers is None else list(layers)
+        As, Bs = [], []
+        for layer in layers:
+            pairs = [self.circuit_factors(layer, h, circuit, folded=folded) for h in range(self.n_heads)]
+            dev = device if device is not None else pairs[0][0].device
+            As.append(torch.stack([a.to(dev) for a, _ in pairs]))
+            Bs.append(torch.stack([b.to(dev) for _, b in pairs]))
+            device = dev
+        return torch.stack(As), torch.stack(Bs)
+
+    # ----- editing ------------------------------------------------------------------------------
+    def scale_component(
+        self,
+        layer: int,
+        head: int,
+        circuit: str = "ov",
+        component: int | Sequence[int] = 0,
+        alpha: float = 0.0,
+        *,
+        folded: bool | None = None,
+    ) -> Edit:
+        """Rescale singular component(s) of one head's circuit by ``alpha``, in place.
+
+        The circuit changes by ``(alpha - 1) * sum_i s_i u_i v_i^T`` over the chosen components; the
+        change is written into ``W_O[h]`` (OV) or ``W_Q[h]`` (QK) only. ``alpha=1`` is an exact no-op,
+        ``alpha=0`` removes the components.
+
+        Args:
+            layer, head: the head (query head index under GQA).
+            circuit: ``"ov"`` or ``"qk"``.
+            component: index (0 = largest singular value) or a list of indices (e.g. a degenerate block).
+            alpha: finite scale factor.
+            folded: edit components of the folded (default) or raw circuit.
+
+        Returns:
+            The applied :class:`Edit` (also appended to :attr:`edits`).
+
+        Raises:
+            InvalidArgumentError: bad layer/head/circuit/component/alpha; the model is left untouched.
+        """
+        self.layout.check(layer, head)
+        self._check_circuit(circuit)
+        folded = self.folded if folded is None else bool(folded)
+        components = self._check_components(component)
+        alpha = self._check_alpha(alpha)
+        U, S, V = self.svd(layer, head, circuit, folded=folded)
+        self._warn_if_partial_block(SVDResult(U, S, V), components, layer, head, circuit)
+        idx = torch.tensor(components, device=U.device)
+        coeff = (alpha - 1.0) * S[idx]
+        if circuit == "ov":
+            A, _ = self.circuit_factors(layer, head, "ov", folded=folded)
+            left, right = linalg.ov_edit_factors(A, U[:, idx], coeff, V[:, idx])
+        else:
+            A, B = self.circuit_factors(layer, head, "qk", folded=folded)
+            w = self.head_weights(layer, head)
+            q_gain = w.q_gain if folded else None
+            left, right = linalg.qk_edit_factors(w.W_Q, A, B, U[:, idx], coeff, V[:, idx], q_gain=q_gain)
+        if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
+            raise InvalidArgumentError(
+                f"the edit of layer {layer} head {head} {circuit} is not finite (a q-norm gain is ~0?); "
+                "nothing was changed. Try folded=False."
+            )
+        edit = Edit(
+            layer=layer, head=head, circuit=circuit, components=components, alpha=alpha, folded=folded,
+            singular_values=tuple(float(s) for s in S[idx].tolist()), left=left.cpu(), right=right.cpu(),
+        )
+        self.apply_edit(edit)
+        logger.info("scaled %s component(s) %s of layer %d head %d by %g", circuit, list(components), layer, head, alpha)
+        return edit
+
+    def apply_edit(self, edit: Edit) -> None:
+        """Write a precomputed :class:`Edit`'s factors into the model (used by plans) and log it."""
+        self.layout.check(edit.layer, edit.head)
+        self._check_circuit(edit.circuit)
+        view = self.layout.target(edit.layer, edit.head, edit.circuit)
+        delta = edit.delta().to(view.device)
+        if delta.shape != view.shape:
+            raise InvalidArgumentError(
+                f"edit factors give a {tuple(delta.shape)} change but {edit.target} of layer {edit.layer} head "
+                f"{edit.head} is {tuple(view.shape)}: the edit was made for a different geometry."
+            )
+        key = f"{edit.layer}.{edit.head}"
+        fingerprint = self._fingerprints.get(key) or self.head_fingerprint(edit.layer, edit.head)
+        old = view.detach().clone()
+        new = torch.where(delta == 0, old, (old.float() + delta).to(old.dtype))
+        if not torch.isfinite(new).all():
+            raise InvalidArgumentError(
+                f"the edit would make {edit.target} of layer {edit.layer} head {edit.head} non-finite in "
+                f"{old.dtype} (alpha={edit.alpha} too large?); nothing was changed."
+            )
+        with torch.no_grad():
+            view.copy_(new)
+        self._fingerprints.setdefault(key, fingerprint)
+        self._log.append((edit, old))
+
+    def undo(self) -> Edit:
+        """Revert the most recent edit bit for bit and return it."""
+        if not self._log:
+            raise NothingToUndoError("no edit to undo: the model is already in its original state.")
+        edit, old = self._log.pop()
+        view = self.layout.target(edit.layer, edit.head, edit.circuit)
+        with torch.no_grad():
+            view.copy_(old)
+        return edit
+
+    def reset(self) -> list[Edit]:
+        """Revert every edit (newest first); the model's tensors are then bit-identical to the start."""
+        undone = []
+        while self._log:
+            undone.append(self.undo())
+        return undone
+
+    # ----- plans --------------------------------------------------------------------------------
+    def head_fingerprint(self, layer: int, head: int) -> str:
+        """SHA-256 of head ``(layer, head)``'s weights (W_Q, W_K, W_V, W_O, biases, norm and q/k gains)
+        as float32 bytes. Identifies the base model an edit plan applies to."""
+        h = hashlib.sha256()
+        w = self.head_weights(layer, head)
+        for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "norm_gain", "norm_bias", "q_gain", "k_gain"):
+            t = getattr(w, name)
+            h.update(name.encode())
+            if t is not None:
+                h.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def export_plan(self) -> EditPlan:
+        """The applied edits, in order, with the base model's identity."""
+        cfg = self.model.config
+        touched = {f"{e.layer}.{e.head}" for e in self.edits}
+        dtype = next(self.model.parameters()).dtype
+        base = BaseModelIdentity(
+            model_type=cfg.model_type, name_or_path=str(getattr(cfg, "_name_or_path", "") or ""),
+            revision=getattr(cfg, "_commit_hash", None), dtype=str(dtype).replace("torch.", ""),
+            fingerprints={k: v for k, v in sorted(self._fingerprints.items()) if k in touched},
+        )
+        return EditPlan(base=base, edits=self.edits)
+
+    def save_plan(self, directory: str | os.PathLike) -> None:
+        """Write :meth:`export_plan` to ``directory`` (JSON + safetensors, atomic)."""
+        self.export_plan().save(directory)
+
+    def apply_plan(self, plan: EditPlan | str | os.PathLike, *, verify: bool = True) -> list[Edit]:
+        """Apply every edit of ``plan`` (an :class:`EditPlan` or a directory holding one).
+
+        With ``verify`` (default) the plan's model type and the fingerprint of every head it touches are
+        checked against this model first; a mismatch raises :class:`PlanMismatchError` and changes
+        nothing. If an edit fails half-way, the edits of this plan already written are undone.
+        """
+        if not isinstance(plan, EditPlan):
+            plan = EditPlan.load(plan)
+        if verify:
+            self.verify_plan(plan)
+        applied = 0
+        try:
+            for edit in plan.edits:
+                self.apply_edit(edit)
+                applied += 1
+        except BaseException:
+            for _ in range(applied):
+                self.undo()
+            raise
+        return plan.edits
+
+    def verify_plan(self, plan: EditPlan) -> None:
+        """Raise :class:`PlanMismatchError` unless ``plan`` was made on this model's current weights."""
+        model_type = self.model.config.model_type
+        if plan.base.model_type != model_type:
+            raise PlanMismatchError(
+                f"the plan was made for a {plan.base.model_type!r} model "
+                f"({plan.base.name_or_path or 'unnamed'}), this model is {model_type!r}."
+            )
+        for key, expected in plan.base.fingerprints.items():
+            layer, head = (int(x) for x in key.split("."))
+            if layer >= self.n_layers or head >= self.n_heads:
+                raise PlanMismatchError(f"the plan edits layer {layer} head {head}, which this model lacks.")
+            if self.head_fingerprint(layer, head) != expected:
+                raise PlanMismatchError(
+                    f"layer {layer} head {head} of this model differs from the plan's base model "
+                    f"({plan.base.name_or_path or 'unnamed'}, dtype {plan.base.dtype}). Apply the plan to the "
+                    "exact base checkpoint it was made on, in the same dtype and without other edits, or pass "
+                    "verify=False to apply it anyway."
+                )
+
+    @classmethod
+    def from_plan(
+        cls, model: nn.Module, plan: EditPlan | str | os.PathLike, *, verify: bool = True, **kwargs: Any
+    ) -> "ChannelEditor":
+        """A new editor on ``model`` with ``plan`` (an :class:`EditPlan` or a local directory) applied."""
+        editor = cls(model, **kwargs)
+        editor.apply_plan(plan, verify=verify)
+        return editor
+
+    # ----- validation ---------------------------------------------------------------------------
+    @staticmethod
+    def _check_circuit(circuit: str) -> None:
+        if circuit not in CIRCUITS:
+            raise InvalidArgumentError(f"circuit={circuit!r} is not one of {CIRCUITS}.")
+
+    def _check_components(self, component: int | Sequence[int]) -> tuple[int, ...]:
+        items = [component] if isinstance(component, numbers.Integral) else list(component)
+        if not items:
+            raise InvalidArgumentError("component list is empty: name at least one component index.")
+        r = self.d_head
+        for c in items:
+            if isinstance(c, bool) or not isinstance(c, numbers.Integral) or not 0 <= int(c) < r:
+                raise InvalidArgumentError(
+                    f"component={c!r} is out of range: each head's circuit has {r} components (0..{r - 1})."
+                )
+        if len(set(items)) != len(items):
+            raise InvalidArgumentError(f"component list {items} repeats an index.")
+        return tuple(sorted(int(c) for c in items))
+
+    @staticmethod
+    def _check_alpha(alpha: float) -> float:
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(float(alpha)):
+            raise InvalidArgumentError(f"alpha={alpha!r} must be a finite real number (1.0 leaves the head as is).")
+        return float(alpha)
+
+    @staticmethod
+    def _warn_if_partial_block(svd: SVDResult, components: tuple[int, ...], layer: int, head: int, circuit: str) -> None:
+        for block in svd.degenerate_blocks():
+            chosen = set(block) & set(components)
+            if chosen and chosen != set(block):
+                logger.warning(
+                    "layer %d head %d %s: components %s have nearly equal singular values, so component(s) %s "
+                    "alone are not well defined; pass component=%s to scale the whole subspace.",
+                    layer, head, circuit, block, sorted(chosen), block,
+                )

@@ -1,0 +1,35 @@
+"""Typed exceptions raised by th_edit.
+
+Every error names the problem and the fix. All derive from :class:`ThEditError`, and those caused by
+bad arguments also derive from :class:`ValueError`, so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class ThEditError(Exception):
+    """Base class of every th_edit error."""
+
+
+class UnsupportedModelError(ThEditError, ValueError):
+    """The model's ``config.model_type`` (or one of its options) is not in the architecture table."""
+
+
+class InvalidArgumentError(ThEditError, ValueError):
+    """A layer, head, component, circuit name or scale is out of range or malformed."""
+
+
+class PlanMismatchError(ThEditError, ValueError):
+    """An edit plan was made for a different base model (its weight fingerprint does not match)."""
+
+
+class PlanFormatError(ThEditError, ValueError):
+    """An edit plan on disk is malformed, of an unknown schema version, or incomplete."""
+
+
+class OffloadedWeightsError(ThEditError, RuntimeError):
+    """A parameter to edit lives on the ``meta`` device and its real storage cannot be edited in place."""
+
+
+class NothingToUndoError(ThEditError, RuntimeError):
+    """``undo()`` was called with no edit applied."""
