@@ -2,9 +2,7 @@
 
 Implements the weight-based analysis and edits of Merullo, Eickhoff & Pavlick, "Talking Heads:
 Understanding Inter-layer Communication in Transformer Language Models" (NeurIPS 2024).
-
->>> from th_edit import ChannelEditor   # doctest: +SKIP
->>> editor = ChannelEditor(model)       # doctest: +SKIP
+See :class:`ChannelEditor` for a runnable example.
 """
 
 import logging

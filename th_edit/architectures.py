@@ -137,30 +137,37 @@ def get_spec(config: Any) -> ArchSpec:
     return spec
 
 
-def _resolve_param(module: nn.Module, name: str) -> torch.Tensor:
-    """The tensor holding ``module.<name>``'s real values (following accelerate's CPU offload hooks)."""
+def _resolve_param(module: nn.Module, name: str, *, write: bool = False) -> torch.Tensor:
+    """The tensor holding ``module.<name>``'s real values, following accelerate's offload hooks.
+
+    Offloaded parameters are ``meta`` tensors whose values live in ``module._hf_hook.weights_map``.
+    Reading works for any offload; writing (``write=True``) needs the real storage, which exists for
+    in-memory offload (``cpu_offload``: a dict of tensors) but not for disk offload (each access reads
+    a fresh copy from a file), so that case raises :class:`OffloadedWeightsError` instead of becoming a
+    silent no-op.
+    """
     param = getattr(module, name)
     if param is None or param.device.type != "meta":
         return param
-    hook = getattr(module, "_hf_hook", None)
-    weights_map = getattr(hook, "weights_map", None)
+    weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+    real = None
     if weights_map is not None:
         try:
             real = weights_map[name]
         except Exception:  # noqa: BLE001 - any failure means the storage is not reachable here
             real = None
-        # In-memory offload (accelerate's cpu_offload) keeps real tensors; disk offload hands out
-        # fresh copies read from files, which an in-place edit would not reach.
+    if isinstance(real, torch.Tensor) and real.device.type != "meta":
+        if not write:
+            return real
         dataset = getattr(weights_map, "dataset", weights_map)
-        in_memory = isinstance(dataset, dict) or type(dataset).__name__ == "dict"
-        if isinstance(real, torch.Tensor) and real.device.type != "meta" and in_memory:
-            if dataset[getattr(weights_map, "prefix", "") + name] is real:
-                return real
+        key = getattr(weights_map, "prefix", "") + name
+        if isinstance(dataset, dict) and dataset.get(key) is real:
+            return real
     raise OffloadedWeightsError(
-        f"parameter {name!r} of {type(module).__name__} is on the meta device (offloaded to disk by "
-        "accelerate) and th_edit cannot reach its real storage to edit it in place. Load the model with "
-        "enough CPU/GPU memory for the attention layers (e.g. device_map with max_memory, or offload to "
-        "'cpu' rather than 'disk'), or edit a copy without offloading and save it."
+        f"parameter {name!r} of {type(module).__name__} is on the meta device (offloaded by accelerate) and "
+        f"th_edit cannot {'edit its real storage in place' if write else 'read its real values'} (disk "
+        "offload). Load the model so the attention layers fit in CPU/GPU memory (device_map with max_memory, "
+        "or offload to 'cpu' rather than 'disk'), or edit a non-offloaded copy and save it."
     )
 
 
@@ -200,10 +207,10 @@ class AttentionLayout:
         )
 
     # ----- low-level access ---------------------------------------------------------------------
-    def _param(self, module: nn.Module, name: str) -> torch.Tensor | None:
+    def _param(self, module: nn.Module, name: str, write: bool = False) -> torch.Tensor | None:
         if getattr(module, name, None) is None:
             return None
-        return _resolve_param(module, name)
+        return _resolve_param(module, name, write=write)
 
     def _row_form(self, weight: torch.Tensor) -> torch.Tensor:
         """``[in, out]`` view of a projection weight."""
@@ -235,11 +242,13 @@ class AttentionLayout:
         return self.blocks[layer].get_submodule(path)
 
     # ----- per-head views (aliasing model storage) ----------------------------------------------
-    def proj_weight(self, layer: int, head: int, kind: str) -> torch.Tensor:
-        """``[d, d_h]`` view of ``W_Q[h]`` (kind 'q'), ``W_K[g]`` or ``W_V[g]`` (g = kv head of h)."""
+    def proj_weight(self, layer: int, head: int, kind: str, *, write: bool = False) -> torch.Tensor:
+        """``[d, d_h]`` view of ``W_Q[h]`` (kind 'q'), ``W_K[g]`` or ``W_V[g]`` (g = kv head of h).
+        With ``write=True`` the view is guaranteed to alias the real storage (or an error is raised)."""
         idx = head if kind == "q" else self.kv_head(head)
         mod = self.module(layer, getattr(self.spec, kind))
-        return self._row_form(self._param(mod, "weight")).narrow(1, self._offset(kind, idx), self.d_head)
+        weight = self._row_form(self._param(mod, "weight", write))
+        return weight.narrow(1, self._offset(kind, idx), self.d_head)
 
     def proj_bias(self, layer: int, head: int, kind: str) -> torch.Tensor | None:
         """``[d_h]`` view of the q/k/v bias of the head, or None."""
@@ -247,9 +256,9 @@ class AttentionLayout:
         bias = self._param(self.module(layer, getattr(self.spec, kind)), "bias")
         return None if bias is None else bias.narrow(0, self._offset(kind, idx), self.d_head)
 
-    def out_weight(self, layer: int, head: int) -> torch.Tensor:
-        """``[d_h, d]`` view of ``W_O[h]``."""
-        w = self._row_form(self._param(self.module(layer, self.spec.o), "weight"))
+    def out_weight(self, layer: int, head: int, *, write: bool = False) -> torch.Tensor:
+        """``[d_h, d]`` view of ``W_O[h]`` (``write``: as in :meth:`proj_weight`)."""
+        w = self._row_form(self._param(self.module(layer, self.spec.o), "weight", write))
         return w.narrow(0, head * self.d_head, self.d_head)
 
     def out_bias(self, layer: int) -> torch.Tensor | None:
@@ -277,9 +286,9 @@ class AttentionLayout:
         return gains[0], gains[1]
 
     def target(self, layer: int, head: int, circuit: str) -> torch.Tensor:
-        """The view an edit of ``circuit`` writes: ``W_O[h]`` for 'ov', ``W_Q[h]`` for 'qk'."""
+        """The writable view an edit of ``circuit`` changes: ``W_O[h]`` for 'ov', ``W_Q[h]`` for 'qk'."""
         if circuit == "ov":
-            return self.out_weight(layer, head)
+            return self.out_weight(layer, head, write=True)
         if circuit == "qk":
-            return self.proj_weight(layer, head, "q")
+            return self.proj_weight(layer, head, "q", write=True)
         raise InvalidArgumentError(f"circuit={circuit!r} is not one of 'ov', 'qk'.")

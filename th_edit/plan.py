@@ -101,7 +101,8 @@ class EditPlan:
 
     >>> plan = EditPlan(base=BaseModelIdentity(model_type="gpt2"), edits=[])
     >>> import tempfile; d = tempfile.mkdtemp()
-    >>> plan.save(d); EditPlan.load(d).base.model_type
+    >>> _ = plan.save(d)
+    >>> EditPlan.load(d).base.model_type
     'gpt2'
     """
 
