@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from . import linalg
+from . import channels, linalg
 from .architectures import ArchSpec, AttentionLayout
 from .errors import InvalidArgumentError, NothingToUndoError, PlanMismatchError
 from .plan import BaseModelIdentity, Edit, EditPlan
@@ -216,6 +216,117 @@ class ChannelEditor:
             Bs.append(torch.stack([b.to(dev) for _, b in pairs]))
             device = dev
         return torch.stack(As), torch.stack(Bs)
+
+    # ----- composition --------------------------------------------------------------------------
+    def _heads(self, heads: Sequence[tuple[int, int]] | None, layers: Sequence[int] | None) -> list[tuple[int, int]]:
+        if heads is None:
+            layers = range(self.n_layers) if layers is None else layers
+            heads = [(l, h) for l in layers for h in range(self.n_heads)]
+        heads = sorted({(int(l), int(h)) for l, h in heads})
+        for l, h in heads:
+            self.layout.check(l, h)
+        return heads
+
+    def _svd_of_heads(self, heads: list[tuple[int, int]], circuit: str, folded: bool, device) -> SVDResult:
+        layers = sorted({l for l, _ in heads})
+        full = self.svd_all(circuit, folded=folded, layers=layers, device=device)
+        li = torch.tensor([layers.index(l) for l, _ in heads])
+        hi = torch.tensor([h for _, h in heads])
+        return SVDResult(full.U[li, hi], full.S[li, hi], full.V[li, hi])
+
+    def channel_map(
+        self,
+        modes: Sequence[str] = channels.MODES,
+        *,
+        folded: bool | None = None,
+        senders: Sequence[tuple[int, int]] | None = None,
+        receivers: Sequence[tuple[int, int]] | None = None,
+        layers: Sequence[int] | None = None,
+        memory_limit_mb: float = 512.0,
+        keep_top: int = 1000,
+        baseline_samples: int = 64,
+        seed: int = 0,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+    ) -> "channels.ChannelMap":
+        """Composition of every sender head's OV components into every later receiver head.
+
+        Args:
+            modes: any of ``"q"``, ``"k"``, ``"v"`` (Q-, K-, V-composition).
+            folded: folded (default) or raw circuits.
+            senders, receivers: ``(layer, head)`` lists to restrict the map; default every head of
+                ``layers`` (default all layers).
+            memory_limit_mb: bound on the streaming blocks' working memory.
+            keep_top: strongest component pairs kept per mode (for :meth:`ChannelMap.top_channels`).
+            baseline_samples: Monte Carlo samples for the random-matrix baselines (seeded by ``seed``).
+            device: where to compute (default: where the first layer's weights are; CUDA if there).
+            progress: show a progress bar.
+
+        Returns:
+            A :class:`th_edit.channels.ChannelMap`.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> editor = ChannelEditor(GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=4, n_embd=64, vocab_size=50)))
+            >>> cmap = editor.channel_map(progress=False, baseline_samples=4)
+            >>> cmap.head_scores("q").shape
+            torch.Size([3, 4, 3, 4])
+            >>> list(cmap.top_channels("k", k=3).columns[:4])
+            ['mode', 'sender_layer', 'sender_head', 'sender_component']
+        """
+        from .progress import progress_bar
+
+        folded = self.folded if folded is None else bool(folded)
+        for m in modes:
+            if m not in channels.MODES:
+                raise InvalidArgumentError(f"mode={m!r} is not one of {channels.MODES}.")
+        senders_l = self._heads(senders, layers)
+        receivers_l = self._heads(receivers, layers)
+        ov_send = self._svd_of_heads(senders_l, "ov", folded, device)
+        device = ov_send.V.device
+        recv = {}
+        if "v" in modes:
+            ov_recv = self._svd_of_heads(receivers_l, "ov", folded, device)
+            recv["v"] = (ov_recv.S, ov_recv.U)
+        if "q" in modes or "k" in modes:
+            qk_recv = self._svd_of_heads(receivers_l, "qk", folded, device)
+            if "q" in modes:
+                recv["q"] = (qk_recv.S, qk_recv.U)
+            if "k" in modes:
+                recv["k"] = (qk_recv.S, qk_recv.V)
+        ordered = {m: recv[m] for m in channels.MODES if m in recv}
+        return channels.compute_channel_map(
+            sender_svd=(ov_send.S, ov_send.V), receiver_svds=ordered, senders=senders_l, receivers=receivers_l,
+            n_layers=self.n_layers, n_heads=self.n_heads, folded=folded, memory_limit_mb=memory_limit_mb,
+            keep_top=keep_top, baseline_samples=baseline_samples, seed=seed,
+            progress=(lambda **kw: progress_bar(enabled=progress, **kw)),
+        )
+
+    def composition(
+        self, sender: tuple[int, int], receiver: tuple[int, int], mode: str = "q", *, folded: bool | None = None
+    ) -> dict[str, Any]:
+        """Composition of one sender head into one receiver head, all three levels.
+
+        Returns:
+            dict with ``head`` (the Elhage et al. score), ``component [d_h]`` (per sender component),
+            ``cosine [d_h, d_h]`` (signed ``v_i . a_j``) and ``share [d_h, d_h]`` (each pair's share of the
+            head score), plus the two heads' singular values ``sender_S`` and ``receiver_S``.
+        """
+        if mode not in channels.MODES:
+            raise InvalidArgumentError(f"mode={mode!r} is not one of {channels.MODES}.")
+        (sl, sh), (rl, rh) = sender, receiver
+        self.layout.check(sl, sh)
+        self.layout.check(rl, rh)
+        if sl >= rl:
+            raise InvalidArgumentError(
+                f"sender layer {sl} is not before receiver layer {rl}: a head can only read what earlier layers wrote."
+            )
+        _, s, v = self.svd(sl, sh, "ov", folded=folded)
+        U, t, V = self.svd(rl, rh, "qk" if mode in ("q", "k") else "ov", folded=folded)
+        a = V if mode == "k" else U
+        out = channels.pair_composition(s, v, t, a)
+        out.update(sender_S=s, receiver_S=t)
+        return out
 
     # ----- editing ------------------------------------------------------------------------------
     def scale_component(
