@@ -140,3 +140,14 @@ def test_tables_and_exports(tmp_path):
     row = comp[(comp["mode"] == "v") & (comp.sender_layer == 0) & (comp.sender_head == 2) & (comp.receiver_layer == 1)
                & (comp.receiver_head == 3) & (comp.sender_component == 5)]
     assert row.score.item() == pytest.approx(cmap.component_scores("v", (0, 2), (1, 3))[5].item())
+
+
+def test_plots_are_written(tmp_path):
+    from th_edit.plots import plot_component_profile, plot_receiver_heatmap
+
+    cmap = ChannelEditor(make_model("gpt2")).channel_map(progress=False, baseline_samples=4)
+    heat = plot_receiver_heatmap(cmap, "q", (2, 1), tmp_path / "heat.png", baseline="zscore")
+    prof = plot_component_profile(cmap, "k", (0, 3), [(1, 0), (2, 2)], tmp_path / "profile.png")
+    for path in (heat, prof):
+        data = open(path, "rb").read()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -206,15 +206,33 @@ class ChannelEditor:
         self, circuit: str = "ov", *, folded: bool | None = None, layers: Sequence[int] | None = None,
         device: torch.device | str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Factors of every head of ``layers`` stacked: ``A, B [n_layers, H, d, d_h]`` float32."""
+        """Factors of every head of ``layers`` stacked: ``A, B [n_layers, H, d, d_h]`` float32 (the same
+        values as :meth:`circuit_factors`, gathered one layer at a time)."""
+        self._check_circuit(circuit)
+        folded = self.folded if folded is None else bool(folded)
         layers = list(range(self.n_layers)) if layers is None else list(layers)
+        L, H = self.layout, range(self.n_heads)
         As, Bs = [], []
         for layer in layers:
-            pairs = [self.circuit_factors(layer, h, circuit, folded=folded) for h in range(self.n_heads)]
-            dev = device if device is not None else pairs[0][0].device
-            As.append(torch.stack([a.to(dev) for a, _ in pairs]))
-            Bs.append(torch.stack([b.to(dev) for _, b in pairs]))
-            device = dev
+            L.check(layer, 0)
+            kind, gain, _ = L.norm_params(layer) if folded else (None, None, None)
+            gain = None if gain is None else gain.detach().float()
+
+            def stack(kind_: str) -> torch.Tensor:
+                return torch.stack([L.proj_weight(layer, h, kind_).detach() for h in H]).float()
+
+            if circuit == "ov":
+                A = linalg.fold_norm(stack("v"), kind, gain)
+                B = torch.stack([L.out_weight(layer, h).detach() for h in H]).float().transpose(1, 2)
+            else:
+                A, B = stack("q"), stack("k")
+                q_gain, k_gain = L.qk_gains(layer, 0) if folded else (None, None)
+                if q_gain is not None:
+                    A, B = A * q_gain.detach().float(), B * k_gain.detach().float()
+                A, B = linalg.fold_norm(A, kind, gain), linalg.fold_norm(B, kind, gain)
+            device = A.device if device is None else device
+            As.append(A.to(device))
+            Bs.append(B.to(device))
         return torch.stack(As), torch.stack(Bs)
 
     # ----- composition --------------------------------------------------------------------------
@@ -286,7 +304,8 @@ class ChannelEditor:
         device = ov_send.V.device
         recv = {}
         if "v" in modes:
-            ov_recv = self._svd_of_heads(receivers_l, "ov", folded, device)
+            same = receivers_l == senders_l
+            ov_recv = ov_send if same else self._svd_of_heads(receivers_l, "ov", folded, device)
             recv["v"] = (ov_recv.S, ov_recv.U)
         if "q" in modes or "k" in modes:
             qk_recv = self._svd_of_heads(receivers_l, "qk", folded, device)
