@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import torch
 
 from . import linalg
+from .errors import InvalidArgumentError
 
 __all__ = ["MODES", "ChannelMap", "compute_channel_map", "pair_composition", "expected_abs_cosine", "monte_carlo_baselines"]
 
@@ -112,8 +113,6 @@ class ChannelMap:
     # ----- lookups ------------------------------------------------------------------------------
     def _mode(self, mode: str) -> _ModeData:
         if mode not in self.modes:
-            from .errors import InvalidArgumentError
-
             raise InvalidArgumentError(f"mode={mode!r} was not computed; this map has modes {sorted(self.modes)}.")
         return self.modes[mode]
 
@@ -121,8 +120,6 @@ class ChannelMap:
         try:
             return heads.index(tuple(head))
         except ValueError:
-            from .errors import InvalidArgumentError
-
             raise InvalidArgumentError(f"{role} {tuple(head)} is not in this channel map's {role}s.") from None
 
     def head_scores(self, mode: str, *, baseline: str | None = None) -> torch.Tensor:
@@ -205,8 +202,6 @@ class ChannelMap:
         if level == "pair":
             return self.top_channels(None, k=sum(len(d.top_share) for d in self.modes.values()))
         if level not in ("head", "component"):
-            from .errors import InvalidArgumentError
-
             raise InvalidArgumentError(f"level={level!r} is not one of 'pair', 'component', 'head'.")
         frames = []
         valid = self._valid_mask()

@@ -167,16 +167,9 @@ class ChannelEditor:
         OV: ``A = N W_V``, ``B = W_O^T``. QK: ``A = N W_Q G_q``, ``B = N W_K G_k`` (``N``: the norm's
         linear part when folded, identity when raw; ``G``: per-head q/k-norm gains when folded).
         """
-        self._check_circuit(circuit)
-        folded = self.folded if folded is None else bool(folded)
-        w = self.head_weights(layer, head)
-        kind = w.norm_kind if folded else None
-        if circuit == "ov":
-            return linalg.fold_norm(w.W_V, kind, w.norm_gain), w.W_O.T.contiguous()
-        W_Q, W_K = w.W_Q, w.W_K
-        if folded and w.q_gain is not None:
-            W_Q, W_K = W_Q * w.q_gain, W_K * w.k_gain
-        return linalg.fold_norm(W_Q, kind, w.norm_gain), linalg.fold_norm(W_K, kind, w.norm_gain)
+        self.layout.check(layer, head)
+        A, B = self.stacked_factors(circuit, folded=folded, layers=[layer])
+        return A[0, head], B[0, head]
 
     def circuit_matrix(self, layer: int, head: int, circuit: str = "ov", *, folded: bool | None = None) -> torch.Tensor:
         """The dense ``[d, d]`` circuit (materialised: for inspection and tests, not for bulk work)."""
