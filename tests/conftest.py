@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import runpy
 import socket
 import sys
 from pathlib import Path
@@ -53,3 +54,20 @@ def no_network():
 def tiny_model():
     """Factory: ``tiny_model(arch, seed=0, dtype=torch.float32, **config_overrides)``."""
     return make_model
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture
+def run_example(capsys, monkeypatch):
+    """Run ``examples/<name>`` as ``__main__`` with ``args``; assert exit code 0; return its stdout."""
+
+    def run(name: str, *args: str) -> str:
+        monkeypatch.setattr(sys, "argv", [name, *args])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+        assert done.value.code == 0
+        return capsys.readouterr().out
+
+    return run

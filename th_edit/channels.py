@@ -31,7 +31,6 @@ Baselines for random matrices of the same shapes (a random orientation of one fa
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -42,8 +41,6 @@ from . import linalg
 from .errors import InvalidArgumentError
 
 __all__ = ["MODES", "ChannelMap", "compute_channel_map", "pair_composition", "expected_abs_cosine", "monte_carlo_baselines"]
-
-logger = logging.getLogger("th_edit")
 
 MODES = ("q", "k", "v")
 Head = tuple[int, int]
@@ -68,12 +65,10 @@ def monte_carlo_baselines(d: int, r: int, *, samples: int = 64, seed: int = 0) -
         X, Y, W, Z = (torch.randn(d, r, generator=g, dtype=torch.float64) for _ in range(4))
         _, s, v = linalg.factored_svd(X, Y, dtype=torch.float64)
         a, t, _ = linalg.factored_svd(W, Z, dtype=torch.float64)
-        P = v.T @ a
-        Zs = P * (t / t.norm())
-        comp_scores = Zs.square().sum(1).sqrt()
-        comp.append(comp_scores)
-        head.append(((s / s.norm()).square() * comp_scores.square()).sum().sqrt())
-    head_t, comp_t = torch.stack(head), torch.cat(comp)
+        scores = pair_composition(s, v, t, a)
+        comp.append(scores["component"])
+        head.append(scores["head"])
+    head_t, comp_t = torch.tensor(head), torch.cat(comp)
     return {"head": (float(head_t.mean()), float(head_t.std())), "component": (float(comp_t.mean()), float(comp_t.std()))}
 
 

@@ -78,6 +78,16 @@ class HeadWeights:
     k_gain: torch.Tensor | None
 
 
+def _receiver_side(mode: str, ov: SVDResult | None, qk: SVDResult | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(singular values, read directions)`` of a receiver for a composition mode: Q reads along the
+    U of its QK circuit, K along the V of its QK circuit, V along the U of its OV circuit."""
+    if mode == "q":
+        return qk.S, qk.U
+    if mode == "k":
+        return qk.S, qk.V
+    return ov.S, ov.U
+
+
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(torch.float32).clone()
 
@@ -289,24 +299,18 @@ class ChannelEditor:
 
         folded = self.folded if folded is None else bool(folded)
         for m in modes:
-            if m not in channels.MODES:
-                raise InvalidArgumentError(f"mode={m!r} is not one of {channels.MODES}.")
+            self._check_mode(m)
         senders_l = self._heads(senders, layers)
         receivers_l = self._heads(receivers, layers)
         ov_send = self._svd_of_heads(senders_l, "ov", folded, device)
         device = ov_send.V.device
-        recv = {}
+        ov_recv = qk_recv = None
         if "v" in modes:
             same = receivers_l == senders_l
             ov_recv = ov_send if same else self._svd_of_heads(receivers_l, "ov", folded, device)
-            recv["v"] = (ov_recv.S, ov_recv.U)
         if "q" in modes or "k" in modes:
             qk_recv = self._svd_of_heads(receivers_l, "qk", folded, device)
-            if "q" in modes:
-                recv["q"] = (qk_recv.S, qk_recv.U)
-            if "k" in modes:
-                recv["k"] = (qk_recv.S, qk_recv.V)
-        ordered = {m: recv[m] for m in channels.MODES if m in recv}
+        ordered = {m: _receiver_side(m, ov_recv, qk_recv) for m in channels.MODES if m in modes}
         return channels.compute_channel_map(
             sender_svd=(ov_send.S, ov_send.V), receiver_svds=ordered, senders=senders_l, receivers=receivers_l,
             n_layers=self.n_layers, n_heads=self.n_heads, folded=folded, memory_limit_mb=memory_limit_mb,
@@ -324,8 +328,7 @@ class ChannelEditor:
             ``cosine [d_h, d_h]`` (signed ``v_i . a_j``) and ``share [d_h, d_h]`` (each pair's share of the
             head score), plus the two heads' singular values ``sender_S`` and ``receiver_S``.
         """
-        if mode not in channels.MODES:
-            raise InvalidArgumentError(f"mode={mode!r} is not one of {channels.MODES}.")
+        self._check_mode(mode)
         (sl, sh), (rl, rh) = sender, receiver
         self.layout.check(sl, sh)
         self.layout.check(rl, rh)
@@ -334,8 +337,8 @@ class ChannelEditor:
                 f"sender layer {sl} is not before receiver layer {rl}: a head can only read what earlier layers wrote."
             )
         _, s, v = self.svd(sl, sh, "ov", folded=folded)
-        U, t, V = self.svd(rl, rh, "qk" if mode in ("q", "k") else "ov", folded=folded)
-        a = V if mode == "k" else U
+        receiver_svd = self.svd(rl, rh, "ov" if mode == "v" else "qk", folded=folded)
+        t, a = _receiver_side(mode, receiver_svd, receiver_svd)
         out = channels.pair_composition(s, v, t, a)
         out.update(sender_S=s, receiver_S=t)
         return out
@@ -523,6 +526,11 @@ class ChannelEditor:
         return editor
 
     # ----- validation ---------------------------------------------------------------------------
+    @staticmethod
+    def _check_mode(mode: str) -> None:
+        if mode not in channels.MODES:
+            raise InvalidArgumentError(f"mode={mode!r} is not one of {channels.MODES}.")
+
     @staticmethod
     def _check_circuit(circuit: str) -> None:
         if circuit not in CIRCUITS:
