@@ -119,3 +119,13 @@ def test_failure_mid_plan_rolls_back(saved_plan):
         editor.apply_plan(plan)
     assert editor.edits == []
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+def test_plan_files_are_byte_reproducible(tmp_path):
+    """Saving the same plan twice gives identical bytes (so an unchanged re-push makes no Hub commit)."""
+    editor = ChannelEditor(make_model("gpt2"))
+    editor.scale_component(1, 2, "ov", [0, 1], 0.5)
+    for name in ("a", "b"):
+        editor.save_plan(tmp_path / name)
+    for f in (PLAN_JSON, PLAN_TENSORS):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()

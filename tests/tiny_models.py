@@ -56,3 +56,18 @@ def make_model(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, 
 
 def input_ids(batch: int = 2, seq: int = 10, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, V, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def make_tokenizer(words):
+    """A word-level fast tokenizer over ``words`` (ids 0-3: pad, bos, eos, unk; punctuation split off)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "<s>": 1, "</s>": 2, "[UNK]": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="<s>", eos_token="</s>",
+                                   unk_token="[UNK]")

@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 from .architectures import ARCHITECTURES, ArchSpec, supported_model_types
 from .editor import CIRCUITS, ChannelEditor, HeadWeights, SVDResult
 from .errors import (
+    HubError,
     InvalidArgumentError,
     NothingToUndoError,
     OffloadedWeightsError,
@@ -34,6 +35,7 @@ __all__ = [
     "Edit",
     "EditPlan",
     "HeadWeights",
+    "HubError",
     "InvalidArgumentError",
     "NothingToUndoError",
     "OffloadedWeightsError",

@@ -18,16 +18,18 @@ import logging
 import math
 import numbers
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
-from . import channels, linalg
+from . import cards, channels, hub, linalg
 from .architectures import ArchSpec, AttentionLayout
 from .errors import InvalidArgumentError, NothingToUndoError, PlanMismatchError
-from .plan import BaseModelIdentity, Edit, EditPlan
+from .plan import PLAN_FILES, BaseModelIdentity, Edit, EditPlan
 
 __all__ = ["ChannelEditor", "HeadWeights", "SVDResult", "CIRCUITS"]
 
@@ -102,6 +104,7 @@ class ChannelEditor:
         spec: an :class:`ArchSpec` overriding the table (for an architecture th_edit does not know).
         folded: default for every ``folded=`` argument: fold the input norm into circuits (True) or
             use the raw weights (False).
+        tokenizer: saved and pushed with the model by :meth:`save_pretrained` / :meth:`push_to_hub`.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -115,8 +118,14 @@ class ChannelEditor:
         True
     """
 
-    def __init__(self, model: nn.Module, *, spec: ArchSpec | None = None, folded: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, *, spec: ArchSpec | None = None, folded: bool = True, tokenizer: Any = None
+    ) -> None:
         self.model = model
+        self.tokenizer = tokenizer
+        #: channel evidence and before/after evaluation recorded for the model card (see th_edit.cards)
+        self.evidence: list[dict[str, Any]] = []
+        self.evaluation: dict[str, Any] | None = None
         self.layout = AttentionLayout(model, spec)
         self.folded = bool(folded)
         self._log: list[tuple[Edit, torch.Tensor]] = []
@@ -471,8 +480,10 @@ class ChannelEditor:
         return EditPlan(base=base, edits=self.edits)
 
     def save_plan(self, directory: str | os.PathLike) -> None:
-        """Write :meth:`export_plan` to ``directory`` (JSON + safetensors, atomic)."""
-        self.export_plan().save(directory)
+        """Write :meth:`export_plan` to ``directory`` (JSON + safetensors, atomic; main process only)."""
+        if hub.is_main_process():
+            self.export_plan().save(directory)
+        hub.wait_for_everyone()
 
     def apply_plan(self, plan: EditPlan | str | os.PathLike, *, verify: bool = True) -> list[Edit]:
         """Apply every edit of ``plan`` (an :class:`EditPlan` or a directory holding one).
@@ -518,12 +529,85 @@ class ChannelEditor:
 
     @classmethod
     def from_plan(
-        cls, model: nn.Module, plan: EditPlan | str | os.PathLike, *, verify: bool = True, **kwargs: Any
+        cls,
+        model: nn.Module,
+        plan: EditPlan | str | os.PathLike,
+        *,
+        verify: bool = True,
+        revision: str | None = None,
+        token: str | None = None,
+        **kwargs: Any,
     ) -> "ChannelEditor":
-        """A new editor on ``model`` with ``plan`` (an :class:`EditPlan` or a local directory) applied."""
+        """A new editor on ``model`` with ``plan`` applied: an :class:`EditPlan`, a local directory, or a
+        Hub repo id (a plan repo, or a full checkpoint saved by :meth:`save_pretrained`, which carries its
+        plan). Only the plan's two files are downloaded; nothing is executed or unpickled.
+
+        >>> editor = ChannelEditor.from_plan(base_model, "me/gpt2-laundry-plan")  # doctest: +SKIP
+        """
+        if not isinstance(plan, EditPlan):
+            folder = hub.resolve_local_or_hub(plan, allow_patterns=list(PLAN_FILES), revision=revision, token=token)
+            plan = EditPlan.load(folder)
         editor = cls(model, **kwargs)
         editor.apply_plan(plan, verify=verify)
         return editor
+
+    # ----- saving and sharing -------------------------------------------------------------------
+    def model_card(self, repo_id: str | None = None):
+        """The ``huggingface_hub.ModelCard`` written by :meth:`save_pretrained` (see :mod:`th_edit.cards`)."""
+        return cards.model_card(self.export_plan(), repo_id=repo_id, evidence=self.evidence, evaluation=self.evaluation)
+
+    def save_pretrained(
+        self, directory: str | os.PathLike, *, tokenizer: Any = None, repo_id: str | None = None, **save_kwargs: Any
+    ) -> Path:
+        """Save the edited model in native Hugging Face format, with tokenizer, model card and edit plan.
+
+        The weights go through the model's own ``save_pretrained`` (safetensors, sharding and the
+        architecture's own layout), so ``AutoModelForCausalLM.from_pretrained(directory)`` needs no
+        th_edit. The plan files sit beside them, so ``ChannelEditor.from_plan(base, directory)`` works too.
+        The directory is replaced atomically: on any failure its previous contents stay as they were.
+        Under Accelerate only the main process writes. Extra keyword arguments go to the model's
+        ``save_pretrained`` (e.g. ``max_shard_size``).
+        """
+        directory = Path(directory)
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        if hub.is_main_process():
+            with hub.atomic_directory(directory) as staging:
+                self.model.save_pretrained(staging, **save_kwargs)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(staging)
+                self.export_plan().save(staging)
+                self.model_card(repo_id).save(staging / "README.md")
+            logger.info("saved the edited model to %s", directory)
+        hub.wait_for_everyone()
+        return directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | None = None,
+        private: bool | None = None,
+        tokenizer: Any = None,
+        commit_message: str = "Upload model edited with th_edit",
+        **save_kwargs: Any,
+    ):
+        """Save as :meth:`save_pretrained` does (to a temporary directory) and upload it to ``repo_id`` in one
+        commit, creating the repo if needed. Returns the ``CommitInfo``. Raises :class:`HubError` with the
+        fix on a bad token or a server error; nothing local changes."""
+        with tempfile.TemporaryDirectory(prefix="th_edit_push_") as tmp:
+            self.save_pretrained(Path(tmp) / "model", tokenizer=tokenizer, repo_id=repo_id, **save_kwargs)
+            return hub.push_folder(Path(tmp) / "model", repo_id, token=token, private=private, commit_message=commit_message)
+
+    def push_plan_to_hub(
+        self, repo_id: str, *, token: str | None = None, private: bool | None = None,
+        commit_message: str = "Upload th_edit edit plan",
+    ):
+        """Upload the edit plan alone (JSON + safetensors, a few KB) with a card to ``repo_id``."""
+        with tempfile.TemporaryDirectory(prefix="th_edit_plan_") as tmp:
+            plan = self.export_plan()
+            plan.save(tmp)
+            cards.plan_card(plan, repo_id=repo_id).save(Path(tmp) / "README.md")
+            return hub.push_folder(tmp, repo_id, token=token, private=private, commit_message=commit_message)
 
     # ----- validation ---------------------------------------------------------------------------
     @staticmethod

@@ -33,3 +33,7 @@ class OffloadedWeightsError(ThEditError, RuntimeError):
 
 class NothingToUndoError(ThEditError, RuntimeError):
     """``undo()`` was called with no edit applied."""
+
+
+class HubError(ThEditError, RuntimeError):
+    """A save, push or download failed (HTTP error, bad repository id, bad token); nothing was lost."""

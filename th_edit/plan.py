@@ -30,6 +30,7 @@ __all__ = ["Edit", "BaseModelIdentity", "EditPlan", "PLAN_JSON", "PLAN_TENSORS",
 
 PLAN_JSON = "edit_plan.json"
 PLAN_TENSORS = "edit_plan.safetensors"
+PLAN_FILES = (PLAN_JSON, PLAN_TENSORS)
 SCHEMA_VERSION = 1
 
 
@@ -138,7 +139,9 @@ class EditPlan:
             tensors[f"edit{i}.right"] = e.right.detach().to("cpu", torch.float32).contiguous()
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
         try:
-            save_file(tensors, str(staging / PLAN_TENSORS), metadata={"format": "pt", "th_edit": "edit_plan"})
+            # one metadata key only: safetensors writes several in hash order, and the bytes must be
+            # reproducible (an unchanged plan re-pushed to the Hub must not make a new commit)
+            save_file(tensors, str(staging / PLAN_TENSORS), metadata={"format": "pt"})
             (staging / PLAN_JSON).write_text(json.dumps(self.to_json(), indent=2) + "\n")
             _replace_files(staging, directory, (PLAN_JSON, PLAN_TENSORS))
         finally:
