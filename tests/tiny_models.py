@@ -71,3 +71,30 @@ def make_tokenizer(words):
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="<s>", eos_token="</s>",
                                    unk_token="[UNK]")
+
+
+def laundry_words() -> list[str]:
+    """Every word and punctuation mark the th_edit task templates can produce."""
+    import re
+
+    from th_edit import data
+
+    words = list(data.ITEMS) + list(data.NAMES)
+    for template in ("omitted", "recall"):
+        for row in data.laundry_list(None, lengths=[2, 3], n_per_length=8, template=template)["train"]:
+            words += re.findall(r"\w+|[^\w\s]+", row["prompt"])
+    for t in data._IOI_TEMPLATES:
+        words += re.findall(r"\w+|[^\w\s]+", t.replace("{A}", "").replace("{B}", ""))
+    return list(dict.fromkeys(words))
+
+
+def laundry_tokenizer():
+    """A word-level tokenizer covering the task templates (one token per word)."""
+    return make_tokenizer(laundry_words())
+
+
+def laundry_model(arch: str = "llama", seed: int = 0, **overrides):
+    """A tiny random ``arch`` model whose vocabulary matches :func:`laundry_tokenizer`."""
+    tok = laundry_tokenizer()
+    return make_model(arch, seed=seed, vocab_size=len(tok), max_position_embeddings=256,
+                      **({"n_positions": 256} if arch in ("gpt2", "gptj") else {}), **overrides), tok

@@ -43,6 +43,8 @@ class ArchSpec:
         qk_norm_kind: norm kind of ``q_norm``/``k_norm``.
         norm_enabled_flag: config flag that must be true for ``attn_norm`` to apply (OPT).
         unsupported_flags: config flags that make the model unsupported, with the reason.
+        final_norm: path from the ``*ForCausalLM`` module to the norm before the unembedding (same kind as
+            ``norm_kind``); used for direct logit attribution.
     """
 
     layers: str
@@ -59,6 +61,7 @@ class ArchSpec:
     qk_norm_kind: str = "rmsnorm"
     norm_enabled_flag: str | None = None
     unsupported_flags: tuple[tuple[str, str], ...] = ()
+    final_norm: str = "model.norm"
 
 
 _LLAMA = ArchSpec(
@@ -75,11 +78,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
         layers="transformer.h", attn_norm="ln_1", norm_kind="layernorm", qkv_layout="contiguous",
         q="attn.c_attn", k="attn.c_attn", v="attn.c_attn", o="attn.c_proj", conv1d=True,
+        final_norm="transformer.ln_f",
     ),
     "gpt_neox": ArchSpec(
         layers="gpt_neox.layers", attn_norm="input_layernorm", norm_kind="layernorm", qkv_layout="interleaved",
         q="attention.query_key_value", k="attention.query_key_value", v="attention.query_key_value",
-        o="attention.dense",
+        o="attention.dense", final_norm="gpt_neox.final_layer_norm",
     ),
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -96,14 +100,16 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         layers="model.decoder.layers", attn_norm="self_attn_layer_norm", norm_kind="layernorm",
         qkv_layout="separate", q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
         o="self_attn.out_proj", norm_enabled_flag="do_layer_norm_before",
+        final_norm="model.decoder.final_layer_norm",
     ),
     "gptj": ArchSpec(
         layers="transformer.h", attn_norm="ln_1", norm_kind="layernorm", qkv_layout="separate",
-        q="attn.q_proj", k="attn.k_proj", v="attn.v_proj", o="attn.out_proj",
+        q="attn.q_proj", k="attn.k_proj", v="attn.v_proj", o="attn.out_proj", final_norm="transformer.ln_f",
     ),
     "phi": ArchSpec(
         layers="model.layers", attn_norm="input_layernorm", norm_kind="layernorm", qkv_layout="separate",
         q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.dense",
+        final_norm="model.final_layernorm",
         unsupported_flags=(("qk_layernorm", "its per-head LayerNorm on queries and keys (centering "
                             "included) cannot be folded into W_Q/W_K"),),
     ),

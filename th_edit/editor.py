@@ -551,6 +551,31 @@ class ChannelEditor:
         editor.apply_plan(plan, verify=verify)
         return editor
 
+    # ----- discovery ---------------------------------------------------------------------------
+    def find_channels(self, dataset, *, tokenizer: Any = None, **kwargs: Any):
+        """Ranked inhibition and duplicate-detection channels with weight-based, baseline-adjusted and
+        causal evidence; see :func:`th_edit.discovery.find_channels`.
+
+        >>> findings = editor.find_channels(data["train"])            # doctest: +SKIP
+        >>> findings.top("inhibition", k=5)                           # doctest: +SKIP
+        """
+        from .discovery import find_channels
+
+        return find_channels(self, self._tokenizer(tokenizer), dataset, **kwargs)
+
+    def search_edit(self, dev, test, findings, *, tokenizer: Any = None, **kwargs: Any):
+        """Choose component rescalings on ``dev`` and report ``test`` before/after; the chosen edits stay
+        applied. See :func:`th_edit.discovery.search_edit`."""
+        from .discovery import search_edit
+
+        return search_edit(self, self._tokenizer(tokenizer), dev, test, findings, **kwargs)
+
+    def _tokenizer(self, tokenizer: Any) -> Any:
+        tokenizer = tokenizer if tokenizer is not None else self.tokenizer
+        if tokenizer is None:
+            raise InvalidArgumentError("this needs a tokenizer: pass tokenizer=... here or to ChannelEditor(model, tokenizer=...).")
+        return tokenizer
+
     # ----- saving and sharing -------------------------------------------------------------------
     def model_card(self, repo_id: str | None = None):
         """The ``huggingface_hub.ModelCard`` written by :meth:`save_pretrained` (see :mod:`th_edit.cards`)."""

@@ -18,28 +18,41 @@ from pathlib import Path
 
 from .errors import HubError
 
-__all__ = ["atomic_directory", "push_folder", "resolve_local_or_hub", "is_main_process", "wait_for_everyone"]
+__all__ = [
+    "atomic_directory", "push_folder", "resolve_local_or_hub", "distributed_state", "is_main_process", "wait_for_everyone",
+]
 
 logger = logging.getLogger("th_edit")
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-def is_main_process() -> bool:
-    """True outside distributed runs, and on the main process of an Accelerate launch."""
+def distributed_state():
+    """Accelerate's ``PartialState`` for this launch, or None in a single process.
+
+    On machines without CUDA the processes talk over gloo (``PartialState(cpu=True)``), so
+    ``accelerate launch --multi_gpu --num_processes N`` (or ``torchrun``) also splits work over CPU processes.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return True
+        return None
+    import torch
     from accelerate import PartialState
 
-    return PartialState().is_main_process
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def is_main_process() -> bool:
+    """True outside distributed runs, and on the main process of an Accelerate launch."""
+    state = distributed_state()
+    return state is None or state.is_main_process
 
 
 def wait_for_everyone() -> None:
     """Barrier across Accelerate processes (no-op in a single process)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+    state = distributed_state()
+    if state is not None:
+        state.wait_for_everyone()
 
 
 @contextlib.contextmanager
