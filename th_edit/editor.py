@@ -551,6 +551,26 @@ class ChannelEditor:
         editor.apply_plan(plan, verify=verify)
         return editor
 
+    # ----- steering ----------------------------------------------------------------------------
+    def steer(self, layer: int, head: int, circuit: str = "ov", *, component: int | Sequence[int] = 0,
+              alpha: float = 1.0, add: float | Sequence[float] = 0.0, positions: Any = None,
+              folded: bool | None = None):
+        """Context manager rescaling head ``(layer, head)``'s output along OV component(s) at run time,
+        without touching weights (see :mod:`th_edit.steering`); at every position it equals
+        ``scale_component(layer, head, "ov", component, alpha)``.
+
+        >>> with editor.steer(1, 2, component=0, alpha=0.0, positions="last"):   # doctest: +SKIP
+        ...     logits = editor.model(ids).logits
+        """
+        from .steering import steer
+
+        if circuit != "ov":
+            raise InvalidArgumentError(
+                f"circuit={circuit!r}: steering rescales what a head writes, so it needs 'ov'; "
+                "use scale_component(..., circuit='qk', ...) to rescale what it reads."
+            )
+        return steer(self, layer, head, component=component, alpha=alpha, add=add, positions=positions, folded=folded)
+
     # ----- discovery ---------------------------------------------------------------------------
     def find_channels(self, dataset, *, tokenizer: Any = None, **kwargs: Any):
         """Ranked inhibition and duplicate-detection channels with weight-based, baseline-adjusted and
