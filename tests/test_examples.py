@@ -40,3 +40,9 @@ def test_scripted_eval_single_process(tiny_dir, tmp_path, run_example):
     out = run_example("scripted_eval.py", "--model", str(tiny_dir), "--lengths", "2", "4", "--n", "8",
                       "--out", str(tmp_path / "r.json"))
     assert "list_length" in out and (tmp_path / "r.json").is_file()
+
+
+def test_positional_subspace(tiny_dir, tmp_path, run_example):
+    out = run_example("positional_subspace.py", str(tiny_dir), "--out", str(tmp_path / "s"), "--n-prompts", "6",
+                      "--n", "16", "--grid", "2", "--traverse-prompts", "2")
+    assert "decodable" in out and (tmp_path / "s" / "traversal.png").is_file()

@@ -90,12 +90,15 @@ def sequence_roles(model, *, n: int = 16, length: int = 20, seed: int = 0, batch
     BOS from ``config.bos_token_id``). Returns float32 ``[L, H]`` tensors on the CPU."""
     ids, offset = repeated_tokens(model.config.vocab_size, n=n, length=length, seed=seed,
                                   bos_token_id=getattr(model.config, "bos_token_id", None))
+    from .evaluate import _accepts_logits_to_keep
+
     device = input_device(model)
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     sums: dict[str, torch.Tensor] = {}
     with eager_attention(model), torch.no_grad():
         for start in range(0, n, batch_size):
             chunk = ids[start:start + batch_size].to(device)
-            atts = model(input_ids=chunk, output_attentions=True).attentions
+            atts = model(input_ids=chunk, output_attentions=True, **extra).attentions
             scores = sequence_scores([a.cpu() for a in atts], length=length, offset=offset)
             for k, v in scores.items():
                 sums[k] = sums.get(k, 0) + v * len(chunk)
@@ -150,6 +153,25 @@ class PromptBatch:
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def run(self, model, *, need_logits: bool = False, **kwargs):
+        """Forward pass over the batch. Logits are computed only where needed (``logits_to_keep``): for
+        the final tokens with ``need_logits`` (read them with :meth:`final_logits`), else one position."""
+        from .evaluate import _accepts_logits_to_keep
+
+        device = input_device(model)
+        width = self.input_ids.shape[1]
+        keep = int(width - int(self.last.min())) if need_logits else 1
+        self._offset = 0
+        if _accepts_logits_to_keep(model):
+            kwargs["logits_to_keep"] = keep
+            self._offset = width - keep
+        return model(input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device), **kwargs)
+
+    def final_logits(self, out) -> torch.Tensor:
+        """``[B, V]`` float32 logits at each prompt's final token from :meth:`run` (``need_logits=True``)."""
+        rows = torch.arange(len(self))
+        return out.logits[rows, (self.last - self._offset).to(out.logits.device)].float().cpu()
 
     def split_attention(self, att: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From ``att [B, H, T, T]``: attention at the final position to the target ``[B, H]`` and the mean
@@ -217,8 +239,7 @@ def mover_scores(editor, tokenizer, dataset, *, batch_size: int = 8, limit: int 
     try:
         with eager_attention(model), torch.no_grad(), progress_bar(total=len(batches), desc="mover scores", enabled=progress) as bar:
             for pb in batches:
-                device = input_device(model)
-                out = model(input_ids=pb.input_ids.to(device), attention_mask=pb.attention_mask.to(device), output_attentions=True)
+                out = pb.run(model, output_attentions=True)
                 rows = torch.arange(len(pb))
                 norm = _final_norm_linear(layout, captured["final"][rows, pb.last].float().cpu())
                 for l in range(L):
@@ -253,9 +274,7 @@ def receiver_gap(model, batches: list[PromptBatch], receivers: Sequence[tuple[in
     n = 0
     with eager_attention(model), torch.no_grad():
         for pb in batches:
-            device = input_device(model)
-            atts = model(input_ids=pb.input_ids.to(device), attention_mask=pb.attention_mask.to(device),
-                         output_attentions=True).attentions
+            atts = pb.run(model, output_attentions=True).attentions
             for r, (l, h) in enumerate(receivers):
                 tgt, oth = pb.split_attention(atts[l][:, h:h + 1].cpu())
                 total[r] += (oth - tgt).sum()
