@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import os
 import runpy
+import shutil
 import socket
 import sys
 import tempfile
@@ -17,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="th_edit_test_hf_home_")  # no real token or cache leaks in
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], True)
 os.environ.pop("HF_TOKEN", None)
 
 from tiny_models import make_model  # noqa: E402
@@ -113,3 +116,15 @@ def hub(hub_server, monkeypatch):
     hub_server.token = HUB_TOKEN
     hub_server.other_token = OTHER_TOKEN
     return hub_server
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny llama with a word-level tokenizer covering the task templates, saved as a plain HF directory."""
+    from th_edit import ChannelEditor
+    from tiny_models import laundry_model
+
+    model, tok = laundry_model("llama", seed=3)
+    folder = tmp_path_factory.mktemp("tiny_model") / "model"
+    ChannelEditor(model).save_pretrained(folder, tokenizer=tok)
+    return folder

@@ -12,11 +12,8 @@ from tiny_models import laundry_model
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    model, tok = laundry_model("llama", seed=3)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    ChannelEditor(model).save_pretrained(folder, tokenizer=tok)
-    return folder
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +111,22 @@ def test_exit_codes_mean_something(capsys, hub, model_dir, plan_dir, tmp_path):
     assert code == 4 and "token" in err
     code, _, err = run(capsys, "push", str(tmp_path / "missing"), "alice/x", "--token", hub.token)
     assert code == 4 and "not a directory" in err
+
+
+def test_demo_runs_end_to_end_and_is_deterministic(capsys, model_dir, tmp_path):
+    summaries = []
+    for run_dir in ("d1", "d2"):
+        code, out, _ = run(capsys, "demo", "--model", str(model_dir), "--n", "8", "--lengths", "3", "5",
+                           "--search-lengths", "5", "--n-prompts", "6", "--out", str(tmp_path / run_dir), "--json")
+        assert code == 0
+        payload = json.loads(out)
+        for volatile in ("timings", "report", "command"):
+            payload.pop(volatile)
+        summaries.append(payload)
+    assert summaries[0] == summaries[1]
+    report = (tmp_path / "d1" / "report.md").read_text()
+    for section in ("## Accuracy", "## Guard metric", "## Channels found", "## Edit", "## Run"):
+        assert section in report
+    for fig in ("accuracy_by_length.png", "accuracy_by_position.png", "heatmap_top_mover.png"):
+        assert (tmp_path / "d1" / fig).is_file()
+    assert (tmp_path / "d1" / "edit_plan" / "edit_plan.json").is_file()

@@ -9,15 +9,9 @@ def test_quickstart(tmp_path, run_example):
     assert (tmp_path / "plan" / "edit_plan.json").is_file()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from th_edit import ChannelEditor
-    from tiny_models import laundry_model
-
-    model, tok = laundry_model("llama", seed=6)
-    folder = tmp_path_factory.mktemp("example_model") / "m"
-    ChannelEditor(model).save_pretrained(folder, tokenizer=tok)
-    return folder
+@pytest.fixture
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 def test_edit_and_save(tiny_dir, tmp_path, run_example):

@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="converted-model cache for bundled models")
     p.add_argument("--out", default="th_edit_demo", help="output directory (default ./th_edit_demo)")
     p.add_argument("--n", type=int, default=100, help="examples per list length, split 50/25/25 (default 100)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[3, 5, 8, 10, 15, 20], help="list lengths (default %(default)s)")
+    p.add_argument("--search-lengths", type=int, nargs="+", default=[5, 8, 10],
+                   help="lengths of the dev prompts the edit is chosen on (default %(default)s)")
+    p.add_argument("--n-prompts", type=int, default=32, help="prompts for channel discovery (default 32)")
     p.add_argument("--save-model", action="store_true", help="also save the edited model (HF format)")
     return parser
 
@@ -250,7 +254,8 @@ def cmd_push(args, out: _Out) -> dict[str, Any]:
 def cmd_demo(args, out: _Out) -> dict[str, Any]:
     from .demo import run_demo
 
-    result = run_demo(args.out, model=args.model, seed=args.seed, n_per_length=args.n, cache_dir=args.cache_dir,
+    result = run_demo(args.out, model=args.model, seed=args.seed, n_per_length=args.n, lengths=args.lengths,
+                      search_lengths=args.search_lengths, n_prompts=args.n_prompts, cache_dir=args.cache_dir,
                       save_model=args.save_model, progress=not args.quiet, say=out.say)
     s = result.summary
     out.say("test accuracy by list length (before -> after): " + ", ".join(
