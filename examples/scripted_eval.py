@@ -1,7 +1,9 @@
 """Scripted Laundry List evaluation, single- or multi-process.
 
     python examples/scripted_eval.py --model DIR --out results.json
-    accelerate launch --num_processes 2 --cpu examples/scripted_eval.py --model DIR --out results.json
+    accelerate launch --multi_gpu --num_processes 2 examples/scripted_eval.py --model DIR --out results.json
+
+(On a machine without GPUs the processes run on CPU and talk over gloo.)
 
 Loads a saved model (any local directory with a tokenizer; the bundled default model without --model),
 optionally applies an edit plan, evaluates a seeded Laundry List test split and writes accuracy by

@@ -90,3 +90,18 @@ def test_bad_arguments_are_refused_before_hooking():
         with editor.steer(0, 0, positions="first"):
             _logits(model, input_ids())
     assert len(module._forward_hooks) == 0
+
+
+def test_steering_a_device_map_dispatched_model():
+    from accelerate import dispatch_model
+
+    model = make_model("llama", seed=6)
+    ids = input_ids(batch=2, seq=7)
+    editor = ChannelEditor(model)
+    with editor.steer(1, 3, component=0, alpha=2.5):
+        expected = _logits(model, ids)
+    other = dispatch_model(make_model("llama", seed=6), device_map={"model.embed_tokens": "cpu", "model.layers": "cpu",
+                                                                    "model.norm": "cpu", "model.rotary_emb": "cpu",
+                                                                    "lm_head": "cpu"})
+    with ChannelEditor(other).steer(1, 3, component=0, alpha=2.5):
+        assert torch.equal(_logits(other, ids), expected)

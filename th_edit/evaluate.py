@@ -8,7 +8,7 @@ For each example the model reads ``prompt`` and is scored at its last token:
 - ``logit_diff``: its logit minus the best other candidate's.
 
 Batches are fixed before any work is shared out (examples sorted by token length, cut into batches), and
-under ``accelerate launch --num_processes N`` whole batches go round-robin to the processes and the
+under ``accelerate launch --multi_gpu --num_processes N`` whole batches go round-robin to the processes and the
 records are gathered back in order, so every example is computed in the same batch whatever N is: the
 multi-process result equals the single-process result exactly.
 
