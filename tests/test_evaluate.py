@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from th_edit import ChannelEditor, InvalidArgumentError
-from th_edit.data import first_token, laundry_list
+from th_edit.data import laundry_list
 from th_edit.evaluate import evaluate, guard_loss, plan_batches, wilson_interval
 from th_edit.guard_text import GUARD_TEXTS
 from tiny_models import laundry_model

@@ -19,7 +19,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path

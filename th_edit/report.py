@@ -89,9 +89,9 @@ def write_report(
                   f"({100 * (a / b - 1):+.2f}%; perplexity {2.718281828 ** b:.2f} -> {2.718281828 ** a:.2f}).", ""]
     if findings is not None:
         movers = findings.meta["movers"]
-        lines += ["## Channels found", "", f"Mover heads (attention to the answer x its direct logit effect): "
+        lines += ["## Channels found", "", "Mover heads (attention to the answer x its direct logit effect): "
                   + ", ".join(f"{l}.{h}" for l, h in movers) + ".", "",
-                  f"Inhibition heads (strongest causal inhibition of the movers): "
+                  "Inhibition heads (strongest causal inhibition of the movers): "
                   + ", ".join(f"{l}.{h}" for l, h in findings.inhibition_heads) + ".", "",
                   "Spearman correlation between the weight-based and the causal ranking: "
                   + ", ".join(f"{k} {v:+.2f}" for k, v in findings.rank_correlation.items()) + ".", ""]
