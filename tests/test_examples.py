@@ -40,3 +40,8 @@ def test_positional_subspace(tiny_dir, tmp_path, run_example):
     out = run_example("positional_subspace.py", str(tiny_dir), "--out", str(tmp_path / "s"), "--n-prompts", "6",
                       "--n", "16", "--grid", "2", "--traverse-prompts", "2")
     assert "decodable" in out and (tmp_path / "s" / "traversal.png").is_file()
+
+
+def test_ioi_channels(tiny_dir, run_example):
+    out = run_example("ioi_channels.py", str(tiny_dir), "--n", "24", "--n-prompts", "6")
+    assert "removing top inhibition channel" in out and "removing control" in out
