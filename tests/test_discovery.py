@@ -97,3 +97,12 @@ def test_search_edit_with_an_impossible_guard_keeps_the_model(found):
     assert result.edits == [] and not editor.edits
     assert all(torch.equal(state[k], v) for k, v in editor.model.state_dict().items())
     assert result.test_before.records.equals(result.test_after.records)
+
+
+def test_search_edit_with_explicit_candidates(found):
+    editor, tok, data, f = found
+    result = editor.search_edit(data["dev"], data["test"], f, candidates=[(1, 0, "ov", 0), (2, 1, "qk", 1)],
+                                alphas=(0.0, 2.0), max_edits=1, batch_size=8, progress=False)
+    tried = set(zip(result.trials.layer, result.trials["head"], result.trials.circuit, result.trials.component))
+    assert tried == {(1, 0, "ov", 0), (2, 1, "qk", 1)} and len(result.trials) == 4
+    editor.reset()

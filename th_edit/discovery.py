@@ -248,12 +248,14 @@ def search_edit(
     max_edits: int = 2,
     guard_tolerance: float = 0.02,
     batch_size: int = 16,
+    candidates: Sequence[tuple[int, int, str, int]] | None = None,
     progress: bool = True,
 ) -> EditSearch:
     """Choose component rescalings on ``dev``; report ``test`` before/after (see the module docstring).
 
     The chosen edits stay applied on ``editor`` (undo them with ``editor.reset()``); ``editor.evidence``
-    and ``editor.evaluation`` are filled for the model card.
+    and ``editor.evaluation`` are filled for the model card. ``candidates``: your own
+    ``(layer, head, circuit, component)`` list instead of the ones derived from ``findings``.
     """
     t0 = time.perf_counter()
     start_edits = len(editor.edits)
@@ -261,7 +263,7 @@ def search_edit(
     base_dev = dev_eval()
     guard_before = guard_loss(editor.model, tokenizer)
     best_acc, best_ld = base_dev.accuracy, float(base_dev.records.logit_diff.mean())
-    cands = _candidates(findings, editor, n_ov, n_qk)
+    cands = [tuple(c) for c in candidates] if candidates is not None else _candidates(findings, editor, n_ov, n_qk)
     trials, chosen = [], []
     for round_ in range(max_edits):
         results = []
