@@ -271,25 +271,34 @@ class AttentionLayout:
         """``[d]`` output bias of the layer (shared by all heads), or None."""
         return self._param(self.module(layer, self.spec.o), "bias")
 
+    def _effective_gain(self, module: nn.Module, kind: str) -> torch.Tensor | None:
+        """A norm's multiplicative gain as applied (``1 + w`` for Gemma's ``rmsnorm_plus_one``), or None."""
+        w = self._param(module, "weight")
+        if w is None:
+            return None
+        return 1.0 + w.float() if kind == "rmsnorm_plus_one" else w
+
     def norm_params(self, layer: int) -> tuple[str | None, torch.Tensor | None, torch.Tensor | None]:
         """``(kind, gain [d], bias [d])`` of the pre-attention norm; gain is the effective one (1 + w
         for Gemma). ``kind`` is None when the attention reads the residual stream directly."""
         if not self.norm_enabled:
             return None, None, None
         mod = self.module(layer, self.spec.attn_norm)
-        w, b = self._param(mod, "weight"), self._param(mod, "bias")
-        gain = None if w is None else (1.0 + w.float() if self.spec.norm_kind == "rmsnorm_plus_one" else w)
-        return self.spec.norm_kind, gain, b
+        return self.spec.norm_kind, self._effective_gain(mod, self.spec.norm_kind), self._param(mod, "bias")
+
+    def final_norm_params(self) -> tuple[str, torch.Tensor | None, torch.Tensor | None, float]:
+        """``(kind, effective gain [d], bias [d], eps)`` of the norm before the unembedding."""
+        mod = self.model.get_submodule(self.spec.final_norm)
+        eps = float(next((getattr(mod, a) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(mod, a)), 1e-5))
+        return self.spec.norm_kind, self._effective_gain(mod, self.spec.norm_kind), self._param(mod, "bias"), eps
 
     def qk_gains(self, layer: int, head: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Effective ``[d_h]`` gains of the per-head query and key norms, or ``(None, None)``."""
         if self.spec.q_norm is None:
             return None, None
-        gains = []
-        for path in (self.spec.q_norm, self.spec.k_norm):
-            w = self._param(self.module(layer, path), "weight")
-            gains.append(1.0 + w.float() if self.spec.qk_norm_kind == "rmsnorm_plus_one" else w)
-        return gains[0], gains[1]
+        q, k = (self._effective_gain(self.module(layer, path), self.spec.qk_norm_kind)
+                for path in (self.spec.q_norm, self.spec.k_norm))
+        return q, k
 
     def target(self, layer: int, head: int, circuit: str) -> torch.Tensor:
         """The writable view an edit of ``circuit`` changes: ``W_O[h]`` for 'ov', ``W_Q[h]`` for 'qk'."""

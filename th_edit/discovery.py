@@ -151,8 +151,8 @@ def find_channels(
         r["control"] = False
     for r in controls:
         r["control"] = True
-    measure(chosen + controls, "inhibition evidence")
     inh_rows = chosen + controls
+    measure(inh_rows, "inhibition evidence")
     by_head: dict[tuple[int, int], float] = {}
     for r in chosen:
         key = (r["sender_layer"], r["sender_head"])

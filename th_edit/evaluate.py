@@ -35,7 +35,8 @@ from .errors import InvalidArgumentError
 from .guard_text import GUARD_TEXTS
 from .progress import progress_bar
 
-__all__ = ["EvalResult", "evaluate", "guard_loss", "wilson_interval", "input_device", "plan_batches"]
+__all__ = ["EvalResult", "evaluate", "guard_loss", "wilson_interval", "input_device", "plan_batches", "pad_sequences",
+           "pad_token_id"]
 
 logger = logging.getLogger("th_edit")
 
@@ -109,17 +110,29 @@ def plan_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id used for padding: the tokenizer's pad token, else its EOS token, else 0 (pads are masked)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id or 0
+
+
+def pad_sequences(seqs: list[list[int]], pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``[B, max_len]`` long, padded on ``padding_side``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        cols = slice(0, len(s)) if padding_side == "right" else slice(width - len(s), width)
+        ids[r, cols], mask[r, cols] = torch.tensor(s), 1
+    return ids, mask
+
+
 def _last_logits(model, seqs: list[list[int]], pad_id: int, padding_side: str, device) -> torch.Tensor:
     """Logits [B, V] (float32) at each sequence's last token."""
     lens = torch.tensor([len(s) for s in seqs])
     width = int(lens.max())
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if padding_side == "right":
-            ids[r, :len(s)], mask[r, :len(s)] = torch.tensor(s), 1
-        else:
-            ids[r, width - len(s):], mask[r, width - len(s):] = torch.tensor(s), 1
+    ids, mask = pad_sequences(seqs, pad_id, padding_side)
     kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     if padding_side == "left":
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
@@ -164,7 +177,7 @@ def evaluate(
         for w in r["items"]:
             if w not in token_of:
                 token_of[w] = first_token(tokenizer, w)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_token_id(tokenizer)
 
     world, rank = _world()
     batches = plan_batches([len(s) for s in seqs], batch_size)[rank::world]

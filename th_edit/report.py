@@ -7,6 +7,7 @@ of the top inhibition head, the channels found, the edit table, the guard-metric
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -86,7 +87,7 @@ def write_report(
         b, a = guard
         lines += ["## Guard metric", "",
                   f"Loss on th_edit's fixed English paragraphs: {b:.4f} before, {a:.4f} after "
-                  f"({100 * (a / b - 1):+.2f}%; perplexity {2.718281828 ** b:.2f} -> {2.718281828 ** a:.2f}).", ""]
+                  f"({100 * (a / b - 1):+.2f}%; perplexity {math.exp(b):.2f} -> {math.exp(a):.2f}).", ""]
     if findings is not None:
         movers = findings.meta["movers"]
         lines += ["## Channels found", "", "Mover heads (attention to the answer x its direct logit effect): "

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from .errors import InvalidArgumentError
-from .evaluate import input_device
+from .evaluate import input_device, pad_sequences, pad_token_id
 from .progress import progress_bar
 
 __all__ = [
@@ -140,12 +140,7 @@ class PromptBatch:
 
         seqs = tokenizer([r["prompt"] for r in rows])["input_ids"]
         self.lengths = torch.tensor([len(s) for s in seqs])
-        width = int(self.lengths.max())
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        self.attention_mask = torch.zeros_like(self.input_ids)
-        for r, s in enumerate(seqs):
-            self.input_ids[r, :len(s)], self.attention_mask[r, :len(s)] = torch.tensor(s), 1
+        self.input_ids, self.attention_mask = pad_sequences(seqs, pad_token_id(tokenizer), "right")
         self.last = self.lengths - 1
         self.positions = [item_positions(tokenizer, r["prompt"], r["items"]) for r in rows]
         self.targets = [r["items"].index(r["target"]) for r in rows]
@@ -197,14 +192,10 @@ def prompt_batches(tokenizer, dataset, batch_size: int = 8, limit: int | None = 
 def _final_norm_linear(layout, x_last: torch.Tensor):
     """The final norm at the observed inputs ``x_last [B, d]``, linearised with its scale frozen:
     returns ``f(c) = (C c) / sigma * g`` for head contributions ``c [B, ..., d]``."""
-    mod = layout.model.get_submodule(layout.spec.final_norm)
-    w = getattr(mod, "weight", None)
-    g = torch.ones(x_last.shape[-1]) if w is None else w.detach().float().cpu()
-    if layout.spec.norm_kind == "rmsnorm_plus_one":
-        g = 1.0 + g
-    eps = float(next((getattr(mod, a) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(mod, a)), 1e-5))
+    kind, gain, _, eps = layout.final_norm_params()
+    g = torch.ones(x_last.shape[-1]) if gain is None else gain.detach().float().cpu()
     x = x_last.float()
-    centred = layout.spec.norm_kind == "layernorm"
+    centred = kind == "layernorm"
     sigma = (x.var(-1, unbiased=False) if centred else x.pow(2).mean(-1)).add(eps).sqrt()  # [B]
 
     def apply(c: torch.Tensor) -> torch.Tensor:
