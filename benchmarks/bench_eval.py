@@ -15,7 +15,8 @@ import time
 import torch
 
 from th_edit.data import first_token, laundry_list
-from th_edit.evaluate import _accepts_logits_to_keep, evaluate, plan_batches
+from th_edit.evaluate import evaluate, plan_batches
+from th_edit.tasks.batching import accepts_logits_to_keep
 from th_edit.models import load_default_model
 
 
@@ -32,7 +33,7 @@ def plain_loop(model, tok, rows):
 
 def bare_batched(model, tok, rows, batch_size):
     seqs = tok([r["prompt"] for r in rows])["input_ids"]
-    kw = _accepts_logits_to_keep(model)
+    kw = accepts_logits_to_keep(model)
     with torch.no_grad():
         for batch in plan_batches([len(s) for s in seqs], batch_size):
             lens = [len(seqs[i]) for i in batch]

@@ -2,7 +2,7 @@
 
     python examples/positional_subspace.py [MODEL] --out DIR [--n-prompts 16]
 
-Finds the top inhibition head and mover head (th_edit.discovery.find_channels), fits a 3-D subspace to
+Finds the top inhibition head and mover head (th_edit.analysis.discovery.find_channels), fits a 3-D subspace to
 the inhibition head's output at the final position projected on its strongest channel components,
 measures how well the target's list position is decodable from it, traverses it (which item does the
 model predict, which item does the mover head attend to), and searches a steering scale on dev.
@@ -14,7 +14,8 @@ from pathlib import Path
 from th_edit import ChannelEditor
 from th_edit.data import laundry_list
 from th_edit.models import load_model
-from th_edit.subspace import fit_positional_subspace, plot_traversal, search_steering, traverse
+from th_edit.analysis.subspace import fit_positional_subspace, search_steering, traverse
+from th_edit.app.plots import plot_subspace, plot_traversal
 
 
 def main(argv=None):
@@ -43,8 +44,8 @@ def main(argv=None):
     print("variance explained by the 3 axes:", [round(float(x), 3) for x in sub.explained])
     print("target position decodable from the subspace (held-out nearest centroid):")
     print(sub.decodability.round(3).to_string(index=False))
-    sub.plot(out / "subspace_all.png")
-    sub.plot(out / "subspace_len5.png", length=5)
+    plot_subspace(sub, out / "subspace_all.png")
+    plot_subspace(sub, out / "subspace_len5.png", length=5)
 
     rows = data["dev"].filter(lambda r: r["list_length"] == 5).to_list()[: args.traverse_prompts]
     frame = traverse(editor, tokenizer, rows, sub, mover, grid=args.grid)

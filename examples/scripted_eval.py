@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from th_edit import ChannelEditor
 from th_edit.data import laundry_list
 from th_edit.evaluate import evaluate
-from th_edit.hub import is_main_process
+from th_edit.utils.distributed import is_main_process
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """An independent, dense reading of per-head weights straight from ``state_dict`` tensors.
 
-Written separately from ``th_edit.architectures`` (reshapes instead of offsets, explicit dense norm
+Written separately from ``th_edit.core.layout`` (reshapes instead of offsets, explicit dense norm
 matrices) so that the two can check each other.
 """
 

@@ -77,7 +77,7 @@ def laundry_words() -> list[str]:
     """Every word and punctuation mark the th_edit task templates can produce."""
     import re
 
-    from th_edit import data
+    from th_edit.tasks import data
 
     words = list(data.ITEMS) + list(data.NAMES)
     for template in ("omitted", "recall"):

@@ -7,13 +7,15 @@ See :class:`ChannelEditor` for a runnable example.
 
 import logging
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-from .architectures import ARCHITECTURES, ArchSpec, supported_model_types
-from .editor import CIRCUITS, ChannelEditor, HeadWeights, SVDResult
+from .core.architectures import ARCHITECTURES, ArchSpec, supported_model_types
+from .core.circuits import CIRCUITS, HeadWeights, SVDResult
+from .editor import ChannelEditor
 from .errors import (
     HubError,
     InvalidArgumentError,
+    ModelNotInstalledError,
     NothingToUndoError,
     OffloadedWeightsError,
     PlanFormatError,
@@ -21,7 +23,7 @@ from .errors import (
     ThEditError,
     UnsupportedModelError,
 )
-from .plan import BaseModelIdentity, Edit, EditPlan
+from .edits.plan import BaseModelIdentity, Edit, EditPlan
 
 logging.getLogger("th_edit").addHandler(logging.NullHandler())
 
@@ -44,5 +46,6 @@ __all__ = [
     "SVDResult",
     "ThEditError",
     "UnsupportedModelError",
+    "ModelNotInstalledError",
     "supported_model_types",
 ]

@@ -1,5 +1,5 @@
 """``python -m th_edit`` is ``th-edit``."""
 
-from .cli import main
+from .app.cli import main
 
 raise SystemExit(main())

@@ -37,3 +37,7 @@ class NothingToUndoError(ThEditError, RuntimeError):
 
 class HubError(ThEditError, RuntimeError):
     """A save, push or download failed (HTTP error, bad repository id, bad token); nothing was lost."""
+
+
+class ModelNotInstalledError(ThEditError, RuntimeError):
+    """The package carrying a bundled model's weights is not installed."""

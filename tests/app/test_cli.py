@@ -1,0 +1,132 @@
+"""The th-edit command line on a tiny saved model: every command, --json output, exit codes."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from th_edit import ChannelEditor
+from th_edit.app.cli import main
+from tiny_models import laundry_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def plan_dir(model_dir, tmp_path_factory):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+    editor = ChannelEditor(model)
+    editor.scale_component(2, 1, "ov", 0, 3.0)
+    folder = tmp_path_factory.mktemp("plan") / "plan"
+    editor.save_plan(folder)
+    return folder
+
+
+def run(capsys, *argv):
+    code = main([*argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_reads_well(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for cmd in ("analyze", "find", "edit", "eval", "push", "demo", "Exit codes"):
+        assert cmd in text
+
+
+def test_analyze_writes_tables_and_plots(capsys, model_dir, tmp_path):
+    code, out, _ = run(capsys, "analyze", str(model_dir), "--out", str(tmp_path / "a"), "--json", "--top", "5")
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["command"] == "analyze" and len(payload["top"]) == 5
+    for name in ("channels_pairs.csv", "channels_components.parquet", "channels_heads.csv", "head_roles.csv",
+                 "heatmap.png", "component_profile.png"):
+        assert (tmp_path / "a" / name).stat().st_size > 0, name
+
+
+def test_find_reports_channels_as_json(capsys, model_dir, tmp_path):
+    code, out, _ = run(capsys, "find", str(model_dir), "--lengths", "3", "5", "--n", "16", "--n-prompts", "4",
+                       "--json", "--out", str(tmp_path / "f"))
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["movers"] and payload["inhibition"] and "inhibition" in payload["rank_correlation"]
+    assert (tmp_path / "f" / "channels.csv").is_file()
+
+
+def test_edit_with_a_plan_saves_a_reloadable_model_and_plan(capsys, model_dir, plan_dir, tmp_path):
+    code, out, _ = run(capsys, "edit", str(model_dir), "--plan", str(plan_dir), "--out", str(tmp_path / "e"), "--json")
+    assert code == 0 and json.loads(out)["n_edits"] == 1
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "e", attn_implementation="eager")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+    again = ChannelEditor.from_plan(base, tmp_path / "e")  # the saved directory carries its plan
+    assert all(torch.equal(a, b) for a, b in zip(edited.state_dict().values(), again.model.state_dict().values()))
+
+
+def test_edit_auto_searches_and_saves(capsys, model_dir, tmp_path):
+    code, out, _ = run(capsys, "edit", str(model_dir), "--auto", "--lengths", "3", "5", "--n", "16",
+                       "--search-lengths", "3", "5", "--out", str(tmp_path / "auto"), "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert set(payload["test_before"]) == {"3", "5"} or set(payload["test_before"]) == {3, 5}
+    assert (tmp_path / "auto" / "model.safetensors").is_file() and (tmp_path / "auto" / "edit_plan.json").is_file()
+
+
+def test_eval_with_plan_writes_a_report(capsys, model_dir, plan_dir, tmp_path):
+    code, out, _ = run(capsys, "eval", str(model_dir), "--plan", str(plan_dir), "--lengths", "3", "6", "--n", "16",
+                       "--report", str(tmp_path / "r"), "--json")
+    assert code == 0
+    payload = json.loads(out)
+    assert payload["before"]["by_length"] and payload["after"]["by_length"] and len(payload["guard"]) == 2
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "![accuracy by list length](accuracy_by_length.png)" in report and "Guard metric" in report
+    assert (tmp_path / "r" / "accuracy_by_length.png").stat().st_size > 5000
+
+
+def test_push_model_and_plan_directories(capsys, hub, plan_dir, model_dir, tmp_path):
+    code, out, _ = run(capsys, "push", str(model_dir), "alice/cli-model", "--token", hub.token, "--json")
+    assert code == 0 and json.loads(out)["commit"]
+    assert "model.safetensors" in hub.repos[("model", "alice/cli-model")].commits[-1][1]
+    import shutil
+
+    shutil.copytree(plan_dir, tmp_path / "p")
+    code, _, _ = run(capsys, "push", str(tmp_path / "p"), "alice/cli-plan", "--token", hub.token, "--quiet")
+    assert code == 0 and "README.md" in hub.repos[("model", "alice/cli-plan")].commits[-1][1]
+
+
+def test_exit_codes_mean_something(capsys, hub, model_dir, plan_dir, tmp_path):
+    other, tok = laundry_model("llama", seed=99)
+    ChannelEditor(other).save_pretrained(tmp_path / "other", tokenizer=tok)
+    code, _, err = run(capsys, "edit", str(tmp_path / "other"), "--plan", str(plan_dir), "--out", str(tmp_path / "x"))
+    assert code == 3 and "differs from the plan's base model" in err and not (tmp_path / "x").exists()
+    code, _, err = run(capsys, "eval", "no-such-model", "--n", "4")
+    assert code == 2 and "not a bundled model" in err
+    code, _, err = run(capsys, "push", str(model_dir), "alice/no-token")
+    assert code == 4 and "token" in err
+    code, _, err = run(capsys, "push", str(tmp_path / "missing"), "alice/x", "--token", hub.token)
+    assert code == 4 and "not a directory" in err
+
+
+def test_demo_runs_end_to_end_and_is_deterministic(capsys, model_dir, tmp_path):
+    summaries = []
+    for run_dir in ("d1", "d2"):
+        code, out, _ = run(capsys, "demo", "--model", str(model_dir), "--n", "8", "--lengths", "3", "5",
+                           "--search-lengths", "5", "--n-prompts", "6", "--out", str(tmp_path / run_dir), "--json")
+        assert code == 0
+        payload = json.loads(out)
+        for volatile in ("timings", "report", "command"):
+            payload.pop(volatile)
+        summaries.append(payload)
+    assert summaries[0] == summaries[1]
+    report = (tmp_path / "d1" / "report.md").read_text()
+    for section in ("## Accuracy", "## Guard metric", "## Channels found", "## Edit", "## Run"):
+        assert section in report
+    for fig in ("accuracy_by_length.png", "accuracy_by_position.png", "heatmap_top_mover.png"):
+        assert (tmp_path / "d1" / fig).is_file()
+    assert (tmp_path / "d1" / "edit_plan" / "edit_plan.json").is_file()

@@ -1,0 +1,1 @@
+"""The application: the th-edit command line, the demo pipeline, its Markdown report and PNG figures."""

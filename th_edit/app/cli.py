@@ -1,0 +1,300 @@
+"""``th-edit``: the command line.
+
+Commands: ``analyze``, ``find``, ``edit``, ``eval``, ``push``, ``demo`` (``th-edit COMMAND --help``).
+MODEL is a bundled model (``smollm2``, ``gemma3-270m``), a local directory or a Hub id.
+
+Exit codes: 0 success; 2 bad arguments; 3 the model or plan does not fit (unsupported architecture,
+plan for another model, malformed plan); 4 Hub or file-system error; 1 anything unexpected.
+Every command runs under ``accelerate launch``; only the main process writes files or prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import (
+    HubError, InvalidArgumentError, OffloadedWeightsError, PlanFormatError, PlanMismatchError, ThEditError,
+    UnsupportedModelError,
+)
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("th_edit")
+
+EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_MISMATCH, EXIT_IO = 0, 1, 2, 3, 4
+
+
+class _Out:
+    """Human lines unless ``--quiet``; one JSON object on stdout with ``--json``; main process only."""
+
+    def __init__(self, args):
+        from ..utils.distributed import is_main_process
+
+        self.quiet, self.json, self.main = args.quiet, args.json, is_main_process()
+
+    def say(self, text: str) -> None:
+        if self.main and not self.quiet and not self.json:
+            print(text, flush=True)
+
+    def result(self, payload: dict[str, Any]) -> None:
+        if self.main and self.json:
+            print(json.dumps(payload, default=str))
+
+
+def _model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("model", help="bundled name (smollm2, gemma3-270m), local directory or Hub id")
+    p.add_argument("--gguf-file", help="GGUF file inside MODEL to load (de-quantized to float32)")
+    p.add_argument("--revision", help="Hub revision of MODEL")
+    p.add_argument("--cache-dir", help="converted-model cache for bundled models")
+
+
+def _data_args(p: argparse.ArgumentParser, lengths=(3, 5, 8, 10, 15, 20), n=60) -> None:
+    p.add_argument("--lengths", type=int, nargs="+", default=list(lengths), help="list lengths (default %(default)s)")
+    p.add_argument("--n", type=int, default=n, help="examples per length, all splits together (default %(default)s)")
+    p.add_argument("--template", default="omitted", choices=["omitted", "recall"], help="Laundry List template")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="th-edit", description="Find and rescale inter-layer communication channels (Talking Heads) in "
+        "transformers language models.", epilog="Exit codes: 0 ok, 2 bad arguments, 3 model/plan mismatch, "
+        "4 Hub or file error, 1 unexpected.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    common.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    common.add_argument("--seed", type=int, default=0, help="seed for data and baselines (default 0)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("analyze", parents=[common], help="channel map and head roles as tables and PNG plots")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--modes", nargs="+", default=["q", "k", "v"], choices=["q", "k", "v"])
+    p.add_argument("--top", type=int, default=20, help="channels to list (default 20)")
+
+    p = sub.add_parser("find", parents=[common], help="ranked inhibition and duplicate-detection channels with evidence")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--n-prompts", type=int, default=32, help="prompts for the data-based scores (default 32)")
+    p.add_argument("--out", help="write channels.csv here")
+
+    p = sub.add_parser("edit", parents=[common], help="apply a plan or search one, then save the edited model and plan")
+    _model_args(p)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--plan", help="edit plan: directory or Hub repo id")
+    how.add_argument("--auto", action="store_true", help="find channels and search an edit on the dev split")
+    _data_args(p, n=120)
+    p.add_argument("--search-lengths", type=int, nargs="+", default=[5, 8, 10])
+    p.add_argument("--out", required=True, help="directory for the edited model, its plan and card")
+
+    p = sub.add_parser("eval", parents=[common], help="Laundry List accuracy by length and position (before/after a plan)")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument("--plan", help="edit plan to compare against the base model")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    p.add_argument("--report", help="write report.md and figures into this directory")
+
+    p = sub.add_parser("push", parents=[common], help="push a saved edited model or plan (with its card) to the Hub")
+    p.add_argument("directory", help="a directory written by `th-edit edit` or ChannelEditor.save_pretrained/save_plan")
+    p.add_argument("repo_id", help="Hub repository id, e.g. me/gpt2-laundry")
+    p.add_argument("--token", help="Hub write token (default: the logged-in token)")
+    p.add_argument("--private", action="store_true")
+
+    p = sub.add_parser("demo", parents=[common], help="the whole story on a real model, with a report")
+    p.add_argument("--model", default="smollm2", help="bundled model or path (default smollm2)")
+    p.add_argument("--cache-dir", help="converted-model cache for bundled models")
+    p.add_argument("--out", default="th_edit_demo", help="output directory (default ./th_edit_demo)")
+    p.add_argument("--n", type=int, default=100, help="examples per list length, split 50/25/25 (default 100)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[3, 5, 8, 10, 15, 20], help="list lengths (default %(default)s)")
+    p.add_argument("--search-lengths", type=int, nargs="+", default=[5, 8, 10],
+                   help="lengths of the dev prompts the edit is chosen on (default %(default)s)")
+    p.add_argument("--n-prompts", type=int, default=32, help="prompts for channel discovery (default 32)")
+    p.add_argument("--save-model", action="store_true", help="also save the edited model (HF format)")
+    return parser
+
+
+def _load(args):
+    from ..sharing.models import load_model
+
+    return load_model(args.model, gguf_file=args.gguf_file, revision=args.revision, cache_dir=args.cache_dir)
+
+
+def _data(args, tokenizer):
+    from ..tasks.data import laundry_list
+
+    return laundry_list(tokenizer, lengths=args.lengths, n_per_length=args.n, seed=args.seed, template=args.template)
+
+
+def cmd_analyze(args, out: _Out) -> dict[str, Any]:
+    from ..editor import ChannelEditor
+    from .plots import plot_component_profile, plot_receiver_heatmap
+    from ..analysis.roles import sequence_roles
+
+    model, _ = _load(args)
+    editor = ChannelEditor(model)
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    cmap = editor.channel_map(modes=tuple(args.modes), progress=not args.quiet, seed=args.seed)
+    cmap.to_csv(str(folder / "channels_pairs.csv"))
+    cmap.to_parquet(str(folder / "channels_components.parquet"), level="component")
+    cmap.to_csv(str(folder / "channels_heads.csv"), level="head")
+    roles = sequence_roles(model, seed=args.seed)
+    import pandas as pd
+
+    role_table = pd.DataFrame([{"layer": l, "head": h, **{k: float(v[l, h]) for k, v in roles.items()}}
+                               for l in range(editor.n_layers) for h in range(editor.n_heads)])
+    role_table.to_csv(folder / "head_roles.csv", index=False)
+    top = cmap.top_channels(args.modes[0], k=args.top)
+    first = top.iloc[0]
+    receiver, sender = (int(first.receiver_layer), int(first.receiver_head)), (int(first.sender_layer), int(first.sender_head))
+    plot_receiver_heatmap(cmap, args.modes[0], receiver, folder / "heatmap.png", baseline="zscore")
+    plot_component_profile(cmap, args.modes[0], sender, [receiver], folder / "component_profile.png")
+    out.say(top.to_string(index=False))
+    out.say(f"wrote tables and plots to {folder}")
+    return {"out": str(folder), "top": top.to_dict("records")}
+
+
+def cmd_find(args, out: _Out) -> dict[str, Any]:
+    from ..editor import ChannelEditor
+
+    model, tokenizer = _load(args)
+    editor = ChannelEditor(model, tokenizer=tokenizer)
+    data = _data(args, tokenizer)
+    f = editor.find_channels(data["train"], n_prompts=args.n_prompts, seed=args.seed, progress=not args.quiet)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        f.channels.to_csv(Path(args.out) / "channels.csv", index=False)
+    cols = ["sender_layer", "sender_head", "sender_component", "receiver_layer", "receiver_head", "mode", "score",
+            "score_over_baseline", "inhibition_score"]
+    out.say(f"mover heads: {f.meta['movers']}; inhibition heads: {f.inhibition_heads}")
+    out.say("inhibition channels:\n" + f.top("inhibition", 10)[cols].to_string(index=False))
+    out.say("duplicate-detection channels:\n" + f.top("duplicate", 10)[cols].to_string(index=False))
+    out.say(f"rank correlation (weight vs causal): {f.rank_correlation}")
+    return {"movers": f.meta["movers"], "inhibition_heads": f.inhibition_heads, "rank_correlation": f.rank_correlation,
+            "inhibition": f.top("inhibition", 10).to_dict("records"), "duplicate": f.top("duplicate", 10).to_dict("records")}
+
+
+def cmd_edit(args, out: _Out) -> dict[str, Any]:
+    from ..editor import ChannelEditor
+
+    model, tokenizer = _load(args)
+    if args.plan:
+        editor = ChannelEditor.from_plan(model, args.plan, tokenizer=tokenizer)
+        payload: dict[str, Any] = {"plan": args.plan}
+    else:
+        editor = ChannelEditor(model, tokenizer=tokenizer)
+        data = _data(args, tokenizer)
+        dev = data["dev"].filter(lambda r: r["list_length"] in set(args.search_lengths))
+        f = editor.find_channels(data["train"], seed=args.seed, progress=not args.quiet)
+        search = editor.search_edit(dev, data["test"], f, batch_size=args.batch_size, progress=not args.quiet)
+        out.say(search.summary().round(3).to_string(index=False))
+        payload = {"edits": search.edits, "test_before": search.test_before.accuracy_by_length(),
+                   "test_after": search.test_after.accuracy_by_length(), "guard_change": search.guard_change}
+    editor.save_pretrained(args.out)
+    out.say(f"{len(editor.edits)} edit(s); saved the edited model, its plan and card to {args.out}")
+    return {**payload, "out": args.out, "n_edits": len(editor.edits)}
+
+
+def cmd_eval(args, out: _Out) -> dict[str, Any]:
+    from ..editor import ChannelEditor
+    from ..tasks.evaluate import evaluate, guard_loss
+
+    model, tokenizer = _load(args)
+    split = _data(args, tokenizer)[args.split]
+    before = evaluate(model, tokenizer, split, batch_size=args.batch_size, progress=not args.quiet, desc="evaluating")
+    payload: dict[str, Any] = {"before": before.to_dict()}
+    after = guard = None
+    if args.plan:
+        g0 = guard_loss(model, tokenizer)
+        editor = ChannelEditor.from_plan(model, args.plan)
+        after = evaluate(model, tokenizer, split, batch_size=args.batch_size, progress=not args.quiet, desc="with plan")
+        guard = (g0, guard_loss(model, tokenizer))
+        payload.update(after=after.to_dict(), guard=guard, edits=[e.describe() for e in editor.edits])
+    cols = ["list_length", "n", "accuracy", "ci_low", "ci_high"]
+    out.say(("base model" if args.plan else "model") + ":\n" + before.by_length()[cols].round(3).to_string(index=False))
+    if after is not None:
+        out.say("with the plan:\n" + after.by_length()[cols].round(3).to_string(index=False))
+    if args.report:
+        from .report import write_report
+
+        path = write_report(args.report, title=f"th_edit evaluation: {args.model}", before=before, after=after,
+                            guard=guard, meta={"model": args.model, "plan": args.plan, "split": args.split,
+                                               "seed": args.seed, "template": args.template})
+        out.say(f"report: {path}")
+        payload["report"] = str(path)
+    return payload
+
+
+def cmd_push(args, out: _Out) -> dict[str, Any]:
+    from ..sharing.hub import push_folder
+    from ..edits.plan import PLAN_FILES, EditPlan
+
+    folder = Path(args.directory)
+    if not folder.is_dir():
+        raise HubError(f"{folder} is not a directory; write it with `th-edit edit --out` or save_pretrained/save_plan.")
+    is_plan_only = all((folder / f).is_file() for f in PLAN_FILES) and not (folder / "config.json").is_file()
+    if not (folder / "README.md").is_file() and is_plan_only:
+        from ..sharing.cards import plan_card
+
+        plan_card(EditPlan.load(folder), repo_id=args.repo_id).save(folder / "README.md")
+    info = push_folder(folder, args.repo_id, token=args.token, private=args.private or None)
+    oid = getattr(info, "oid", None)
+    out.say(f"pushed {folder} to {args.repo_id} (commit {oid})")
+    return {"repo_id": args.repo_id, "commit": oid}
+
+
+def cmd_demo(args, out: _Out) -> dict[str, Any]:
+    from .demo import run_demo
+
+    result = run_demo(args.out, model=args.model, seed=args.seed, n_per_length=args.n, lengths=args.lengths,
+                      search_lengths=args.search_lengths, n_prompts=args.n_prompts, cache_dir=args.cache_dir,
+                      save_model=args.save_model, progress=not args.quiet, say=out.say)
+    s = result.summary
+    out.say("test accuracy by list length (before -> after): " + ", ".join(
+        f"{n}: {s['test_before'][n]:.2f} -> {s['test_after'][n]:.2f}" for n in s["test_before"]))
+    out.say(f"edits: {s['edits'] or 'none'}; guard loss {100 * s['guard_change']:+.2f}%")
+    out.say(f"report: {result.report}  (timings: {result.timings})")
+    return s
+
+
+COMMANDS = {"analyze": cmd_analyze, "find": cmd_find, "edit": cmd_edit, "eval": cmd_eval, "push": cmd_push,
+            "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``th-edit``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.quiet or args.json:
+        os.environ["TH_EDIT_DISABLE_PROGRESS"] = "1"
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    logging.basicConfig(level=logging.WARNING, format="th-edit: %(message)s")
+    out = _Out(args)
+    try:
+        payload = COMMANDS[args.command](args, out)
+    except (InvalidArgumentError,) as exc:
+        print(f"th-edit: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (PlanMismatchError, PlanFormatError, UnsupportedModelError, OffloadedWeightsError) as exc:
+        print(f"th-edit: error: {exc}", file=sys.stderr)
+        return EXIT_MISMATCH
+    except (HubError, OSError) as exc:
+        print(f"th-edit: error: {exc}", file=sys.stderr)
+        return EXIT_IO
+    except ThEditError as exc:
+        print(f"th-edit: error: {exc}", file=sys.stderr)
+        return EXIT_UNEXPECTED
+    out.result({"command": args.command, **payload})
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

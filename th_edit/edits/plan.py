@@ -1,0 +1,186 @@
+"""Edits and edit plans: what was changed, as exact low-rank factors, and where it can be re-applied.
+
+An :class:`Edit` records one rescaling of singular components of one head's circuit together with the
+factors of the weight change it wrote (``Delta = left @ right.T`` in the target's row form:
+``W_O[h]`` for OV, ``W_Q[h]`` for QK). Re-applying those factors reproduces the edited weights bit for
+bit, independent of SVD numerics on another machine.
+
+An :class:`EditPlan` is the ordered list of edits plus the identity of the base model they were made
+on (name, revision and a SHA-256 fingerprint of each touched head's weights). On disk it is
+``edit_plan.json`` (schema-versioned, human-readable) plus ``edit_plan.safetensors`` (the factors).
+Loading never executes code or unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import PlanFormatError
+from ..utils.files import replace_files
+
+__all__ = ["Edit", "BaseModelIdentity", "EditPlan", "PLAN_JSON", "PLAN_TENSORS", "SCHEMA_VERSION"]
+
+PLAN_JSON = "edit_plan.json"
+PLAN_TENSORS = "edit_plan.safetensors"
+PLAN_FILES = (PLAN_JSON, PLAN_TENSORS)
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Edit:
+    """One rescaling of singular components of one head's circuit.
+
+    Attributes:
+        layer, head: the edited head.
+        circuit: ``"ov"`` (written into ``W_O[h]``) or ``"qk"`` (written into ``W_Q[h]``).
+        components: indices of the scaled singular components (descending singular value order).
+        alpha: the scale factor (1.0 = no change, 0.0 = remove the components).
+        folded: whether components are of the folded circuit (input norm folded in) or the raw one.
+        singular_values: the components' singular values before the edit.
+        left, right: float32 factors of the weight change, ``Delta = left @ right.T``; for OV
+            ``left [d_h, k]``, ``right [d, k]``; for QK ``left [d, k]``, ``right [d_h, k]``.
+    """
+
+    layer: int
+    head: int
+    circuit: str
+    components: tuple[int, ...]
+    alpha: float
+    folded: bool
+    singular_values: tuple[float, ...]
+    left: torch.Tensor = field(repr=False)
+    right: torch.Tensor = field(repr=False)
+
+    @property
+    def target(self) -> str:
+        """Name of the per-head weight this edit writes: ``"W_O"`` or ``"W_Q"``."""
+        return "W_O" if self.circuit == "ov" else "W_Q"
+
+    def delta(self) -> torch.Tensor:
+        """The float32 weight change, in the target's row form."""
+        return self.left @ self.right.T
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary (no tensors)."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("left", "right")}
+        d["components"] = list(self.components)
+        d["singular_values"] = list(self.singular_values)
+        d["target"] = self.target
+        return d
+
+
+@dataclass
+class BaseModelIdentity:
+    """What an edit plan was made on.
+
+    Attributes:
+        model_type: ``config.model_type``.
+        name_or_path: ``config._name_or_path`` (a Hub id or a local path; informational).
+        revision: the Hub commit hash the weights came from, when known.
+        dtype: the model's parameter dtype when the plan was made.
+        fingerprints: ``"layer.head" -> sha256`` of that head's attention weights before any edit.
+    """
+
+    model_type: str
+    name_or_path: str = ""
+    revision: str | None = None
+    dtype: str = "float32"
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EditPlan:
+    """An ordered list of :class:`Edit` plus the :class:`BaseModelIdentity` they apply to.
+
+    >>> plan = EditPlan(base=BaseModelIdentity(model_type="gpt2"), edits=[])
+    >>> import tempfile; d = tempfile.mkdtemp()
+    >>> _ = plan.save(d)
+    >>> EditPlan.load(d).base.model_type
+    'gpt2'
+    """
+
+    base: BaseModelIdentity
+    edits: list[Edit]
+    th_edit_version: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        from .._version import __version__
+
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "th_edit_version": self.th_edit_version or __version__,
+            "base_model": asdict(self.base),
+            "tensors_file": PLAN_TENSORS,
+            "edits": [
+                {**e.describe(), "left": f"edit{i}.left", "right": f"edit{i}.right"}
+                for i, e in enumerate(self.edits)
+            ],
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``edit_plan.json`` and ``edit_plan.safetensors`` into ``directory`` atomically.
+
+        Files are written to a temporary directory beside it and moved into place; on any failure the
+        previous contents of ``directory`` are left as they were.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i, e in enumerate(self.edits):
+            tensors[f"edit{i}.left"] = e.left.detach().to("cpu", torch.float32).contiguous()
+            tensors[f"edit{i}.right"] = e.right.detach().to("cpu", torch.float32).contiguous()
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        try:
+            # one metadata key only: safetensors writes several in hash order, and the bytes must be
+            # reproducible (an unchanged plan re-pushed to the Hub must not make a new commit)
+            save_file(tensors, str(staging / PLAN_TENSORS), metadata={"format": "pt"})
+            (staging / PLAN_JSON).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+            replace_files(staging, directory, (PLAN_JSON, PLAN_TENSORS))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "EditPlan":
+        """Read a plan written by :meth:`save`. Raises :class:`PlanFormatError` if it is malformed."""
+        directory = Path(directory)
+        json_path, tensor_path = directory / PLAN_JSON, directory / PLAN_TENSORS
+        if not json_path.is_file() or not tensor_path.is_file():
+            raise PlanFormatError(
+                f"{directory} does not hold an edit plan: expected {PLAN_JSON} and {PLAN_TENSORS}. "
+                "Create one with ChannelEditor.save_plan(directory)."
+            )
+        try:
+            data = json.loads(json_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise PlanFormatError(f"{json_path} is not valid JSON: {exc}") from exc
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PlanFormatError(
+                f"{json_path} has schema_version {version!r}; this th_edit reads version {SCHEMA_VERSION}. "
+                "Upgrade th_edit or re-export the plan."
+            )
+        tensors = load_file(str(tensor_path))
+        try:
+            base = BaseModelIdentity(**data["base_model"])
+            edits = [
+                Edit(
+                    layer=int(e["layer"]), head=int(e["head"]), circuit=str(e["circuit"]),
+                    components=tuple(int(c) for c in e["components"]), alpha=float(e["alpha"]),
+                    folded=bool(e["folded"]), singular_values=tuple(float(s) for s in e["singular_values"]),
+                    left=tensors[e["left"]], right=tensors[e["right"]],
+                )
+                for e in data["edits"]
+            ]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanFormatError(f"{json_path} is incomplete or malformed: {exc!r}") from exc
+        return cls(base=base, edits=edits, th_edit_version=str(data.get("th_edit_version", "")))

@@ -1,0 +1,154 @@
+"""Exact rank-k edits of per-head circuits, and the log that undoes them bit for bit.
+
+:func:`make_edit` computes the weight change that rescales singular components of one head's folded (or
+raw) circuit by ``alpha``: ``Delta = (alpha - 1) sum_i s_i u_i v_i^T``, written into that head's ``W_O[h]``
+(OV) or ``W_Q[h]`` (QK) only, so key/value weights shared under GQA are never touched (see ``method.md``).
+:class:`EditLog` writes :class:`~th_edit.edits.plan.Edit` factors into a model, keeps the exact values
+each edit overwrote and the fingerprint of every touched head before its first edit, and undoes edits
+newest first. The maths runs in float32; weights are written in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import torch
+
+from ..core import linalg
+from ..core.circuits import SVDResult, check_alpha, check_circuit, check_components, circuit_factors, head_weights
+from ..core.layout import AttentionLayout
+from ..errors import InvalidArgumentError, NothingToUndoError
+from .plan import Edit
+
+__all__ = ["head_fingerprint", "make_edit", "EditLog"]
+
+logger = logging.getLogger(__name__)
+
+_FINGERPRINTED = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "norm_gain", "norm_bias", "q_gain", "k_gain")
+
+
+def head_fingerprint(layout: AttentionLayout, layer: int, head: int) -> str:
+    """SHA-256 of head ``(layer, head)``'s weights (W_Q, W_K, W_V, W_O, biases, norm and q/k gains) as
+    float32 bytes. Identifies the base model an edit plan applies to."""
+    h = hashlib.sha256()
+    w = head_weights(layout, layer, head)
+    for name in _FINGERPRINTED:
+        t = getattr(w, name)
+        h.update(name.encode())
+        if t is not None:
+            h.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _warn_if_partial_block(result: SVDResult, components: tuple[int, ...], layer: int, head: int, circuit: str) -> None:
+    for block in result.degenerate_blocks():
+        chosen = set(block) & set(components)
+        if chosen and chosen != set(block):
+            logger.warning(
+                "layer %d head %d %s: components %s have nearly equal singular values, so component(s) %s "
+                "alone are not well defined; pass component=%s to scale the whole subspace.",
+                layer, head, circuit, block, sorted(chosen), block,
+            )
+
+
+def make_edit(
+    layout: AttentionLayout, layer: int, head: int, circuit: str, component, alpha: float, *, folded: bool = True
+) -> Edit:
+    """The :class:`Edit` rescaling ``component`` (an index or a list) of one head's circuit by ``alpha``.
+
+    Nothing is written; apply it with :meth:`EditLog.apply`. Raises :class:`InvalidArgumentError` on a bad
+    layer, head, circuit, component or alpha, or when the change would not be finite.
+    """
+    layout.check(layer, head)
+    check_circuit(circuit)
+    components = check_components(component, layout.d_head)
+    alpha = check_alpha(alpha)
+    A, B = circuit_factors(layout, layer, head, circuit, folded=folded)
+    U, S, V = linalg.factored_svd(A, B)
+    _warn_if_partial_block(SVDResult(U, S, V), components, layer, head, circuit)
+    idx = torch.tensor(components, device=U.device)
+    coeff = (alpha - 1.0) * S[idx]
+    if circuit == "ov":
+        left, right = linalg.ov_edit_factors(A, U[:, idx], coeff, V[:, idx])
+    else:
+        w = head_weights(layout, layer, head)
+        q_gain = w.q_gain if folded else None
+        left, right = linalg.qk_edit_factors(w.W_Q, A, B, U[:, idx], coeff, V[:, idx], q_gain=q_gain)
+    if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
+        raise InvalidArgumentError(
+            f"the edit of layer {layer} head {head} {circuit} is not finite (a q-norm gain is ~0?); "
+            "nothing was changed. Try folded=False."
+        )
+    return Edit(
+        layer=layer, head=head, circuit=circuit, components=components, alpha=alpha, folded=folded,
+        singular_values=tuple(float(s) for s in S[idx].tolist()), left=left.cpu(), right=right.cpu(),
+    )
+
+
+class EditLog:
+    """The edits written into one model, oldest first, with what each overwrote.
+
+    Args:
+        layout: the model's :class:`AttentionLayout`.
+
+    Attributes:
+        fingerprints: ``"layer.head" -> sha256`` of each touched head before its first edit.
+    """
+
+    def __init__(self, layout: AttentionLayout) -> None:
+        self.layout = layout
+        self._entries: list[tuple[Edit, torch.Tensor]] = []
+        self.fingerprints: dict[str, str] = {}
+
+    @property
+    def edits(self) -> list[Edit]:
+        """Edits currently applied, oldest first."""
+        return [e for e, _ in self._entries]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def apply(self, edit: Edit) -> None:
+        """Write ``edit``'s factors into the model and log it; on any error nothing is changed."""
+        self.layout.check(edit.layer, edit.head)
+        check_circuit(edit.circuit)
+        view = self.layout.target(edit.layer, edit.head, edit.circuit)
+        delta = edit.delta().to(view.device)
+        if delta.shape != view.shape:
+            raise InvalidArgumentError(
+                f"edit factors give a {tuple(delta.shape)} change but {edit.target} of layer {edit.layer} head "
+                f"{edit.head} is {tuple(view.shape)}: the edit was made for a different geometry."
+            )
+        key = f"{edit.layer}.{edit.head}"
+        fingerprint = self.fingerprints.get(key) or head_fingerprint(self.layout, edit.layer, edit.head)
+        old = view.detach().clone()
+        new = torch.where(delta == 0, old, (old.float() + delta).to(old.dtype))
+        if not torch.isfinite(new).all():
+            raise InvalidArgumentError(
+                f"the edit would make {edit.target} of layer {edit.layer} head {edit.head} non-finite in "
+                f"{old.dtype} (alpha={edit.alpha} too large?); nothing was changed."
+            )
+        with torch.no_grad():
+            view.copy_(new)
+        self.fingerprints.setdefault(key, fingerprint)
+        self._entries.append((edit, old))
+
+    def undo(self) -> Edit:
+        """Revert the most recent edit bit for bit and return it."""
+        if not self._entries:
+            raise NothingToUndoError("no edit to undo: the model is already in its original state.")
+        edit, old = self._entries.pop()
+        view = self.layout.target(edit.layer, edit.head, edit.circuit)
+        with torch.no_grad():
+            view.copy_(old)
+        if not any((e.layer, e.head) == (edit.layer, edit.head) for e, _ in self._entries):
+            self.fingerprints.pop(f"{edit.layer}.{edit.head}", None)  # the head is back to its base weights
+        return edit
+
+    def reset(self) -> list[Edit]:
+        """Revert every edit (newest first); the model's tensors are then bit-identical to the start."""
+        undone = []
+        while self._entries:
+            undone.append(self.undo())
+        return undone

@@ -1,0 +1,117 @@
+"""Model, plan and dataset cards rendered from the Jinja templates shipped in ``th_edit/sharing/templates/``
+(package data, read with ``importlib.resources``, so any install layout works) with
+``huggingface_hub.ModelCard`` / ``DatasetCard``.
+
+Evidence rows are mappings with keys ``sender``, ``receiver`` (strings like ``"16.6[1]"``), ``mode``,
+``score`` and optionally ``baseline`` and ``cosine``. Evaluation is a mapping
+``{"before": {list_length: accuracy}, "after": {list_length: accuracy}}`` (optionally ``"note"``).
+
+>>> from th_edit.edits.plan import BaseModelIdentity, EditPlan
+>>> card = model_card(EditPlan(BaseModelIdentity("gpt2", "gpt2"), []), repo_id="me/gpt2-edited")
+>>> card.data.base_model, card.data.library_name, "th_edit" in card.data.tags
+('gpt2', 'transformers', True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+
+from .._version import __version__
+from ..edits.plan import EditPlan
+from ..errors import InvalidArgumentError
+
+__all__ = ["CardData", "TEMPLATES", "template_text", "model_card", "plan_card", "dataset_card"]
+
+TEMPLATES = ("edited_model", "edit_plan", "dataset")
+
+
+def template_text(name: str) -> str:
+    """The Jinja text of the card template ``name`` (one of :data:`TEMPLATES`), read from the package."""
+    if name not in TEMPLATES:
+        raise InvalidArgumentError(f"card template {name!r} is not one of {TEMPLATES}.")
+    return resources.files("th_edit.sharing").joinpath("templates", f"{name}.md").read_text(encoding="utf-8")
+
+
+def _version() -> str:
+    return __version__
+
+
+def _common(plan: EditPlan, repo_id: str | None) -> dict[str, Any]:
+    edits = [e.describe() for e in plan.edits]
+    circuits = {e["circuit"] for e in edits}
+    base = plan.base.name_or_path or None
+    return dict(
+        edits=edits, n_edits=len(edits), base_model=base, repo_id=repo_id or "<this repo>",
+        model_name=(repo_id or "").split("/")[-1] or "th_edit edited model", th_edit_version=_version(),
+        mixed=len(circuits) > 1, only_ov=circuits <= {"ov"},
+    )
+
+
+def _base_model_meta(plan: EditPlan) -> dict[str, Any]:
+    """``base_model`` metadata only for Hub-style ids (a local path is no valid base_model)."""
+    name = plan.base.name_or_path
+    if name and not Path(name).is_absolute() and not name.startswith(".") and name.count("/") <= 1:
+        return {"base_model": name, "base_model_relation": "finetune"}
+    return {}
+
+
+@dataclass
+class CardData:
+    """What a model card says beyond the plan: the channel evidence rows and the before/after evaluation
+    (see the module docstring for their shapes); the editor fills it from searches and fits."""
+
+    evidence: list[dict[str, Any]] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None
+
+
+def model_card(
+    plan: EditPlan,
+    *,
+    repo_id: str | None = None,
+    evidence: Sequence[Mapping[str, Any]] | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+    license: str | None = None,
+) -> ModelCard:
+    """The card of a full edited checkpoint (``README.md``)."""
+    data = ModelCardData(
+        library_name="transformers", pipeline_tag="text-generation", license=license,
+        tags=["th_edit", "model-editing", "talking-heads"], **_base_model_meta(plan),
+    )
+    rows = []
+    if evaluation:
+        before, after = evaluation.get("before", {}), evaluation.get("after", {})
+        rows = [{"length": n, "before": float(before[n]), "after": float(after[n])} for n in sorted(before, key=int) if n in after]
+    return ModelCard.from_template(
+        data, template_str=template_text("edited_model"), evidence=list(evidence or []),
+        evaluation=rows, evaluation_note=(evaluation or {}).get("note", "Accuracy by list length, before and after the edit."),
+        **_common(plan, repo_id),
+    )
+
+
+def plan_card(plan: EditPlan, *, repo_id: str | None = None) -> ModelCard:
+    """The card of an edit-plan repository."""
+    data = ModelCardData(library_name="th_edit", tags=["th_edit", "edit-plan", "talking-heads"], **_base_model_meta(plan))
+    return ModelCard.from_template(data, template_str=template_text("edit_plan"), **_common(plan, repo_id))
+
+
+def dataset_card(
+    *,
+    pretty_name: str,
+    description: str,
+    splits: Mapping[str, int],
+    fields: Sequence[tuple[str, str, str]],
+    seed: int,
+    recipe: str,
+) -> DatasetCard:
+    """The card of a pushed task dataset; ``fields`` are ``(name, dtype, meaning)`` rows."""
+    data = DatasetCardData(pretty_name=pretty_name, language="en", license="apache-2.0", tags=["th_edit", "laundry-list"])
+    return DatasetCard.from_template(
+        data, template_str=template_text("dataset"), pretty_name=pretty_name, description=description,
+        splits=list(splits.items()), fields=list(fields), seed=seed, recipe=recipe, th_edit_version=_version(),
+    )

@@ -1,0 +1,149 @@
+"""Edit plans, native checkpoints and Hub pushes, as free functions on explicit inputs.
+
+Plans: the applied edits with the base model's identity (a SHA-256 per touched head), saved as JSON +
+safetensors and verified on load. Checkpoints: the model's own ``save_pretrained`` plus tokenizer, plan and
+model card, written atomically. Hub: one commit per push; :func:`load_plan` takes a directory or a repo id.
+Under Accelerate only the main process writes or pushes. :class:`th_edit.ChannelEditor` delegates here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..core.layout import AttentionLayout
+from ..edits.plan import PLAN_FILES, BaseModelIdentity, Edit, EditPlan
+from ..edits.scale import EditLog, head_fingerprint
+from ..errors import PlanMismatchError
+from ..utils.distributed import is_main_process, wait_for_everyone
+from ..utils.files import atomic_directory
+from . import hub
+from .cards import CardData, model_card, plan_card
+
+__all__ = ["export_plan", "verify_plan", "apply_plan", "load_plan", "save_plan", "save_pretrained", "push_to_hub",
+           "push_plan"]
+
+logger = logging.getLogger(__name__)
+
+
+def export_plan(model: nn.Module, log: EditLog) -> EditPlan:
+    """The edits of ``log``, in order, with the identity of ``model``'s base weights."""
+    cfg = model.config
+    touched = {f"{e.layer}.{e.head}" for e in log.edits}
+    dtype = next(model.parameters()).dtype
+    base = BaseModelIdentity(
+        model_type=cfg.model_type, name_or_path=str(getattr(cfg, "_name_or_path", "") or ""),
+        revision=getattr(cfg, "_commit_hash", None), dtype=str(dtype).replace("torch.", ""),
+        fingerprints={k: v for k, v in sorted(log.fingerprints.items()) if k in touched},
+    )
+    return EditPlan(base=base, edits=log.edits)
+
+
+def verify_plan(plan: EditPlan, layout: AttentionLayout) -> None:
+    """Raise :class:`PlanMismatchError` unless ``plan`` was made on this model's current weights."""
+    model_type = layout.model.config.model_type
+    if plan.base.model_type != model_type:
+        raise PlanMismatchError(
+            f"the plan was made for a {plan.base.model_type!r} model "
+            f"({plan.base.name_or_path or 'unnamed'}), this model is {model_type!r}."
+        )
+    for key, expected in plan.base.fingerprints.items():
+        layer, head = (int(x) for x in key.split("."))
+        if layer >= layout.n_layers or head >= layout.n_heads:
+            raise PlanMismatchError(f"the plan edits layer {layer} head {head}, which this model lacks.")
+        if head_fingerprint(layout, layer, head) != expected:
+            raise PlanMismatchError(
+                f"layer {layer} head {head} of this model differs from the plan's base model "
+                f"({plan.base.name_or_path or 'unnamed'}, dtype {plan.base.dtype}). Apply the plan to the "
+                "exact base checkpoint it was made on, in the same dtype and without other edits, or pass "
+                "verify=False to apply it anyway."
+            )
+
+
+def apply_plan(log: EditLog, plan: EditPlan, *, verify: bool = True) -> list[Edit]:
+    """Apply every edit of ``plan`` through ``log``; with ``verify`` check the base model first.
+
+    A mismatch raises :class:`PlanMismatchError` and changes nothing. If an edit fails half-way, the
+    edits of this plan already written are undone.
+    """
+    if verify:
+        verify_plan(plan, log.layout)
+    applied = 0
+    try:
+        for edit in plan.edits:
+            log.apply(edit)
+            applied += 1
+    except BaseException:
+        for _ in range(applied):
+            log.undo()
+        raise
+    return plan.edits
+
+
+def load_plan(source: EditPlan | str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> EditPlan:
+    """An :class:`EditPlan` from itself, a local directory, or a Hub repo id (a plan repo, or a full
+    checkpoint saved by :func:`save_pretrained`). Only the plan's two files are downloaded."""
+    if isinstance(source, EditPlan):
+        return source
+    folder = hub.resolve_local_or_hub(source, allow_patterns=list(PLAN_FILES), revision=revision, token=token)
+    return EditPlan.load(folder)
+
+
+def save_plan(plan: EditPlan, directory: str | os.PathLike) -> None:
+    """Write ``plan`` to ``directory`` (JSON + safetensors, atomic; main process only)."""
+    if is_main_process():
+        plan.save(directory)
+    wait_for_everyone()
+
+
+def save_pretrained(
+    model: nn.Module, directory: str | os.PathLike, *, plan: EditPlan, tokenizer: Any = None,
+    card: CardData | None = None, repo_id: str | None = None, **save_kwargs: Any,
+) -> Path:
+    """Save ``model`` in native Hugging Face format with tokenizer, model card and edit plan.
+
+    The weights go through the model's own ``save_pretrained`` (safetensors, sharding), so
+    ``AutoModelForCausalLM.from_pretrained(directory)`` needs no th_edit. The directory is replaced
+    atomically: on any failure its previous contents stay as they were. Main process only.
+    """
+    directory = Path(directory)
+    card = card or CardData()
+    if is_main_process():
+        with atomic_directory(directory) as staging:
+            model.save_pretrained(staging, **save_kwargs)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            plan.save(staging)
+            model_card(plan, repo_id=repo_id, evidence=card.evidence, evaluation=card.evaluation).save(staging / "README.md")
+        logger.info("saved the edited model to %s", directory)
+    wait_for_everyone()
+    return directory
+
+
+def push_to_hub(
+    model: nn.Module, repo_id: str, *, plan: EditPlan, tokenizer: Any = None, card: CardData | None = None,
+    token: str | None = None, private: bool | None = None, commit_message: str = "Upload model edited with th_edit",
+    **save_kwargs: Any,
+):
+    """:func:`save_pretrained` into a temporary directory, then upload it to ``repo_id`` in one commit.
+    Returns the ``CommitInfo``; raises :class:`HubError` with the fix on a bad token or server error."""
+    with tempfile.TemporaryDirectory(prefix="th_edit_push_") as tmp:
+        save_pretrained(model, Path(tmp) / "model", plan=plan, tokenizer=tokenizer, card=card, repo_id=repo_id,
+                        **save_kwargs)
+        return hub.push_folder(Path(tmp) / "model", repo_id, token=token, private=private, commit_message=commit_message)
+
+
+def push_plan(
+    plan: EditPlan, repo_id: str, *, token: str | None = None, private: bool | None = None,
+    commit_message: str = "Upload th_edit edit plan",
+):
+    """Upload ``plan`` alone (JSON + safetensors, a few KB) with a card to ``repo_id``."""
+    with tempfile.TemporaryDirectory(prefix="th_edit_plan_") as tmp:
+        plan.save(tmp)
+        plan_card(plan, repo_id=repo_id).save(Path(tmp) / "README.md")
+        return hub.push_folder(tmp, repo_id, token=token, private=private, commit_message=commit_message)

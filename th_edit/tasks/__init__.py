@@ -1,0 +1,1 @@
+"""Tasks and evaluation: Laundry List / IOI datasets, batching, accuracy with intervals, the guard text."""

@@ -1,0 +1,251 @@
+"""Laundry List and IOI task datasets, built with ``datasets.Dataset.from_generator``.
+
+Every example has the same :data:`FEATURES`: ``prompt`` (ends where the answer's first token must come),
+``items`` (the candidates, in list order), ``target`` (the answer item), ``target_index`` (its 0-based
+position in the list), ``list_length``, ``template`` and ``example_id``. The answer is scored by the
+first token of ``" " + item`` (see :func:`first_token`).
+
+Templates:
+- ``omitted`` (default; IOI generalised to N items): N items, then all but one mentioned again; the
+  prompt ends where the left-over item must come.
+- ``recall``: N ``name has item`` pairs, then a question about one name; the answer is its item.
+- ``ioi``: the classic IOI sentences (two names, the indirect object is the answer).
+
+Generation is deterministic for a seed; the seed, lengths, counts and candidate pools travel in
+``gen_kwargs`` so ``datasets``' cache never returns stale data. Splits are cut from one de-duplicated
+stream, so train, dev and test share no prompt.
+
+>>> from th_edit.data import laundry_list
+>>> ds = laundry_list(None, lengths=[3], n_per_length=4, seed=0)   # tokenizer=None: no filtering
+>>> ds["test"][0]["list_length"], len(ds["test"][0]["items"])
+(3, 3)
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from datasets import Dataset, DatasetDict, Features, Sequence as DSequence, Value
+from datasets.exceptions import DatasetGenerationError
+
+from ..errors import InvalidArgumentError
+
+__all__ = [
+    "ITEMS", "NAMES", "FEATURES", "TEMPLATES", "first_token", "usable_words", "laundry_list", "ioi", "split_sizes",
+    "describe_fields",
+]
+
+logger = logging.getLogger("th_edit")
+
+ITEMS = (
+    "apples bananas bread butter cheese eggs flour grapes honey jam juice lemons milk onions oranges pasta "
+    "peppers potatoes rice salt sugar tea coffee carrots cookies yogurt beans nuts soap shampoo towels "
+    "socks shirts gloves scarves hats shoes boots candles batteries pencils pens paper envelopes stamps "
+    "tape glue scissors nails screws hammers brushes sponges buckets plates cups bowls spoons forks knives "
+    "napkins blankets pillows sheets curtains lamps bulbs keys wallets umbrellas books magazines maps "
+    "tickets flowers seeds plants tomatoes cucumbers lettuce spinach garlic ginger melons peaches pears "
+    "plums cherries chocolate biscuits crackers noodles soup cereal oats vinegar mustard ketchup"
+).split()
+
+NAMES = (
+    "Mary John Alice Bob Sarah James Emma David Laura Paul Anna Mark Kate Peter Lucy Tom Rachel Daniel "
+    "Sophie Michael Clare Steven Julia Robert Helen Simon Grace Henry Emily George Rose Frank Alan Ruth"
+).split()
+
+FEATURES = Features({
+    "example_id": Value("int32"),
+    "prompt": Value("string"),
+    "items": DSequence(Value("string")),
+    "target": Value("string"),
+    "target_index": Value("int32"),
+    "list_length": Value("int32"),
+    "template": Value("string"),
+})
+
+TEMPLATES = ("omitted", "recall", "ioi")
+
+_IOI_TEMPLATES = (
+    "When {A} and {B} went to the store, {B} gave a drink to",
+    "When {A} and {B} went to the park, {B} gave a ball to",
+    "After {A} and {B} went to the market, {B} handed a bag to",
+    "While {A} and {B} were working at the office, {B} gave a file to",
+    "Then, {A} and {B} had a long argument, and afterwards {B} said to",
+    "Friends {A} and {B} found a book at the library. {B} gave it to",
+)
+
+
+def first_token(tokenizer, word: str) -> int:
+    """Id of the first token of ``" " + word`` (how an answer continues a prompt)."""
+    return int(tokenizer(" " + word, add_special_tokens=False)["input_ids"][0])
+
+
+def usable_words(tokenizer, words: Sequence[str]) -> list[tuple[str, int]]:
+    """``(word, first_token_id)`` for each word, keeping one word per first token (the first listed), so
+    that any sample of them has unique first tokens. Words the tokenizer maps to its unknown token are
+    dropped. With ``tokenizer=None`` every word gets a distinct fake id."""
+    if tokenizer is None:
+        return [(w, i) for i, w in enumerate(words)]
+    seen: set[int] = set()
+    out = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for w in words:
+        t = first_token(tokenizer, w)
+        if t not in seen and t != unk:
+            seen.add(t)
+            out.append((w, t))
+    return out
+
+
+def _join(words: Sequence[str], article: str = "") -> str:
+    words = [f"{article}{w}" for w in words]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _omitted(rng: random.Random, items: list[str], names: list[str]) -> tuple[str, int]:
+    n = len(items)
+    target_index = rng.randrange(n)
+    others = [w for i, w in enumerate(items) if i != target_index]
+    rng.shuffle(others)
+    name = rng.choice(names)
+    prompt = (f"{name} bought {_join(items)}. At home {name} put away {_join(others, 'the ')}, "
+              f"but could not find the")
+    return prompt, target_index
+
+
+def _recall(rng: random.Random, items: list[str], names: list[str]) -> tuple[str, int]:
+    n = len(items)
+    owners = rng.sample(list(names), n)
+    target_index = rng.randrange(n)
+    pairs = ", ".join(f"{o} has the {w}" for o, w in zip(owners, items))
+    who = owners[target_index]
+    return f"{pairs}. Question: what does {who} have? Answer: {who} has the", target_index
+
+
+def _generate(template: str, words: tuple[str, ...], names: tuple[str, ...], lengths: tuple[int, ...],
+              counts: tuple[int, ...], start: tuple[int, ...], seed: int, max_tries: int = 50):
+    """Yield the examples of one split: for each length, the slice ``[start, start + count)`` of one
+    de-duplicated, seeded stream of prompts (so splits share none)."""
+    example_id = 0
+    for n, count, offset in zip(lengths, counts, start):
+        rng = random.Random(f"{template}-{seed}-{n}")
+        seen: set[str] = set()
+        produced, misses = 0, 0
+        while produced < offset + count:
+            if template == "ioi":
+                a, b = rng.sample(list(names), 2)
+                t = rng.randrange(len(_IOI_TEMPLATES))
+                prompt, items, target_index = _IOI_TEMPLATES[t].format(A=a, B=b), [a, b], 0
+            else:
+                items = rng.sample(list(words), n)
+                prompt, target_index = (_omitted if template == "omitted" else _recall)(rng, items, names)
+            if prompt in seen:
+                misses += 1
+                if misses > max_tries * (offset + count):
+                    raise InvalidArgumentError(
+                        f"only {produced} distinct {template} prompts of length {n} exist for these pools; "
+                        "ask for fewer examples or use a larger item pool."
+                    )
+                continue
+            seen.add(prompt)
+            if produced >= offset:
+                yield {"example_id": example_id, "prompt": prompt, "items": items, "target": items[target_index],
+                       "target_index": target_index, "list_length": len(items),
+                       "template": template if template != "ioi" else f"ioi{t}"}
+                example_id += 1
+            produced += 1
+
+
+def split_sizes(n_per_length: int, fractions: Sequence[float] = (0.5, 0.25, 0.25)) -> dict[str, int]:
+    """Examples per length in the train, dev and test splits."""
+    n_train = int(round(n_per_length * fractions[0]))
+    n_dev = int(round(n_per_length * fractions[1]))
+    return {"train": n_train, "dev": n_dev, "test": n_per_length - n_train - n_dev}
+
+
+def _build(template: str, tokenizer, lengths: Sequence[int], n_per_length: int, seed: int,
+           items: Sequence[str] | None, names: Sequence[str] | None, splits: dict[str, int]) -> DatasetDict:
+    if template not in TEMPLATES:
+        raise InvalidArgumentError(f"template={template!r} is not one of {TEMPLATES}.")
+    if n_per_length < 1:
+        raise InvalidArgumentError(f"n_per_length={n_per_length} must be at least 1.")
+    if template == "ioi":
+        words = []
+        name_pool = [w for w, _ in usable_words(tokenizer, names or NAMES)]
+    else:
+        words = [w for w, _ in usable_words(tokenizer, items or ITEMS)]
+        name_pool = list(names or NAMES)
+    lengths = [int(n) for n in lengths]
+    pool = name_pool if template == "ioi" else words
+    for n in lengths:
+        if n < 2 or n > len(pool):
+            raise InvalidArgumentError(
+                f"list length {n} is out of range: between 2 and {len(pool)} (the usable {'names' if template == 'ioi' else 'items'} "
+                "for this tokenizer)."
+            )
+        if template == "recall" and n > len(name_pool):
+            raise InvalidArgumentError(f"recall lists need a distinct name per item: at most {len(name_pool)}.")
+    out, start = {}, [0] * len(lengths)
+    for split, count in splits.items():
+        if count <= 0:
+            continue
+        # tuples, not lists: datasets would read lists as shards to parallelise over
+        kwargs = dict(template=template, words=tuple(words), names=tuple(name_pool), lengths=tuple(lengths),
+                      counts=(count,) * len(lengths), start=tuple(start), seed=int(seed))
+        try:
+            out[split] = Dataset.from_generator(_generate, features=FEATURES, gen_kwargs=kwargs)
+        except DatasetGenerationError as exc:  # surface our own error, not datasets' wrapper
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, InvalidArgumentError):
+                raise cause from None
+            raise
+        start = [s + count for s in start]
+    return DatasetDict(out)
+
+
+def laundry_list(
+    tokenizer,
+    *,
+    lengths: Sequence[int] = (2, 3, 5, 8, 10, 15, 20),
+    n_per_length: int = 100,
+    seed: int = 0,
+    template: str = "omitted",
+    items: Sequence[str] | None = None,
+    names: Sequence[str] | None = None,
+    fractions: Sequence[float] = (0.5, 0.25, 0.25),
+) -> DatasetDict:
+    """The Laundry List task as a ``DatasetDict`` with ``train``/``dev``/``test`` splits.
+
+    Args:
+        tokenizer: filters the item pool so that every candidate's first token is unique (``None``: no
+            filtering, for tokenizer-free inspection).
+        lengths: list lengths N (2 up to the usable pool size).
+        n_per_length: examples per length over all splits, divided by ``fractions``.
+        template: ``"omitted"`` (default) or ``"recall"``.
+    """
+    if template == "ioi":
+        raise InvalidArgumentError("use th_edit.data.ioi() for the IOI dataset.")
+    return _build(template, tokenizer, lengths, n_per_length, seed, items, names, split_sizes(n_per_length, fractions))
+
+
+def ioi(tokenizer, *, n: int = 200, seed: int = 0, names: Sequence[str] | None = None,
+        fractions: Sequence[float] = (0.5, 0.25, 0.25)) -> DatasetDict:
+    """IOI prompts ("When Mary and John went to the store, John gave a drink to" -> " Mary"): ``items``
+    is ``[indirect object, subject]`` and the target is the indirect object."""
+    return _build("ioi", tokenizer, [2], n, seed, None, names, split_sizes(n, fractions))
+
+
+def describe_fields() -> list[tuple[str, str, str]]:
+    """``(name, dtype, meaning)`` rows for dataset cards."""
+    meaning: dict[str, Any] = {
+        "example_id": "index within the split",
+        "prompt": "text that ends where the answer's first token must come",
+        "items": "the candidate answers, in list order",
+        "target": "the correct item",
+        "target_index": "0-based position of the target in the list",
+        "list_length": "number of items in the list",
+        "template": "omitted, recall or ioi<k>",
+    }
+    return [(k, str(v.dtype if hasattr(v, "dtype") else "list[string]"), meaning[k]) for k, v in FEATURES.items()]
