@@ -133,12 +133,12 @@ class EditPlan:
         previous contents of ``directory`` are left as they were.
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for i, e in enumerate(self.edits):
             tensors[f"edit{i}.left"] = e.left.detach().to("cpu", torch.float32).contiguous()
             tensors[f"edit{i}.right"] = e.right.detach().to("cpu", torch.float32).contiguous()
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        staging = Path(tempfile.mkdtemp(prefix=".th_edit-staging-plan-", dir=directory))
         try:
             # one metadata key only: safetensors writes several in hash order, and the bytes must be
             # reproducible (an unchanged plan re-pushed to the Hub must not make a new commit)

@@ -103,18 +103,22 @@ def save_plan(plan: EditPlan, directory: str | os.PathLike) -> None:
 
 def save_pretrained(
     model: nn.Module, directory: str | os.PathLike, *, plan: EditPlan, tokenizer: Any = None,
-    card: CardData | None = None, repo_id: str | None = None, **save_kwargs: Any,
+    card: CardData | None = None, repo_id: str | None = None, overwrite: bool = False, **save_kwargs: Any,
 ) -> Path:
     """Save ``model`` in native Hugging Face format with tokenizer, model card and edit plan.
 
     The weights go through the model's own ``save_pretrained`` (safetensors, sharding), so
-    ``AutoModelForCausalLM.from_pretrained(directory)`` needs no th_edit. The directory is replaced
-    atomically: on any failure its previous contents stay as they were. Main process only.
+    ``AutoModelForCausalLM.from_pretrained(directory)`` needs no th_edit. Files are written beside what
+    is already in ``directory`` and replaced atomically; files th_edit did not write are never deleted
+    (see :func:`th_edit.utils.files.atomic_directory`). A non-empty directory not written by th_edit
+    needs ``overwrite=True``; the source model's own directory is refused (:class:`OutputDirectoryError`).
+    Main process only.
     """
     directory = Path(directory)
     card = card or CardData()
     if is_main_process():
-        with atomic_directory(directory) as staging:
+        source = str(getattr(model.config, "_name_or_path", "") or "") or None
+        with atomic_directory(directory, overwrite=overwrite, protect=source) as staging:
             model.save_pretrained(staging, **save_kwargs)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
