@@ -171,6 +171,7 @@ class EditPlan:
                 f"{json_path} has schema_version {version!r}; this th_edit reads version {SCHEMA_VERSION}. "
                 "Upgrade th_edit or re-export the plan."
             )
+        plan_checks.check_plan_json(data, json_path)
         tensors = plan_checks.read_plan_tensors(tensor_path, data)
         try:
             base = BaseModelIdentity(**data["base_model"])

@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..core.layout import AttentionLayout
     from .plan import Edit, EditPlan
 
-__all__ = ["file_sha256", "read_plan_json", "read_plan_tensors", "check_edit_factors", "check_fingerprints",
+__all__ = ["file_sha256", "read_plan_json", "check_plan_json", "read_plan_tensors", "check_edit_factors", "check_fingerprints",
            "check_consistent", "FACTOR_RTOL"]
 
 logger = logging.getLogger(__name__)
@@ -44,13 +44,18 @@ def file_sha256(path: str | Path) -> str:
 
 
 def read_plan_json(path: Path) -> dict[str, Any]:
-    """The plan's JSON object, checked for the fields every schema version has."""
+    """The plan's JSON object (any schema version; check it with :func:`check_plan_json`)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PlanFormatError(f"{path} is not valid JSON ({exc}). {_REMAKE}") from exc
     if not isinstance(data, dict):
         raise PlanFormatError(f"{path} holds a JSON {type(data).__name__}, not an edit plan object. {_REMAKE}")
+    return data
+
+
+def check_plan_json(data: dict[str, Any], path: Path) -> None:
+    """The fields every schema version has: ``base_model`` (model type, fingerprints) and ``edits``."""
     base, edits = data.get("base_model"), data.get("edits")
     if not isinstance(base, dict) or not isinstance(base.get("model_type"), str):
         raise PlanFormatError(f"{path} has no base_model with a model_type. {_REMAKE}")
@@ -62,7 +67,6 @@ def read_plan_json(path: Path) -> dict[str, Any]:
         raise PlanFormatError(f"{path}: base_model.fingerprints must map 'layer.head' to a SHA-256 hex digest. {_REMAKE}")
     if not isinstance(edits, list) or not all(isinstance(e, dict) for e in edits):
         raise PlanFormatError(f"{path}: 'edits' must be a list of edit objects. {_REMAKE}")
-    return data
 
 
 def read_plan_tensors(path: Path, data: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -128,12 +132,12 @@ def check_consistent(layout: "AttentionLayout", edit: "Edit") -> None:
     if tuple(edit.delta().shape) != tuple(target.shape):
         raise PlanMismatchError(
             f"the edit of layer {edit.layer} head {edit.head} changes a {tuple(edit.delta().shape)} block but this "
-            f"model's {edit.target} is {tuple(target.shape)}: the plan is for another geometry."
+            f"model's {edit.target} is {tuple(target.shape)}: the plan was made for a different geometry."
         )
     expected = make_edit(layout, edit.layer, edit.head, edit.circuit, list(edit.components), edit.alpha,
                          folded=edit.folded)
     want, got = expected.delta(), edit.delta()
-    scale = float(want.norm()) + 1e-6 * float(target.float().norm())
+    scale = float(want.norm()) + 1e-6 * float(target.detach().float().norm())
     err = float((got - want).norm())
     if err > FACTOR_RTOL * max(scale, 1e-12):
         raise PlanMismatchError(
