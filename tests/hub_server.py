@@ -5,7 +5,8 @@ LFS batch -> PUT -> commit) and download (repo info, tree, resolve); see
 ``shared/reference/hub-testing.md``. It is strict so that tests mean something: writes need a known
 token, LFS uploads are checked against their sha256 and size, unknown routes and NDJSON keys are
 rejected, a stale ``parentCommit`` gets 412. ``faults`` injects server errors: ``faults["commit"] = n``
-answers the next n commits with HTTP 500 after the LFS uploads went through.
+answers the next n commits with HTTP 500 after the LFS uploads went through; ``faults["drop_commit"] = n``
+closes the connection of the next n commits without a reply.
 """
 
 from __future__ import annotations
@@ -248,6 +249,10 @@ class Handler(BaseHTTPRequestHandler):
             raise HubError(400, f"unknown header keys {sorted(set(header))}")
         if self.state.fault("commit"):
             raise HubError(500, "injected server error during commit")
+        if self.state.fault("drop_commit"):  # the connection dies before any reply (a dropped upload)
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
         with self.state.lock:
             head, files = repo.snapshot(rev) or (None, None)
             if files is None:

@@ -14,6 +14,9 @@ from .core.circuits import CIRCUITS, HeadWeights, SVDResult
 from .editor import ChannelEditor
 from .errors import (
     HubError,
+    ModelFileError,
+    OutputDirectoryError,
+    QuantizedModelError,
     InvalidArgumentError,
     ModelNotInstalledError,
     NothingToUndoError,
@@ -38,6 +41,9 @@ __all__ = [
     "EditPlan",
     "HeadWeights",
     "HubError",
+    "ModelFileError",
+    "OutputDirectoryError",
+    "QuantizedModelError",
     "InvalidArgumentError",
     "NothingToUndoError",
     "OffloadedWeightsError",

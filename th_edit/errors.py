@@ -41,3 +41,15 @@ class HubError(ThEditError, RuntimeError):
 
 class ModelNotInstalledError(ThEditError, RuntimeError):
     """The package carrying a bundled model's weights is not installed."""
+
+
+class OutputDirectoryError(ThEditError, ValueError):
+    """An output directory was refused: it holds files th_edit did not write, or it overlaps the source model."""
+
+
+class QuantizedModelError(UnsupportedModelError):
+    """The model's attention weights are quantized (bitsandbytes, GPTQ, AWQ, torchao, ...): th_edit edits floats."""
+
+
+class ModelFileError(ThEditError, RuntimeError):
+    """A model directory or file cannot be read as a transformers checkpoint (missing config.json, corrupt)."""

@@ -24,7 +24,7 @@ def test_gguf_is_found_without_importing_the_package():
 
 def test_converted_model_is_a_plain_working_llama(converted):
     target, model, tokenizer = converted
-    assert (target / "model.safetensors").is_file() and not hasattr(model.config, "quantization_config")
+    assert (target / "SmolLM2-135M-Instruct" / "model.safetensors").is_file() and not hasattr(model.config, "quantization_config")
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     ids = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():

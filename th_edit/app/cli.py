@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import (
-    HubError, InvalidArgumentError, OffloadedWeightsError, PlanFormatError, PlanMismatchError, ThEditError,
-    UnsupportedModelError,
+    HubError, InvalidArgumentError, ModelFileError, ModelNotInstalledError, OffloadedWeightsError,
+    OutputDirectoryError, PlanFormatError, PlanMismatchError, ThEditError, UnsupportedModelError,
 )
 
 __all__ = ["main", "build_parser"]
@@ -63,16 +63,16 @@ def _data_args(p: argparse.ArgumentParser, lengths=(3, 5, 8, 10, 15, 20), n=60) 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="th-edit", description="Find and rescale inter-layer communication channels (Talking Heads) in "
         "transformers language models.", epilog="Exit codes: 0 ok, 2 bad arguments, 3 model/plan mismatch, "
         "4 Hub or file error, 1 unexpected.",
     )
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     common.add_argument("--json", action="store_true", help="print one JSON object with the results")
     common.add_argument("--seed", type=int, default=0, help="seed for data and baselines (default 0)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("analyze", parents=[common], help="channel map and head roles as tables and PNG plots")
     _model_args(p)
@@ -93,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--auto", action="store_true", help="find channels and search an edit on the dev split")
     _data_args(p, n=120)
     p.add_argument("--search-lengths", type=int, nargs="+", default=[5, 8, 10])
-    p.add_argument("--out", required=True, help="directory for the edited model, its plan and card")
+    p.add_argument("--out", required=True, help="directory for the edited model, its plan and card (never the "
+                   "source model's directory)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty directory th_edit did not write (only th_edit's files are replaced)")
 
     p = sub.add_parser("eval", parents=[common], help="Laundry List accuracy by length and position (before/after a plan)")
     _model_args(p)
@@ -106,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", help="a directory written by `th-edit edit` or ChannelEditor.save_pretrained/save_plan")
     p.add_argument("repo_id", help="Hub repository id, e.g. me/gpt2-laundry")
     p.add_argument("--token", help="Hub write token (default: the logged-in token)")
-    p.add_argument("--private", action="store_true")
+    vis = p.add_mutually_exclusive_group()
+    vis.add_argument("--private", action="store_true", help="create the repository private (the default)")
+    vis.add_argument("--public", action="store_true", help="create the repository public")
 
     p = sub.add_parser("demo", parents=[common], help="the whole story on a real model, with a report")
     p.add_argument("--model", default="smollm2", help="bundled model or path (default smollm2)")
@@ -184,7 +189,9 @@ def cmd_find(args, out: _Out) -> dict[str, Any]:
 
 def cmd_edit(args, out: _Out) -> dict[str, Any]:
     from ..editor import ChannelEditor
+    from ..utils.files import check_not_overlapping
 
+    check_not_overlapping(args.out, args.model if Path(args.model).is_dir() else None)
     model, tokenizer = _load(args)
     if args.plan:
         editor = ChannelEditor.from_plan(model, args.plan, tokenizer=tokenizer)
@@ -198,7 +205,7 @@ def cmd_edit(args, out: _Out) -> dict[str, Any]:
         out.say(search.summary().round(3).to_string(index=False))
         payload = {"edits": search.edits, "test_before": search.test_before.accuracy_by_length(),
                    "test_after": search.test_after.accuracy_by_length(), "guard_change": search.guard_change}
-    editor.save_pretrained(args.out)
+    editor.save_pretrained(args.out, overwrite=args.overwrite)
     out.say(f"{len(editor.edits)} edit(s); saved the edited model, its plan and card to {args.out}")
     return {**payload, "out": args.out, "n_edits": len(editor.edits)}
 
@@ -234,7 +241,7 @@ def cmd_eval(args, out: _Out) -> dict[str, Any]:
 
 
 def cmd_push(args, out: _Out) -> dict[str, Any]:
-    from ..sharing.hub import push_folder
+    from ..sharing.hub import files_to_push, push_folder
     from ..edits.plan import PLAN_FILES, EditPlan
 
     folder = Path(args.directory)
@@ -245,10 +252,15 @@ def cmd_push(args, out: _Out) -> dict[str, Any]:
         from ..sharing.cards import plan_card
 
         plan_card(EditPlan.load(folder), repo_id=args.repo_id).save(folder / "README.md")
-    info = push_folder(folder, args.repo_id, token=args.token, private=args.private or None)
+    upload, left_out = files_to_push(folder)
+    if left_out:
+        out.say(f"not uploading {len(left_out)} file(s) th_edit did not write: {', '.join(left_out[:10])}")
+    info = push_folder(folder, args.repo_id, token=args.token, private=not args.public)
     oid = getattr(info, "oid", None)
-    out.say(f"pushed {folder} to {args.repo_id} (commit {oid})")
-    return {"repo_id": args.repo_id, "commit": oid}
+    out.say(f"pushed {len(upload)} file(s) of {folder} to {args.repo_id} "
+            f"({'public' if args.public else 'private'}, commit {oid})")
+    return {"repo_id": args.repo_id, "commit": oid, "private": not args.public, "uploaded": upload,
+            "left_out": left_out}
 
 
 def cmd_demo(args, out: _Out) -> dict[str, Any]:
@@ -269,9 +281,52 @@ COMMANDS = {"analyze": cmd_analyze, "find": cmd_find, "edit": cmd_edit, "eval": 
             "demo": cmd_demo}
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors raise :class:`InvalidArgumentError` (so ``--json`` reports them)."""
+
+    def error(self, message: str):
+        raise InvalidArgumentError(f"{message}. Run `{self.prog} --help` for the usage.")
+
+
+#: exception classes -> exit code, first match wins (the README's "Exit codes")
+EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
+    ((InvalidArgumentError, OutputDirectoryError), EXIT_USAGE),
+    ((PlanMismatchError, PlanFormatError, UnsupportedModelError, OffloadedWeightsError), EXIT_MISMATCH),
+    ((HubError, ModelFileError, ModelNotInstalledError, OSError), EXIT_IO),
+    ((ThEditError,), EXIT_UNEXPECTED),
+)
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code the CLI returns for ``exc``."""
+    return next((code for kinds, code in EXIT_CODES if isinstance(exc, kinds)), EXIT_UNEXPECTED)
+
+
+def _fail(exc: BaseException, argv: list[str], command: str | None) -> int:
+    code = exit_code_of(exc)
+    known = isinstance(exc, (ThEditError, OSError))
+    text = str(exc) if known else f"unexpected {type(exc).__name__}: {exc} (please report this as a bug)"
+    if not known:
+        logger.debug("unexpected error", exc_info=exc)
+    print(f"th-edit: error: {text}", file=sys.stderr)
+    if "--json" in argv:
+        from ..utils.distributed import is_main_process
+
+        if is_main_process():
+            print(json.dumps({"command": command, "error": text, "error_type": type(exc).__name__,
+                              "exit_code": code}))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``th-edit``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    """Entry point of ``th-edit``; returns the exit code. With ``--json`` stdout gets exactly one JSON
+    object, also on failure (then with ``error``, ``error_type`` and ``exit_code``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    try:
+        args = build_parser().parse_args(argv)
+    except InvalidArgumentError as exc:
+        return _fail(exc, argv, command)
     if args.quiet or args.json:
         os.environ["TH_EDIT_DISABLE_PROGRESS"] = "1"
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -280,18 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     out = _Out(args)
     try:
         payload = COMMANDS[args.command](args, out)
-    except (InvalidArgumentError,) as exc:
-        print(f"th-edit: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (PlanMismatchError, PlanFormatError, UnsupportedModelError, OffloadedWeightsError) as exc:
-        print(f"th-edit: error: {exc}", file=sys.stderr)
-        return EXIT_MISMATCH
-    except (HubError, OSError) as exc:
-        print(f"th-edit: error: {exc}", file=sys.stderr)
-        return EXIT_IO
-    except ThEditError as exc:
-        print(f"th-edit: error: {exc}", file=sys.stderr)
-        return EXIT_UNEXPECTED
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a message and an exit code
+        return _fail(exc, argv, args.command)
     out.result({"command": args.command, **payload})
     return EXIT_OK
 

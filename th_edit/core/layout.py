@@ -13,10 +13,49 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, OffloadedWeightsError, UnsupportedModelError
+from ..errors import InvalidArgumentError, OffloadedWeightsError, QuantizedModelError, UnsupportedModelError
 from .architectures import ArchSpec, get_spec
 
-__all__ = ["AttentionLayout", "resolve_param"]
+__all__ = ["AttentionLayout", "resolve_param", "check_not_quantized"]
+
+#: the weight dtypes th_edit reads and writes exactly
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: substrings of the class names of quantized linear layers (bitsandbytes, GPTQ, AWQ, HQQ, EETQ, quanto, ...)
+_QUANT_CLASS_MARKERS = ("8bit", "4bit", "Int8", "Int4", "QuantLinear", "WQLinear", "Quant", "HQQ", "EetqLinear",
+                        "FP8", "Fp8", "Marlin", "Exllama", "Gemlite")
+_FIX = ("th_edit edits floating-point weights in place and cannot change quantized codes. Load the model in "
+        "float (e.g. from_pretrained(..., dtype=torch.float32) without quantization_config / load_in_8bit / "
+        "load_in_4bit), edit and save it, then quantize the edited checkpoint.")
+
+
+def _quant_method(config) -> str | None:
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return str(getattr(method, "value", method) or "unknown")
+
+
+def check_not_quantized(model: nn.Module, modules: list[nn.Module]) -> None:
+    """Raise :class:`QuantizedModelError` if ``model`` is quantized or any of ``modules`` (the attention
+    projections) holds a quantized layer or a non-float weight. GGUF models are de-quantized floats: allowed."""
+    method = _quant_method(model.config)
+    if method is not None and method != "gguf":
+        raise QuantizedModelError(f"the model is quantized (quantization_config with quant_method={method!r}). {_FIX}")
+    for mod in modules:
+        name = type(mod).__name__
+        if any(marker in name for marker in _QUANT_CLASS_MARKERS):
+            raise QuantizedModelError(f"the attention projection is a quantized layer ({type(mod).__module__}.{name}). {_FIX}")
+        weight = getattr(mod, "weight", None)
+        if weight is None:
+            continue
+        data = weight.data if isinstance(weight, nn.Parameter) else weight
+        if not isinstance(weight, torch.Tensor) or weight.dtype not in FLOAT_DTYPES or type(data) is not torch.Tensor:
+            kind = type(data).__name__ if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise QuantizedModelError(
+                f"an attention projection ({name}) holds a {getattr(weight, 'dtype', kind)} weight of type {kind}, "
+                f"not a plain float tensor. {_FIX}"
+            )
 
 
 def resolve_param(module: nn.Module, name: str, *, write: bool = False) -> torch.Tensor:
@@ -70,6 +109,8 @@ class AttentionLayout:
         self.model = model
         self.blocks = list(model.get_submodule(self.spec.layers))
         self.n_layers = len(self.blocks)
+        paths = dict.fromkeys(p for p in (self.spec.q, self.spec.k, self.spec.v, self.spec.o) if p)
+        check_not_quantized(model, [b.get_submodule(p) for b in self.blocks for p in paths])
         self.n_heads = int(config.num_attention_heads)
         self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
         if self.n_heads % self.n_kv_heads:

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import PlanFormatError
 from ..utils.files import replace_files
+from . import plan_checks
 
 __all__ = ["Edit", "BaseModelIdentity", "EditPlan", "PLAN_JSON", "PLAN_TENSORS", "SCHEMA_VERSION"]
 
@@ -48,6 +49,8 @@ class Edit:
         singular_values: the components' singular values before the edit.
         left, right: float32 factors of the weight change, ``Delta = left @ right.T``; for OV
             ``left [d_h, k]``, ``right [d, k]``; for QK ``left [d, k]``, ``right [d_h, k]``.
+        partial: set when the edit was applied but the model's dtype could not represent the change
+            (more than 10% of it lost to rounding, e.g. ``alpha=1.0001`` in bfloat16); see ``EditLog.apply``.
     """
 
     layer: int
@@ -59,6 +62,7 @@ class Edit:
     singular_values: tuple[float, ...]
     left: torch.Tensor = field(repr=False)
     right: torch.Tensor = field(repr=False)
+    partial: bool = False
 
     @property
     def target(self) -> str:
@@ -133,17 +137,18 @@ class EditPlan:
         previous contents of ``directory`` are left as they were.
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for i, e in enumerate(self.edits):
             tensors[f"edit{i}.left"] = e.left.detach().to("cpu", torch.float32).contiguous()
             tensors[f"edit{i}.right"] = e.right.detach().to("cpu", torch.float32).contiguous()
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+        staging = Path(tempfile.mkdtemp(prefix=".th_edit-staging-plan-", dir=directory))
         try:
             # one metadata key only: safetensors writes several in hash order, and the bytes must be
             # reproducible (an unchanged plan re-pushed to the Hub must not make a new commit)
             save_file(tensors, str(staging / PLAN_TENSORS), metadata={"format": "pt"})
-            (staging / PLAN_JSON).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+            data = {**self.to_json(), "tensors_sha256": plan_checks.file_sha256(staging / PLAN_TENSORS)}
+            (staging / PLAN_JSON).write_text(json.dumps(data, indent=2) + "\n")
             replace_files(staging, directory, (PLAN_JSON, PLAN_TENSORS))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -159,17 +164,15 @@ class EditPlan:
                 f"{directory} does not hold an edit plan: expected {PLAN_JSON} and {PLAN_TENSORS}. "
                 "Create one with ChannelEditor.save_plan(directory)."
             )
-        try:
-            data = json.loads(json_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PlanFormatError(f"{json_path} is not valid JSON: {exc}") from exc
+        data = plan_checks.read_plan_json(json_path)
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise PlanFormatError(
                 f"{json_path} has schema_version {version!r}; this th_edit reads version {SCHEMA_VERSION}. "
                 "Upgrade th_edit or re-export the plan."
             )
-        tensors = load_file(str(tensor_path))
+        plan_checks.check_plan_json(data, json_path)
+        tensors = plan_checks.read_plan_tensors(tensor_path, data)
         try:
             base = BaseModelIdentity(**data["base_model"])
             edits = [
@@ -177,10 +180,12 @@ class EditPlan:
                     layer=int(e["layer"]), head=int(e["head"]), circuit=str(e["circuit"]),
                     components=tuple(int(c) for c in e["components"]), alpha=float(e["alpha"]),
                     folded=bool(e["folded"]), singular_values=tuple(float(s) for s in e["singular_values"]),
-                    left=tensors[e["left"]], right=tensors[e["right"]],
+                    left=tensors[e["left"]], right=tensors[e["right"]], partial=bool(e.get("partial", False)),
                 )
                 for e in data["edits"]
             ]
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanFormatError(f"{json_path} is incomplete or malformed: {exc!r}") from exc
+        for edit in edits:
+            plan_checks.check_edit_factors(edit, str(json_path))
         return cls(base=base, edits=edits, th_edit_version=str(data.get("th_edit_version", "")))

@@ -21,7 +21,11 @@ from ..core.layout import AttentionLayout
 from ..errors import InvalidArgumentError, NothingToUndoError
 from .plan import Edit
 
-__all__ = ["head_fingerprint", "make_edit", "EditLog"]
+__all__ = ["head_fingerprint", "make_edit", "EditLog", "PRECISION_RTOL"]
+
+#: an applied edit whose written change differs from the intended one by more than this (relative, Frobenius)
+#: is flagged ``partial``: the model's dtype cannot represent it
+PRECISION_RTOL = 0.1
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +90,14 @@ def make_edit(
     )
 
 
+def _lost_fraction(old: torch.Tensor, new: torch.Tensor, delta: torch.Tensor) -> float:
+    """``||(new - old) - delta|| / ||delta||``: how much of the intended change rounding lost (0 if none intended)."""
+    want = float(delta.norm())
+    if want == 0.0:
+        return 0.0
+    return float(((new.float() - old.float()) - delta).norm()) / want
+
+
 class EditLog:
     """The edits written into one model, oldest first, with what each overwrote.
 
@@ -100,6 +112,11 @@ class EditLog:
         self.layout = layout
         self._entries: list[tuple[Edit, torch.Tensor]] = []
         self.fingerprints: dict[str, str] = {}
+
+    @property
+    def partial_edits(self) -> list[Edit]:
+        """Applied edits the model's dtype could only partly represent (see :data:`PRECISION_RTOL`)."""
+        return [e for e, _ in self._entries if e.partial]
 
     @property
     def edits(self) -> list[Edit]:
@@ -128,6 +145,14 @@ class EditLog:
             raise InvalidArgumentError(
                 f"the edit would make {edit.target} of layer {edit.layer} head {edit.head} non-finite in "
                 f"{old.dtype} (alpha={edit.alpha} too large?); nothing was changed."
+            )
+        edit.partial = _lost_fraction(old, new, delta) > PRECISION_RTOL
+        if edit.partial:
+            logger.warning(
+                "layer %d head %d %s edit (alpha=%g): %s cannot represent this change; %.0f%% of it is lost to "
+                "rounding (%d of %d elements changed). The edit is applied and flagged partial; use float32 "
+                "weights or a larger change of alpha.", edit.layer, edit.head, edit.circuit, edit.alpha, old.dtype,
+                100 * min(_lost_fraction(old, new, delta), 1.0), int((new != old).sum()), old.numel(),
             )
         with torch.no_grad():
             view.copy_(new)

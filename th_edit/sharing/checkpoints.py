@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..core.layout import AttentionLayout
+from ..edits import plan_checks
 from ..edits.plan import PLAN_FILES, BaseModelIdentity, Edit, EditPlan
 from ..edits.scale import EditLog, head_fingerprint
 from ..errors import PlanMismatchError
@@ -45,13 +46,16 @@ def export_plan(model: nn.Module, log: EditLog) -> EditPlan:
 
 
 def verify_plan(plan: EditPlan, layout: AttentionLayout) -> None:
-    """Raise :class:`PlanMismatchError` unless ``plan`` was made on this model's current weights."""
+    """Raise :class:`PlanMismatchError` unless ``plan`` was made on this model's current weights: the model
+    type matches and every edited head carries a fingerprint equal to this model's (fingerprints are
+    mandatory). The factors are checked against the recomputed SVD as the plan is applied (:func:`apply_plan`)."""
     model_type = layout.model.config.model_type
     if plan.base.model_type != model_type:
         raise PlanMismatchError(
             f"the plan was made for a {plan.base.model_type!r} model "
             f"({plan.base.name_or_path or 'unnamed'}), this model is {model_type!r}."
         )
+    plan_checks.check_fingerprints(plan)
     for key, expected in plan.base.fingerprints.items():
         layer, head = (int(x) for x in key.split("."))
         if layer >= layout.n_layers or head >= layout.n_heads:
@@ -68,14 +72,18 @@ def verify_plan(plan: EditPlan, layout: AttentionLayout) -> None:
 def apply_plan(log: EditLog, plan: EditPlan, *, verify: bool = True) -> list[Edit]:
     """Apply every edit of ``plan`` through ``log``; with ``verify`` check the base model first.
 
-    A mismatch raises :class:`PlanMismatchError` and changes nothing. If an edit fails half-way, the
-    edits of this plan already written are undone.
+    A mismatch raises :class:`PlanMismatchError` and changes nothing. With ``verify`` each edit's factors
+    must also equal the rescaling recomputed from the weights it is applied to (within
+    :data:`~th_edit.edits.plan_checks.FACTOR_RTOL`). If an edit fails half-way, the edits of this plan
+    already written are undone.
     """
     if verify:
         verify_plan(plan, log.layout)
     applied = 0
     try:
         for edit in plan.edits:
+            if verify:
+                plan_checks.check_consistent(log.layout, edit)
             log.apply(edit)
             applied += 1
     except BaseException:
@@ -103,18 +111,22 @@ def save_plan(plan: EditPlan, directory: str | os.PathLike) -> None:
 
 def save_pretrained(
     model: nn.Module, directory: str | os.PathLike, *, plan: EditPlan, tokenizer: Any = None,
-    card: CardData | None = None, repo_id: str | None = None, **save_kwargs: Any,
+    card: CardData | None = None, repo_id: str | None = None, overwrite: bool = False, **save_kwargs: Any,
 ) -> Path:
     """Save ``model`` in native Hugging Face format with tokenizer, model card and edit plan.
 
     The weights go through the model's own ``save_pretrained`` (safetensors, sharding), so
-    ``AutoModelForCausalLM.from_pretrained(directory)`` needs no th_edit. The directory is replaced
-    atomically: on any failure its previous contents stay as they were. Main process only.
+    ``AutoModelForCausalLM.from_pretrained(directory)`` needs no th_edit. Files are written beside what
+    is already in ``directory`` and replaced atomically; files th_edit did not write are never deleted
+    (see :func:`th_edit.utils.files.atomic_directory`). A non-empty directory not written by th_edit
+    needs ``overwrite=True``; the source model's own directory is refused (:class:`OutputDirectoryError`).
+    Main process only.
     """
     directory = Path(directory)
     card = card or CardData()
     if is_main_process():
-        with atomic_directory(directory) as staging:
+        source = str(getattr(model.config, "_name_or_path", "") or "") or None
+        with atomic_directory(directory, overwrite=overwrite, protect=source) as staging:
             model.save_pretrained(staging, **save_kwargs)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)

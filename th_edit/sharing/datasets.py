@@ -26,12 +26,13 @@ def _card_for(dataset: DatasetDict, name: str, seed: int | None, recipe: str):
 
 
 def save_task(dataset: DatasetDict, directory, *, name: str = "th_edit Laundry List", seed: int | None = None,
-              recipe: str = "th_edit.data.laundry_list(tokenizer, ...)"):
+              recipe: str = "th_edit.data.laundry_list(tokenizer, ...)", overwrite: bool = False):
     """Write ``dataset`` as one Parquet file per split (``data/<split>.parquet``) plus a dataset card
-    ``README.md``, atomically (the directory is replaced as a whole; on failure it is left as it was).
+    ``README.md``, atomically, beside files already in ``directory`` (none of those is deleted; a
+    non-empty directory not written by th_edit needs ``overwrite=True``; on failure it is left as it was).
     Reload with ``datasets.load_dataset("parquet", data_dir=directory + "/data")`` or
     :func:`load_task`."""
-    with atomic_directory(directory) as staging:
+    with atomic_directory(directory, overwrite=overwrite) as staging:
         (staging / "data").mkdir()
         for split, ds in dataset.items():
             ds.to_parquet(str(staging / "data" / f"{split}.parquet"))

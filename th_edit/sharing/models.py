@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InvalidArgumentError, ModelNotInstalledError
+from ..errors import InvalidArgumentError, ModelFileError, ModelNotInstalledError
 
 __all__ = ["BUNDLED", "DEFAULT_MODEL", "cache_root", "smollm2_gguf_path", "bundled_gguf_path", "load_model",
            "load_default_model", "ModelNotInstalledError"]
@@ -116,7 +116,8 @@ def load_model(
     Args:
         source: a bundled model name (``"smollm2"``, ``"gemma3-270m"``), a local directory, or a Hub id.
         gguf_file: a GGUF file inside ``source`` (de-quantized and converted in memory).
-        cache_dir: where a bundled model's converted copy lives (default ``cache_root() / <name>``).
+        cache_dir: the cache root for bundled models (default :func:`cache_root`); the converted copy
+            lives in its own subdirectory ``cache_dir / <name>``, and nothing else there is touched.
         trust_remote_code: passed to transformers; off by default, th_edit never needs it.
 
     >>> model, tokenizer = load_model()                      # doctest: +SKIP
@@ -125,7 +126,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source in BUNDLED:
-        target = Path(cache_dir) if cache_dir is not None else cache_root() / BUNDLED[source].name
+        target = (Path(cache_dir) if cache_dir is not None else cache_root()) / BUNDLED[source].name
         if not (target / "config.json").is_file():
             with tempfile.TemporaryDirectory(prefix="th_edit_gguf_") as tmp:
                 gguf = bundled_gguf_path(source, work_dir=Path(tmp))
@@ -135,6 +136,11 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, revision=revision)
         return _plain_copy(AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, revision=revision,
                                                                 dtype=torch.float32)).to(dtype).eval(), tokenizer
+    elif Path(source).is_dir() and not (Path(source) / "config.json").is_file():
+        raise ModelFileError(
+            f"{source} is a directory without config.json, so it is no transformers checkpoint. Pass the "
+            "directory that holds config.json and the weights (saved with save_pretrained), or a Hub id."
+        )
     elif not Path(source).is_dir() and "/" not in source and source not in BUNDLED:
         raise InvalidArgumentError(
             f"model {source!r} is not a bundled model ({', '.join(BUNDLED)}), a local directory, or a Hub id 'owner/name'."
@@ -172,6 +178,6 @@ def _convert(folder: Path, gguf_name: str, target: Path) -> None:
     logger.info("converting %s to a plain transformers checkpoint in %s (once)", gguf_name, target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_name)
     plain = _plain_copy(AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_name, dtype=torch.float32))
-    with atomic_directory(target) as staging:
+    with atomic_directory(target, overwrite=True) as staging:  # the cache owns this subdirectory
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
