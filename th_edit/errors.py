@@ -37,3 +37,12 @@ class NothingToUndoError(ThEditError, RuntimeError):
 
 class HubError(ThEditError, RuntimeError):
     """A save, push or download failed (HTTP error, bad repository id, bad token); nothing was lost."""
+
+
+class MissingDependencyError(ThEditError, ImportError):
+    """An optional dependency (e.g. ``peft`` for LoRA adapters) is not installed; the message names the extra."""
+
+
+class AdapterError(ThEditError, ValueError):
+    """A LoRA adapter cannot be written exactly for this model, or one on disk is not a th_edit adapter,
+    is malformed, or no longer matches the edits recorded beside it."""
