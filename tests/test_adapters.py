@@ -169,6 +169,17 @@ def test_rank_patterns_do_not_leak_between_layers(tmp_path):
     assert _max_err(_logits(model), _logits(editor.model)) < LOGIT_TOL
 
 
+def test_transformers_load_adapter_reads_it_too(tmp_path):
+    """transformers' own PEFT integration (``model.load_adapter``) is another plain consumer."""
+    editor = _edit(ChannelEditor(make_model("mistral")))
+    save_adapter(editor, tmp_path / "a")
+    model = make_model("mistral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.load_adapter(str(tmp_path / "a"))
+    assert _max_err(_logits(model), _logits(editor.model)) < LOGIT_TOL
+
+
 def test_from_adapter_round_trip_and_plans_are_interchangeable(tmp_path):
     editor = _edit(ChannelEditor(make_model("qwen3")))
     save_adapter(editor, tmp_path / "a")
@@ -293,6 +304,20 @@ def test_push_through_the_hub_and_load_with_plain_peft(hub, tmp_path):
     n = len(repo.commits)
     push_adapter_to_hub(editor, "alice/tiny-adapter", token=hub.token)
     assert len(repo.commits) == n
+
+
+def test_cli_push_of_an_adapter_directory(hub, tmp_path, capsys):
+    from th_edit.cli import main
+
+    editor = _edit(ChannelEditor(make_model("gpt2")))
+    save_adapter(editor, tmp_path / "a", repo_id="alice/cli-adapter")
+    assert main(["push", str(tmp_path / "a"), "alice/cli-adapter", "--token", hub.token, "--quiet"]) == 0
+    files = hub.repos[("model", "alice/cli-adapter")].commits[-1][1]
+    assert set(files) == {*ADAPTER_FILES, "README.md"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = PeftModel.from_pretrained(make_model("gpt2"), "alice/cli-adapter").eval()
+    assert _max_err(_logits(model), _logits(editor.model)) < LOGIT_TOL
 
 
 def test_typical_adapter_is_small(tmp_path):

@@ -279,9 +279,17 @@ def adapter_state(
         base_model_name_or_path: written to the config (default: the model's ``_name_or_path``).
         uniform_rank: zero-pad every module to the largest rank and give all the same ``r`` (for servers
             that ignore ``rank_pattern``); still exact.
+
+    Raises:
+        MissingDependencyError: peft is not installed.
+        AdapterError: see :func:`adapter_modules`.
     """
     editor = _editor(editor_or_model)
-    plan = _plan(editor, edits)
+    config, tensors, _ = _state(editor, _plan(editor, edits), dtype, base_model_name_or_path, uniform_rank)
+    return config, tensors
+
+
+def _state(editor, plan: EditPlan, dtype, base_model_name_or_path, uniform_rank):
     modules = _modules(editor.layout, plan.edits)
     if uniform_rank:
         top = max(m.rank for m in modules.values())
@@ -292,7 +300,7 @@ def adapter_state(
     for n, m in modules.items():
         tensors[_KEY.format(name=n, ab="A")] = m.lora_A.to(dtype).contiguous()
         tensors[_KEY.format(name=n, ab="B")] = m.lora_B.to(dtype).contiguous()
-    return config, tensors
+    return config, tensors, modules
 
 
 def _scale_text(desc: Mapping[str, Any]) -> str:
@@ -377,8 +385,7 @@ def save_adapter(
     name = base_model_name_or_path if base_model_name_or_path is not None else plan.base.name_or_path
     if name != plan.base.name_or_path:
         plan = dataclasses.replace(plan, base=dataclasses.replace(plan.base, name_or_path=name))
-    config, tensors = adapter_state(editor, plan, dtype=dtype, uniform_rank=uniform_rank)
-    modules = _modules(editor.layout, plan.edits)
+    config, tensors, modules = _state(editor, plan, dtype, None, uniform_rank)
     directory = Path(directory)
     if hub.is_main_process():
         with hub.atomic_directory(directory) as staging:
