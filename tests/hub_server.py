@@ -104,7 +104,7 @@ class Handler(BaseHTTPRequestHandler):
         if "Content-Length" not in (headers or {}):
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if not head:
+        if not head and self.command != "HEAD":  # a HEAD reply (errors too) has no body, or keep-alive breaks
             self.wfile.write(body)
 
     def _json(self, status: int, obj, headers: dict | None = None):
