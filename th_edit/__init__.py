@@ -13,6 +13,8 @@ from .core.architectures import ARCHITECTURES, ArchSpec, supported_model_types
 from .core.circuits import CIRCUITS, HeadWeights, SVDResult
 from .editor import ChannelEditor
 from .errors import (
+    AdapterError,
+    MissingDependencyError,
     HubError,
     ModelFileError,
     OutputDirectoryError,
@@ -31,6 +33,8 @@ from .edits.plan import BaseModelIdentity, Edit, EditPlan
 logging.getLogger("th_edit").addHandler(logging.NullHandler())
 
 __all__ = [
+    "AdapterError",
+    "MissingDependencyError",
     "__version__",
     "ARCHITECTURES",
     "ArchSpec",

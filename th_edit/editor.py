@@ -25,7 +25,7 @@ from .edits import steering
 from .edits.plan import Edit, EditPlan
 from .edits.scale import EditLog, head_fingerprint, make_edit
 from .errors import InvalidArgumentError
-from .sharing import checkpoints
+from .sharing import adapters, checkpoints
 from .sharing.cards import CardData, model_card
 
 __all__ = ["ChannelEditor"]
@@ -252,3 +252,22 @@ class ChannelEditor:
                          commit_message: str = "Upload th_edit edit plan"):
         """Upload the edit plan alone (JSON + safetensors, a few KB) with a card to ``repo_id``."""
         return checkpoints.push_plan(self.export_plan(), repo_id, token=token, private=private, commit_message=commit_message)
+
+    # ----- PEFT LoRA adapters -------------------------------------------------------------------
+    def save_adapter(self, directory: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write the applied edits as an exact peft LoRA adapter (plus th_edit's plan and a card); any
+        peft user loads it with ``PeftModel.from_pretrained``. See :func:`th_edit.sharing.adapters.save_adapter`."""
+        return adapters.save_adapter(self, directory, **kwargs)
+
+    def push_adapter_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
+                            **kwargs: Any):
+        """Save as :meth:`save_adapter` does and upload it to ``repo_id`` in one commit (``CommitInfo``)."""
+        return adapters.push_adapter_to_hub(self, repo_id, token=token, private=private, **kwargs)
+
+    @classmethod
+    def from_adapter(cls, model: nn.Module, source: str | os.PathLike, *, verify: bool = True,
+                     revision: str | None = None, token: str | None = None, **kwargs: Any) -> "ChannelEditor":
+        """A new editor on ``model`` with a th_edit LoRA adapter (directory or repo id) applied as exact,
+        undoable edits; an adapter made on another base is refused (fingerprints)."""
+        return adapters.editor_from_adapter(model, source, verify=verify, revision=revision, token=token,
+                                            editor_cls=cls, **kwargs)

@@ -53,3 +53,12 @@ class QuantizedModelError(UnsupportedModelError):
 
 class ModelFileError(ThEditError, RuntimeError):
     """A model directory or file cannot be read as a transformers checkpoint (missing config.json, corrupt)."""
+
+
+class MissingDependencyError(ThEditError, ImportError):
+    """An optional dependency (e.g. ``peft`` for LoRA adapters) is not installed; the message names the extra."""
+
+
+class AdapterError(ThEditError, ValueError):
+    """A LoRA adapter cannot be written exactly for this model, or one on disk is not a th_edit adapter,
+    is malformed, or no longer matches the edits recorded beside it."""

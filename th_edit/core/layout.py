@@ -119,7 +119,7 @@ class AttentionLayout:
             )
         self.d_model = int(config.hidden_size)
         o_mod = self.blocks[0].get_submodule(self.spec.o)
-        o_in = self._row_form(self._param(o_mod, "weight")).shape[0]
+        o_in = self.row_form(self._param(o_mod, "weight")).shape[0]
         if o_in % self.n_heads:
             raise UnsupportedModelError(
                 f"output projection input size {o_in} is not a multiple of {self.n_heads} heads."
@@ -135,11 +135,11 @@ class AttentionLayout:
             return None
         return resolve_param(module, name, write=write)
 
-    def _row_form(self, weight: torch.Tensor) -> torch.Tensor:
+    def row_form(self, weight: torch.Tensor) -> torch.Tensor:
         """``[in, out]`` view of a projection weight."""
         return weight if self.spec.conv1d else weight.t()
 
-    def _offset(self, kind: str, head: int) -> int:
+    def head_offset(self, kind: str, head: int) -> int:
         """Start of head ``head``'s ``kind`` ('q', 'k' or 'v') columns in its module's output dim."""
         H, K, dh = self.n_heads, self.n_kv_heads, self.d_head
         layout = self.spec.qkv_layout
@@ -179,18 +179,18 @@ class AttentionLayout:
         With ``write=True`` the view is guaranteed to alias the real storage (or an error is raised)."""
         idx = head if kind == "q" else self.kv_head(head)
         mod = self.module(layer, getattr(self.spec, kind))
-        weight = self._row_form(self._param(mod, "weight", write))
-        return weight.narrow(1, self._offset(kind, idx), self.d_head)
+        weight = self.row_form(self._param(mod, "weight", write))
+        return weight.narrow(1, self.head_offset(kind, idx), self.d_head)
 
     def proj_bias(self, layer: int, head: int, kind: str) -> torch.Tensor | None:
         """``[d_h]`` view of the q/k/v bias of the head, or None."""
         idx = head if kind == "q" else self.kv_head(head)
         bias = self._param(self.module(layer, getattr(self.spec, kind)), "bias")
-        return None if bias is None else bias.narrow(0, self._offset(kind, idx), self.d_head)
+        return None if bias is None else bias.narrow(0, self.head_offset(kind, idx), self.d_head)
 
     def out_weight(self, layer: int, head: int, *, write: bool = False) -> torch.Tensor:
         """``[d_h, d]`` view of ``W_O[h]`` (``write``: as in :meth:`proj_weight`)."""
-        w = self._row_form(self._param(self.module(layer, self.spec.o), "weight", write))
+        w = self.row_form(self._param(self.module(layer, self.spec.o), "weight", write))
         return w.narrow(0, head * self.d_head, self.d_head)
 
     def out_bias(self, layer: int) -> torch.Tensor | None:

@@ -26,9 +26,9 @@ from .._version import __version__
 from ..edits.plan import EditPlan
 from ..errors import InvalidArgumentError
 
-__all__ = ["CardData", "TEMPLATES", "template_text", "model_card", "plan_card", "dataset_card"]
+__all__ = ["CardData", "TEMPLATES", "card_fields", "base_model_meta", "template_text", "model_card", "plan_card", "dataset_card"]
 
-TEMPLATES = ("edited_model", "edit_plan", "dataset")
+TEMPLATES = ("edited_model", "edit_plan", "adapter", "dataset")
 
 
 def template_text(name: str) -> str:
@@ -42,7 +42,7 @@ def _version() -> str:
     return __version__
 
 
-def _common(plan: EditPlan, repo_id: str | None) -> dict[str, Any]:
+def card_fields(plan: EditPlan, repo_id: str | None) -> dict[str, Any]:
     edits = [e.describe() for e in plan.edits]
     circuits = {e["circuit"] for e in edits}
     base = plan.base.name_or_path or None
@@ -53,7 +53,7 @@ def _common(plan: EditPlan, repo_id: str | None) -> dict[str, Any]:
     )
 
 
-def _base_model_meta(plan: EditPlan) -> dict[str, Any]:
+def base_model_meta(plan: EditPlan) -> dict[str, Any]:
     """``base_model`` metadata only for Hub-style ids (a local path is no valid base_model)."""
     name = plan.base.name_or_path
     if name and not Path(name).is_absolute() and not name.startswith(".") and name.count("/") <= 1:
@@ -81,7 +81,7 @@ def model_card(
     """The card of a full edited checkpoint (``README.md``)."""
     data = ModelCardData(
         library_name="transformers", pipeline_tag="text-generation", license=license,
-        tags=["th_edit", "model-editing", "talking-heads"], **_base_model_meta(plan),
+        tags=["th_edit", "model-editing", "talking-heads"], **base_model_meta(plan),
     )
     rows = []
     if evaluation:
@@ -90,14 +90,14 @@ def model_card(
     return ModelCard.from_template(
         data, template_str=template_text("edited_model"), evidence=list(evidence or []),
         evaluation=rows, evaluation_note=(evaluation or {}).get("note", "Accuracy by list length, before and after the edit."),
-        **_common(plan, repo_id),
+        **card_fields(plan, repo_id),
     )
 
 
 def plan_card(plan: EditPlan, *, repo_id: str | None = None) -> ModelCard:
     """The card of an edit-plan repository."""
-    data = ModelCardData(library_name="th_edit", tags=["th_edit", "edit-plan", "talking-heads"], **_base_model_meta(plan))
-    return ModelCard.from_template(data, template_str=template_text("edit_plan"), **_common(plan, repo_id))
+    data = ModelCardData(library_name="th_edit", tags=["th_edit", "edit-plan", "talking-heads"], **base_model_meta(plan))
+    return ModelCard.from_template(data, template_str=template_text("edit_plan"), **card_fields(plan, repo_id))
 
 
 def dataset_card(
