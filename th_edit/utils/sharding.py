@@ -24,7 +24,7 @@ def balanced_blocks(work: Sequence[float], parts: int) -> list[tuple[int, int]]:
     >>> balanced_blocks([3, 3, 1, 1, 1, 1], 2)
     [(0, 2), (2, 6)]
     >>> balanced_blocks([1, 1], 3)
-    [(0, 1), (1, 2), (2, 2)]
+    [(0, 1), (1, 1), (1, 2)]
     """
     if parts < 1:
         raise InvalidArgumentError(f"parts={parts} must be at least 1.")
@@ -38,7 +38,7 @@ def balanced_blocks(work: Sequence[float], parts: int) -> list[tuple[int, int]]:
         cuts, acc, i = [], 0.0, 0
         for p in range(parts - 1):
             goal = total * (p + 1) / parts
-            while i < n and acc + work[i] / 2 < goal:  # an item goes where most of its work lies
+            while i < n and acc + work[i] / 2 <= goal:  # an item goes where most of its work lies
                 acc += work[i]
                 i += 1
             cuts.append(i)
