@@ -130,3 +130,16 @@ def test_two_accelerate_processes_return_the_single_process_map(tiny_model_dir, 
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "analyze" / name), pd.read_csv(tmp_path / "one" / name),
                                       rtol=1e-5)
     assert (tmp_path / "analyze" / "heatmap.png").is_file()
+
+
+def test_bfloat16_gemms_stay_close_to_float32_and_bad_dtypes_are_refused():
+    from th_edit import InvalidArgumentError
+
+    editor = ChannelEditor(make_model("llama"))
+    full = editor.channel_map(progress=False, baseline_samples=0, keep_top=20)
+    half = editor.channel_map(progress=False, baseline_samples=0, keep_top=20, matmul_dtype="bfloat16")
+    assert half.meta["config"]["matmul_dtype"] == "bfloat16" and half.modes["q"].head.dtype == torch.float32
+    for mode in "qkv":
+        torch.testing.assert_close(half.head_scores(mode), full.head_scores(mode), rtol=3e-2, atol=1e-3)
+    with pytest.raises(InvalidArgumentError, match="matmul_dtype"):
+        editor.channel_map(progress=False, matmul_dtype="float16")
