@@ -98,7 +98,8 @@ def channel_map(
     ``device``: where to compute (default where the first layer's weights are; for a model dispatched
     with ``device_map`` pass one device, e.g. ``"cuda:0"``, to stream there).
     Under ``accelerate launch`` every process returns the full map, ``meta["processes"]`` records how
-    many computed it (see :func:`~th_edit.analysis.channels.compute_channel_map`).
+    many computed it (see :func:`~th_edit.analysis.channels.compute_channel_map`). Every process must
+    call it (it gathers), with the same heads and settings.
     """
     config = config or ChannelMapConfig()
     senders_l = select_heads(layout, senders, layers)
