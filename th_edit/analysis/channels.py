@@ -40,6 +40,9 @@ import torch
 from ..core import linalg
 from ..core.circuits import MODES
 from ..errors import InvalidArgumentError
+from ..utils.distributed import process_rank_and_count
+from ..utils.sharding import gather_from_processes
+from .channels_shard import canonical_top, merge_parts, sender_blocks
 
 __all__ = ["MODES", "ChannelMap", "compute_channel_map", "pair_composition", "expected_abs_cosine", "monte_carlo_baselines"]
 
@@ -263,11 +266,12 @@ def pair_composition(
 def _stream_mode(
     send_V: torch.Tensor, send_w: torch.Tensor, send_layer: torch.Tensor,
     recv_A: torch.Tensor, recv_w: torch.Tensor, recv_layer: torch.Tensor,
-    *, budget_bytes: int, keep_top: int, progress: Any,
+    *, budget_bytes: int, keep_top: int, progress: Any, matmul_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stream one mode. ``send_V [Ns, d, r]``, ``send_w [Ns, r]`` (s/||s||), ``recv_A [Nr, d, r]``,
     ``recv_w [Nr, r]`` (t/||t||); senders sorted by layer. Returns head ``[Ns, Nr]``, component
-    ``[Ns, r, Nr]`` and the kept top pairs (share, row, col)."""
+    ``[Ns, r, Nr]`` and the kept top pairs (share, row, col). ``matmul_dtype``: dtype of the block
+    GEMMs' inputs (bfloat16: accumulated and returned in float32, see :func:`_block_product`)."""
     Ns, d, r = send_V.shape
     Nr = recv_A.shape[0]
     dev = send_V.device
@@ -295,7 +299,7 @@ def _stream_mode(
             max_rows_heads = max(1, min(n_send, budget_bytes // (per_elem * r * nc * r)))
             for s0 in range(0, n_send, max_rows_heads):
                 s1 = min(n_send, s0 + max_rows_heads)
-                Z = rows_all[s0 * r:s1 * r] @ cols  # [ns*r, nc*r]
+                Z = _block_product(rows_all[s0 * r:s1 * r], cols, matmul_dtype)  # [ns*r, nc*r]
                 Z2 = Z.square_()
                 comp_sq = Z2.view(s1 - s0, r, nc, r).sum(-1)  # [ns, r, nc]
                 comp[s0:s1, :, cidx] = comp_sq.sqrt()
@@ -323,6 +327,20 @@ def _stream_mode(
     return head_sq.sqrt(), comp, top_v[order], top_r[order], top_c[order]
 
 
+def _block_product(rows: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``rows [m, d] @ cols [d, n]`` as float32. For bfloat16 the inputs are cast and the GEMM accumulates
+    in float32 (on CUDA with a float32 output where torch supports ``out_dtype``)."""
+    if dtype == torch.float32:
+        return rows @ cols
+    a, b = rows.to(dtype), cols.to(dtype)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            pass
+    return (a @ b).float()
+
+
 def compute_channel_map(
     *,
     sender_svd: tuple[torch.Tensor, torch.Tensor],
@@ -337,6 +355,7 @@ def compute_channel_map(
     baseline_samples: int = 64,
     seed: int = 0,
     progress: Any = None,
+    matmul_dtype: torch.dtype = torch.float32,
 ) -> ChannelMap:
     """Stream the composition scores (pure maths: no model knowledge).
 
@@ -345,8 +364,15 @@ def compute_channel_map(
         receiver_svds: per mode, ``(T [Nr, r], A [Nr, d, r])``: receivers' singular values and read
             directions for that mode, in ``receivers`` order.
         senders, receivers: ``(layer, head)`` lists.
-        memory_limit_mb: bound on the working blocks (the ``[Ns, r, Nr]`` component scores are held too).
+        memory_limit_mb: bound on the working blocks of each process (the ``[Ns, r, Nr]`` component
+            scores are held too).
         keep_top: strongest pairs kept per mode.
+        matmul_dtype: input dtype of the block GEMMs (float32, or bfloat16 with float32 accumulation).
+
+    Under ``accelerate launch --num_processes N`` each process streams one contiguous block of senders
+    (:func:`~th_edit.analysis.channels_shard.sender_blocks`) against all receivers, the parts are
+    gathered, and every process returns the full map (``meta["processes"] == N``). One process runs
+    the whole sender range in place.
     """
     senders = [tuple(h) for h in senders]
     receivers = [tuple(h) for h in receivers]
@@ -354,27 +380,38 @@ def compute_channel_map(
     if order != list(range(len(senders))):
         raise InvalidArgumentError("senders must be sorted by (layer, head); sort the list before computing the map.")
     S, V = sender_svd
+    r = V.shape[-1]
+    rank, world = process_rank_and_count()
+    blocks = sender_blocks([l for l, _ in senders], [l for l, _ in receivers], world) if world > 1 else [(0, len(senders))]
+    lo, hi = blocks[rank]
     send_w = S / S.norm(dim=1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny)
-    send_layer = torch.tensor([l for l, _ in senders], device=V.device)
-    recv_layer = torch.tensor([l for l, _ in receivers], device=V.device)
+    send_layer = torch.tensor([l for l, _ in senders], device=V.device, dtype=torch.long)
+    recv_layer = torch.tensor([l for l, _ in receivers], device=V.device, dtype=torch.long)
     budget = int(memory_limit_mb * 2**20)
     modes: dict[str, _ModeData] = {}
     for mode, (T, A) in receiver_svds.items():
         recv_w = T / T.norm(dim=1, keepdim=True).clamp_min(torch.finfo(T.dtype).tiny)
-        bar = progress(total=len(receivers), desc=f"channel map ({mode})") if progress else _NullBar()
+        bar = progress(total=len(receivers), desc=f"channel map ({mode})") if progress and rank == 0 else _NullBar()
         with bar:
             head, comp, top_v, top_r, top_c = _stream_mode(
-                V, send_w, send_layer, A, recv_w, recv_layer, budget_bytes=budget, keep_top=keep_top, progress=bar
+                V[lo:hi], send_w[lo:hi], send_layer[lo:hi], A, recv_w, recv_layer, budget_bytes=budget,
+                keep_top=keep_top, progress=bar, matmul_dtype=matmul_dtype,
             )
-        r = V.shape[-1]
-        cos = (V[top_r // r, :, top_r % r] * A[top_c // r, :, top_c % r]).sum(-1)
-        modes[mode] = _ModeData(head=head.cpu(), component=comp.cpu(), top_share=top_v.cpu(), top_row=top_r.cpu(),
-                                top_col=top_c.cpu(), top_cos=cos.cpu(), receiver_S=T.cpu())
-    d, r = V.shape[1], V.shape[2]
+        part = (head.cpu(), comp.cpu(), top_v.cpu(), (top_r + lo * r).cpu(), top_c.cpu())
+        if world > 1:
+            part = merge_parts(gather_from_processes(part, world), keep_top)
+        head, comp, top_v, top_r, top_c = part
+        top_v, top_r, top_c = canonical_top(top_v, top_r, top_c, keep_top)
+        rows, cols = top_r.to(V.device), top_c.to(V.device)
+        cos = (V[rows // r, :, rows % r] * A[cols // r, :, cols % r]).sum(-1)
+        modes[mode] = _ModeData(head=head, component=comp, top_share=top_v, top_row=top_r,
+                                top_col=top_c, top_cos=cos.cpu(), receiver_S=T.cpu())
+    d = V.shape[1]
     baselines = monte_carlo_baselines(d, r, samples=baseline_samples, seed=seed) if baseline_samples else {}
     baselines["pair_cosine"] = (expected_abs_cosine(d), math.sqrt(max(1.0 / d - expected_abs_cosine(d) ** 2, 0.0)))
     return ChannelMap(n_layers=n_layers, n_heads=n_heads, d_model=d, d_head=r, folded=folded, senders=senders,
-                      receivers=receivers, sender_S=S.cpu(), modes=modes, baselines=baselines)
+                      receivers=receivers, sender_S=S.cpu(), modes=modes, baselines=baselines,
+                      meta={"processes": world, "sender_blocks": blocks})
 
 
 class _NullBar:

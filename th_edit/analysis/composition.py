@@ -21,6 +21,9 @@ from .channels import ChannelMap, compute_channel_map, pair_composition
 __all__ = ["ChannelMapConfig", "channel_map", "head_composition", "config_from"]
 
 
+_MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 @dataclass
 class ChannelMapConfig:
     """Settings of a channel map (recorded in ``ChannelMap.meta``).
@@ -30,7 +33,12 @@ class ChannelMapConfig:
         memory_limit_mb: bound on the streaming blocks' working memory.
         keep_top: strongest component pairs kept per mode (for ``ChannelMap.top_channels``).
         baseline_samples: Monte Carlo samples for the random-matrix baselines (0: none).
-        seed: seed of the baselines.
+        seed: seed of the baselines (the same on every process of a launch).
+        matmul_dtype: ``"float32"`` (default) or ``"bfloat16"``: input dtype of the streaming GEMMs,
+            accumulated in float32 (for GPUs; scores then agree with float32 to about 1e-2 relative).
+
+    Under ``accelerate launch --num_processes N`` the senders are split over the processes and every
+    process returns the full map; ``memory_limit_mb`` bounds each process's working blocks.
     """
 
     modes: tuple[str, ...] = field(default=MODES, metadata={"help": "composition modes to compute"})
@@ -38,6 +46,7 @@ class ChannelMapConfig:
     keep_top: int = field(default=1000, metadata={"help": "component pairs kept per mode"})
     baseline_samples: int = field(default=64, metadata={"help": "Monte Carlo samples of the random baselines"})
     seed: int = field(default=0, metadata={"help": "seed of the random baselines"})
+    matmul_dtype: str = field(default="float32", metadata={"help": "GEMM input dtype: float32 or bfloat16"})
 
     def __post_init__(self) -> None:
         self.modes = tuple(check_mode(m) for m in self.modes)
@@ -48,6 +57,8 @@ class ChannelMapConfig:
                 f"memory_limit_mb={self.memory_limit_mb}, keep_top={self.keep_top}, baseline_samples="
                 f"{self.baseline_samples}: need memory_limit_mb > 0, keep_top >= 1 and baseline_samples >= 0."
             )
+        if self.matmul_dtype not in _MATMUL_DTYPES:
+            raise InvalidArgumentError(f"matmul_dtype={self.matmul_dtype!r} is not one of {sorted(_MATMUL_DTYPES)}.")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings."""
@@ -84,7 +95,11 @@ def channel_map(
     """Composition of every sender head's OV components into every later receiver head.
 
     ``senders`` / ``receivers``: ``(layer, head)`` lists (default every head of ``layers``, default all).
-    ``device``: where to compute (default where the first layer's weights are).
+    ``device``: where to compute (default where the first layer's weights are; for a model dispatched
+    with ``device_map`` pass one device, e.g. ``"cuda:0"``, to stream there).
+    Under ``accelerate launch`` every process returns the full map, ``meta["processes"]`` records how
+    many computed it (see :func:`~th_edit.analysis.channels.compute_channel_map`). Every process must
+    call it (it gathers), with the same heads and settings.
     """
     config = config or ChannelMapConfig()
     senders_l = select_heads(layout, senders, layers)
@@ -102,9 +117,9 @@ def channel_map(
         sender_svd=(ov_send.S, ov_send.V), receiver_svds=ordered, senders=senders_l, receivers=receivers_l,
         n_layers=layout.n_layers, n_heads=layout.n_heads, folded=folded, memory_limit_mb=config.memory_limit_mb,
         keep_top=config.keep_top, baseline_samples=config.baseline_samples, seed=config.seed,
-        progress=(lambda **kw: progress_bar(enabled=progress, **kw)),
+        progress=(lambda **kw: progress_bar(enabled=progress, **kw)), matmul_dtype=_MATMUL_DTYPES[config.matmul_dtype],
     )
-    cmap.meta.update(config=config.to_dict(), processes=1)
+    cmap.meta["config"] = config.to_dict()
     return cmap
 
 

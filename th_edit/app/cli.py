@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--modes", nargs="+", default=["q", "k", "v"], choices=["q", "k", "v"])
     p.add_argument("--top", type=int, default=20, help="channels to list (default 20)")
+    p.add_argument("--memory-limit-mb", type=float, default=512.0,
+                   help="working memory of the channel map's blocks per process (default 512)")
 
     p = sub.add_parser("find", parents=[common], help="ranked inhibition and duplicate-detection channels with evidence")
     _model_args(p)
@@ -139,32 +141,41 @@ def _data(args, tokenizer):
 
 
 def cmd_analyze(args, out: _Out) -> dict[str, Any]:
+    """Channel map (split over the processes under ``accelerate launch``), head roles, tables and plots;
+    only the main process writes."""
     from ..editor import ChannelEditor
-    from .plots import plot_component_profile, plot_receiver_heatmap
     from ..analysis.roles import sequence_roles
 
     model, _ = _load(args)
     editor = ChannelEditor(model)
     folder = Path(args.out)
+    cmap = editor.channel_map(modes=tuple(args.modes), progress=not args.quiet, seed=args.seed,
+                              memory_limit_mb=args.memory_limit_mb)
+    roles = sequence_roles(model, seed=args.seed)
+    top = cmap.top_channels(args.modes[0], k=args.top)
+    if out.main:
+        _write_analysis(folder, cmap, roles, top, args.modes[0], editor.n_layers, editor.n_heads)
+    out.say(top.to_string(index=False))
+    out.say(f"wrote tables and plots to {folder} (channel map from {cmap.meta['processes']} process(es))")
+    return {"out": str(folder), "processes": cmap.meta["processes"], "top": top.to_dict("records")}
+
+
+def _write_analysis(folder: Path, cmap, roles, top, mode: str, n_layers: int, n_heads: int) -> None:
+    import pandas as pd
+
+    from .plots import plot_component_profile, plot_receiver_heatmap
+
     folder.mkdir(parents=True, exist_ok=True)
-    cmap = editor.channel_map(modes=tuple(args.modes), progress=not args.quiet, seed=args.seed)
     cmap.to_csv(str(folder / "channels_pairs.csv"))
     cmap.to_parquet(str(folder / "channels_components.parquet"), level="component")
     cmap.to_csv(str(folder / "channels_heads.csv"), level="head")
-    roles = sequence_roles(model, seed=args.seed)
-    import pandas as pd
-
     role_table = pd.DataFrame([{"layer": l, "head": h, **{k: float(v[l, h]) for k, v in roles.items()}}
-                               for l in range(editor.n_layers) for h in range(editor.n_heads)])
+                               for l in range(n_layers) for h in range(n_heads)])
     role_table.to_csv(folder / "head_roles.csv", index=False)
-    top = cmap.top_channels(args.modes[0], k=args.top)
     first = top.iloc[0]
     receiver, sender = (int(first.receiver_layer), int(first.receiver_head)), (int(first.sender_layer), int(first.sender_head))
-    plot_receiver_heatmap(cmap, args.modes[0], receiver, folder / "heatmap.png", baseline="zscore")
-    plot_component_profile(cmap, args.modes[0], sender, [receiver], folder / "component_profile.png")
-    out.say(top.to_string(index=False))
-    out.say(f"wrote tables and plots to {folder}")
-    return {"out": str(folder), "top": top.to_dict("records")}
+    plot_receiver_heatmap(cmap, mode, receiver, folder / "heatmap.png", baseline="zscore")
+    plot_component_profile(cmap, mode, sender, [receiver], folder / "component_profile.png")
 
 
 def cmd_find(args, out: _Out) -> dict[str, Any]:

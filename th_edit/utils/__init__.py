@@ -1,1 +1,1 @@
-"""Helpers with no model knowledge: progress bars, Accelerate process gating, atomic file writes."""
+"""Helpers with no model knowledge: progress bars, Accelerate process gating and sharding, atomic file writes."""
