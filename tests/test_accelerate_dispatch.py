@@ -57,3 +57,22 @@ def test_disk_offload_is_refused_clearly(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids()).logits, before)
     assert editor.edits == []
+
+
+def test_offload_under_a_sequential_hook_is_followed():
+    """A block dispatched by device_map and then offloaded carries a SequentialHook: its real weights are
+    found through the inner hook, for reading and for editing."""
+    from accelerate.hooks import SequentialHook
+
+    model = make_model("llama")
+    names = [n for n, _ in model.named_children()]
+    model = dispatch_model(model, device_map={n: "cpu" for n in names}, force_hooks=True)
+    cpu_offload(model.model.layers[1], execution_device="cpu")
+    attn = model.model.layers[1].self_attn
+    assert isinstance(attn.o_proj._hf_hook, SequentialHook) and attn.o_proj.weight.device.type == "meta"
+    editor = _edit(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids()).logits, _edited_reference("llama"))
+    editor.reset()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids()).logits, make_model("llama")(input_ids()).logits)

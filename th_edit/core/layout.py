@@ -70,19 +70,19 @@ def resolve_param(module: nn.Module, name: str, *, write: bool = False) -> torch
     param = getattr(module, name)
     if param is None or param.device.type != "meta":
         return param
-    weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-    real = None
-    if weights_map is not None:
+    for weights_map in _weights_maps(getattr(module, "_hf_hook", None)):
         try:
             real = weights_map[name]
         except Exception:  # noqa: BLE001 - any failure means the storage is not reachable here
-            real = None
-    if isinstance(real, torch.Tensor) and real.device.type != "meta":
+            continue
+        if not isinstance(real, torch.Tensor) or real.device.type == "meta":
+            continue
         if not write:
             return real
         dataset = getattr(weights_map, "dataset", weights_map)
         key = getattr(weights_map, "prefix", "") + name
-        if isinstance(dataset, dict) and dataset.get(key) is real:
+        storage = dataset if isinstance(dataset, dict) else getattr(dataset, "state_dict", None)
+        if isinstance(storage, dict) and storage.get(key) is real:
             return real
     raise OffloadedWeightsError(
         f"parameter {name!r} of {type(module).__name__} is on the meta device (offloaded by accelerate) and "
@@ -90,6 +90,16 @@ def resolve_param(module: nn.Module, name: str, *, write: bool = False) -> torch
         "offload). Load the model so the attention layers fit in CPU/GPU memory (device_map with max_memory, "
         "or offload to 'cpu' rather than 'disk'), or edit a non-offloaded copy and save it."
     )
+
+
+def _weights_maps(hook) -> list:
+    """The ``weights_map`` of an accelerate hook, looking inside a ``SequentialHook``'s hooks too."""
+    if hook is None:
+        return []
+    maps = [hook.weights_map] if getattr(hook, "weights_map", None) is not None else []
+    for inner in getattr(hook, "hooks", ()) or ():
+        maps += _weights_maps(inner)
+    return maps
 
 
 class AttentionLayout:
