@@ -54,7 +54,7 @@ def test_gemma3_loader_joins_checks_and_converts(tmp_path):
     from th_edit.models import load_model
 
     model, tokenizer = load_model("gemma3-270m", cache_dir=tmp_path / "gemma")
-    assert model.config.model_type == "gemma3_text" and (tmp_path / "gemma" / "model.safetensors").is_file()
+    assert model.config.model_type == "gemma3_text" and (tmp_path / "gemma" / "gemma-3-270m" / "model.safetensors").is_file()
     editor = ChannelEditor(model)
     assert (editor.n_layers, editor.n_heads, editor.n_kv_heads, editor.d_head) == (18, 4, 1, 256)
     ids = tokenizer("Alice bought milk, eggs and bread.", return_tensors="pt").input_ids
