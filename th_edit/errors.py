@@ -37,3 +37,11 @@ class NothingToUndoError(ThEditError, RuntimeError):
 
 class HubError(ThEditError, RuntimeError):
     """A save, push or download failed (HTTP error, bad repository id, bad token); nothing was lost."""
+
+
+class FitError(ThEditError, RuntimeError):
+    """Fitting an edit failed (e.g. the loss became non-finite); the model was left exactly as it was."""
+
+
+class FitInterruptedError(ThEditError, KeyboardInterrupt):
+    """Fitting was interrupted (Ctrl-C); the model was left exactly as it was. Still a KeyboardInterrupt."""
