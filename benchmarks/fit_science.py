@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -32,8 +31,8 @@ from th_edit.models import load_model
 logger = logging.getLogger("fit_science")
 
 SETTINGS = {
-    "smollm2": dict(weak=(5, 8, 10), n_train=24),
-    "gemma3-270m": dict(weak=(8, 10, 15), n_train=24),
+    "smollm2": dict(weak=(5, 8, 10), n_train=48),
+    "gemma3-270m": dict(weak=(8, 10, 15), n_train=48),
 }
 
 
@@ -153,6 +152,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--only", default="", help="comma-separated condition names to run (default: all)")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--guard-weight", type=float, default=2.0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out or f"benchmarks/results/fit_science_{args.model}.json")
@@ -172,8 +172,9 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     editor = ChannelEditor(model, tokenizer=tok)
-    fitdata = laundry_list(tok, lengths=weak, n_per_length=st["n_train"] // len(weak) + 16, seed=11,
-                           fractions=(st["n_train"] // len(weak) / (st["n_train"] // len(weak) + 16), 1 - st["n_train"] // len(weak) / (st["n_train"] // len(weak) + 16), 0.0))
+    per = st["n_train"] // len(weak)  # training prompts per length; 16 dev prompts per length
+    fitdata = laundry_list(tok, lengths=weak, n_per_length=per + 16, seed=11,
+                           fractions=(per / (per + 16), 16 / (per + 16), 0.0))
     train, dev = fitdata["train"], fitdata["dev"]
     test = laundry_list(tok, lengths=weak, n_per_length=args.n_test, seed=12, fractions=(0.0, 0.0, 1.0))["test"]
     transfer = laundry_list(tok, lengths=weak, n_per_length=args.n_test, seed=13, template="omitted_packed",
@@ -192,7 +193,7 @@ def main() -> None:
 
     def baseline(name: str) -> list[bool]:
         if name not in base:
-            base[name] = scorers[name].correct(editor.n_layers - 1) if False else scorers[name].correct(0)
+            base[name] = scorers[name].correct(0)
         return base[name]
 
     conds = results.setdefault("conditions", {})
@@ -221,20 +222,21 @@ def main() -> None:
                 .head(20).to_dict("records")}
 
     steps = args.steps
-    dense_cfg = dict(steps=steps, refit_steps=10, progress=False, seed=0)
+    dense_cfg = dict(steps=steps, refit_steps=10, progress=False, seed=0, k_fractions=(1.0, 0.5),
+                     guard_weights=(args.guard_weight,))
     # (a) dense, all heads
     dense = None
     if want("a_dense_all") or any(want(f"b_budget_{b}") for b in (16, 64, 256, 1024)):
         t1 = time.perf_counter()
         n_all = editor.n_layers * editor.n_heads * editor.d_head
-        dense = fit_edit(editor, tok, train, dev, FitConfig(budget=n_all, k_fractions=(1.0,), **dense_cfg))
+        dense = fit_edit(editor, tok, train, dev, FitConfig(budget=n_all, **{**dense_cfg, "k_fractions": (1.0,)}))
         info = fit_info(dense)
         info["fit_seconds"] = time.perf_counter() - t1
         if want("a_dense_all"):
-            record("a_dense_all", info, splits=("test", "transfer", "recall", "ioi"))
+            record("a_dense_all", info)
         editor.reset()
     # (b) budgets, reusing the dense fit
-    for budget in (256, 16, 64, 1024):
+    for budget in (256,):
         name = f"b_budget_{budget}"
         if not want(name):
             continue
@@ -278,27 +280,6 @@ def main() -> None:
             info["fit_seconds"] = time.perf_counter() - t1
             record(name, info)
             editor.reset()
-    # (d) whole-head scaling of the top inhibition heads (alpha chosen on dev)
-    if findings is not None and want("d_whole_head"):
-        inh = list(findings.inhibition_heads)
-        helper = _Problem(editor, tok, train.to_list(), dev.to_list(), FitConfig(progress=False))
-        trials = []
-        for alpha in (1.5, 2.0, 4.0):
-            for l, h in inh:
-                editor.scale_component(l, h, "ov", list(range(editor.d_head)), alpha)
-            helper._caches.clear()
-            acc = helper.dev_accuracy(None) if False else None
-            # dev accuracy with the weights edited (no hooks)
-            sc = Scorer(editor, tok, dev, "dev")
-            dev_acc = sum(sc.correct(min(l for l, _ in inh))) / len(dev)
-            trials.append({"alpha": alpha, "dev_accuracy": dev_acc, "guard_change": guard_loss(model, tok) / base_guard - 1})
-            editor.reset()
-        ok = [t for t in trials if t["guard_change"] <= 0.01] or trials
-        best = max(ok, key=lambda t: t["dev_accuracy"])
-        for l, h in inh:
-            editor.scale_component(l, h, "ov", list(range(editor.d_head)), best["alpha"])
-        record("d_whole_head", {"heads": inh, "alpha": best["alpha"], "trials": trials})
-        editor.reset()
     # (f) LoRA anchor, rank 8, q_proj/o_proj of all layers (the layers the all-heads fit edits)
     if want("f_lora_r8"):
         t1 = time.perf_counter()
@@ -314,6 +295,35 @@ def main() -> None:
         conds["f_lora_r8"] = row
         save()
         peft_model.unload()
+    # (b) the other budgets
+    for budget in (64, 16, 1024):
+        name = f"b_budget_{budget}"
+        if not want(name):
+            continue
+        t1 = time.perf_counter()
+        r = fit_edit(editor, tok, train, dev, FitConfig(budget=budget, **dense_cfg), dense_from=dense)
+        info = fit_info(r)
+        info["fit_seconds"] = time.perf_counter() - t1
+        record(name, info, splits=("test", "transfer", "recall", "ioi") if budget == 256 else ("test",))
+        editor.reset()
+    # (d) whole-head scaling of the top inhibition heads (alpha chosen on dev)
+    if findings is not None and want("d_whole_head"):
+        inh = list(findings.inhibition_heads)
+        trials = []
+        for alpha in (1.5, 2.0, 4.0):
+            for l, h in inh:
+                editor.scale_component(l, h, "ov", list(range(editor.d_head)), alpha)
+            # dev accuracy with the weights edited (no hooks)
+            sc = Scorer(editor, tok, dev, "dev")
+            dev_acc = sum(sc.correct(min(l for l, _ in inh))) / len(dev)
+            trials.append({"alpha": alpha, "dev_accuracy": dev_acc, "guard_change": guard_loss(model, tok) / base_guard - 1})
+            editor.reset()
+        ok = [t for t in trials if t["guard_change"] <= 0.01] or trials
+        best = max(ok, key=lambda t: t["dev_accuracy"])
+        for l, h in inh:
+            editor.scale_component(l, h, "ov", list(range(editor.d_head)), best["alpha"])
+        record("d_whole_head", {"heads": inh, "alpha": best["alpha"], "trials": trials})
+        editor.reset()
     results["seconds"] = time.perf_counter() - t0
     save()
 

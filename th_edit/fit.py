@@ -39,7 +39,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import pandas as pd
@@ -663,11 +663,15 @@ def fit_edit(editor, tokenizer, train, dev, config: FitConfig | None = None, *, 
             test_before = evaluate(model, tokenizer, test, progress=False).accuracy_by_length()
         torch.manual_seed(config.seed)
         problem = _Problem(editor, tokenizer, train_rows, dev_rows, config)
+        logger.debug("setup: guard reference after %.1f s", time.perf_counter() - t0)
         base = ChannelFit(editor, heads, config.circuits, folded)
+        logger.debug("setup: factors of %d head circuits after %.1f s", len(base.units), time.perf_counter() - t0)
         n_total = base.n_active
         ks = _k_values(config, n_total)
         dev_before = problem.dev_accuracy(None)
+        logger.debug("setup: dev baseline after %.1f s", time.perf_counter() - t0)
         guard_before = problem.guard(None)
+        logger.debug("setup: guard baseline after %.1f s", time.perf_counter() - t0)
         timings["setup"] = time.perf_counter() - t0
         n_settings = len(config.guard_weights) * len(config.l1_weights)
         refits = sum(config.rounds for k in ks if k < n_total)
