@@ -132,8 +132,8 @@ def test_cached_layers_are_not_run(task):
     for steps in (3, 6):
         editor = ChannelEditor(model, tokenizer=tok)
         calls = {"n": 0, "top": 0}
-        h0 = editor.layout.blocks[0].register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
-        h2 = editor.layout.blocks[2].register_forward_hook(lambda *a: calls.__setitem__("top", calls["top"] + 1))
+        h0 = editor.layout.module(0, editor.layout.spec.o).register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
+        h2 = editor.layout.module(2, editor.layout.spec.o).register_forward_hook(lambda *a: calls.__setitem__("top", calls["top"] + 1))
         try:
             fit = fit_edit(editor, tok, ds["train"], ds["dev"],
                            FitConfig(**{**FAST, "heads": [(2, 0), (2, 3)], "steps": steps, "refit_steps": 2}))
