@@ -189,12 +189,23 @@ def main() -> None:
                "recall": Scorer(editor, tok, recall, "recall"), "ioi": Scorer(editor, tok, ioi_test, "ioi")}
     base_guard = guard_loss(model, tok)
     results["guard_before"] = base_guard
+    # unedited per-example outcomes, computed before any edit (kept in the results file to resume)
+    stored = results.setdefault("baseline_outcomes", {})
     base: dict = {}
+    assert not editor.edits
+    for name in scorers:
+        if name in stored and len(stored[name]) == len(scorers[name].rows):
+            base[name] = [c == "1" for c in stored[name]]
+        else:
+            base[name] = scorers[name].correct(0)
+            stored[name] = "".join("1" if c else "0" for c in base[name])
+            save()
+        logger.info("baseline %s: %.3f", name, sum(base[name]) / len(base[name]))
 
     def baseline(name: str) -> list[bool]:
-        if name not in base:
-            base[name] = scorers[name].correct(0)
         return base[name]
+
+    dense_path = out.with_suffix(".dense.pt")
 
     conds = results.setdefault("conditions", {})
 
@@ -225,15 +236,19 @@ def main() -> None:
     dense_cfg = dict(steps=steps, refit_steps=10, progress=False, seed=0, k_fractions=(1.0, 0.5),
                      guard_weights=(args.guard_weight,))
     # (a) dense, all heads
-    dense = None
-    if want("a_dense_all") or any(want(f"b_budget_{b}") for b in (16, 64, 256, 1024)):
+    dense, dense_info = None, None
+    if not want("a_dense_all") and dense_path.exists():
+        from types import SimpleNamespace
+
+        dense = SimpleNamespace(dense=torch.load(dense_path))
+    elif want("a_dense_all") or any(want(f"b_budget_{b}") for b in (16, 64, 256, 1024)):
         t1 = time.perf_counter()
         n_all = editor.n_layers * editor.n_heads * editor.d_head
         dense = fit_edit(editor, tok, train, dev, FitConfig(budget=n_all, **{**dense_cfg, "k_fractions": (1.0,)}))
+        torch.save(dense.dense, dense_path)
         info = fit_info(dense)
         info["fit_seconds"] = time.perf_counter() - t1
-        if want("a_dense_all"):
-            record("a_dense_all", info)
+        dense_info = info
         editor.reset()
     # (b) budgets, reusing the dense fit
     for budget in (256,):
@@ -244,7 +259,9 @@ def main() -> None:
         r = fit_edit(editor, tok, train, dev, FitConfig(budget=budget, **dense_cfg), dense_from=dense)
         info = fit_info(r)
         info["fit_seconds"] = time.perf_counter() - t1
-        record(name, info, splits=("test", "transfer", "recall", "ioi") if budget == 256 else ("test",))
+        record(name, info)
+        if budget == 256:
+            editor.export_plan().save(out.with_suffix(".plan256"))
         editor.reset()
     # (c) discovered heads vs random heads, budget 32
     findings = None
@@ -280,6 +297,27 @@ def main() -> None:
             info["fit_seconds"] = time.perf_counter() - t1
             record(name, info)
             editor.reset()
+    # (e) transfer and spillover of the budget-256 edit (fitted on omitted + household only)
+    plan_dir = out.with_suffix(".plan256")
+    if want("e_transfer_256") and plan_dir.exists():
+        from th_edit.plan import EditPlan
+
+        for e in EditPlan.load(plan_dir).edits:
+            editor.apply_edit(e)
+        record("e_transfer_256", {"plan": str(plan_dir), "note": "the b_budget_256 edit, re-applied from its plan"},
+               splits=("test", "transfer", "recall", "ioi"))
+        editor.reset()
+    # (a) the dense fit itself, evaluated
+    if want("a_dense_all") and dense_info is not None:
+        from th_edit.fit import ChannelFit
+
+        full = ChannelFit(editor, [(l, h) for l in range(editor.n_layers) for h in range(editor.n_heads)], ("ov",),
+                          editor.folded)
+        full.theta = torch.stack([dense.dense[(u.layer, u.head, u.circuit)] for u in full.units])
+        for e in full.edits():
+            editor.apply_edit(e)
+        record("a_dense_all", dense_info)
+        editor.reset()
     # (f) LoRA anchor, rank 8, q_proj/o_proj of all layers (the layers the all-heads fit edits)
     if want("f_lora_r8"):
         t1 = time.perf_counter()
@@ -304,7 +342,10 @@ def main() -> None:
         r = fit_edit(editor, tok, train, dev, FitConfig(budget=budget, **dense_cfg), dense_from=dense)
         info = fit_info(r)
         info["fit_seconds"] = time.perf_counter() - t1
-        record(name, info, splits=("test", "transfer", "recall", "ioi") if budget == 256 else ("test",))
+        record(name, info)
+        if budget == 256:
+            from th_edit.plan import EditPlan
+            editor.export_plan().save(out.with_suffix(".plan256"))
         editor.reset()
     # (d) whole-head scaling of the top inhibition heads (alpha chosen on dev)
     if findings is not None and want("d_whole_head"):
