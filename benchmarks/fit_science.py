@@ -263,6 +263,16 @@ def main() -> None:
         if budget == 256:
             editor.export_plan().save(out.with_suffix(".plan256"))
         editor.reset()
+    # (e) transfer and spillover of the budget-256 edit (fitted on omitted + household only)
+    plan_dir = out.with_suffix(".plan256")
+    if want("e_transfer_256") and plan_dir.exists():
+        from th_edit.plan import EditPlan
+
+        for e in EditPlan.load(plan_dir).edits:
+            editor.apply_edit(e)
+        record("e_transfer_256", {"plan": str(plan_dir), "note": "the b_budget_256 edit, re-applied from its plan"},
+               splits=("test", "transfer", "recall", "ioi"))
+        editor.reset()
     # (c) discovered heads vs random heads, budget 32
     findings = None
     if want("c_discovered_32") or any(want(f"c_random_32_seed{s}") for s in range(3)):
@@ -297,16 +307,6 @@ def main() -> None:
             info["fit_seconds"] = time.perf_counter() - t1
             record(name, info)
             editor.reset()
-    # (e) transfer and spillover of the budget-256 edit (fitted on omitted + household only)
-    plan_dir = out.with_suffix(".plan256")
-    if want("e_transfer_256") and plan_dir.exists():
-        from th_edit.plan import EditPlan
-
-        for e in EditPlan.load(plan_dir).edits:
-            editor.apply_edit(e)
-        record("e_transfer_256", {"plan": str(plan_dir), "note": "the b_budget_256 edit, re-applied from its plan"},
-               splits=("test", "transfer", "recall", "ioi"))
-        editor.reset()
     # (a) the dense fit itself, evaluated
     if want("a_dense_all") and dense_info is not None:
         from th_edit.fit import ChannelFit
