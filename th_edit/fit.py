@@ -94,10 +94,11 @@ class FitConfig:
     """Tokens of each guard paragraph used in the KL term while fitting."""
     guard_texts_per_step: int = 4
     """Guard paragraphs per step (rotating through all of them)."""
-    rank_by: str = "effect"
-    """How the kept components are chosen from the dense fit: ``"effect"`` (``|alpha - 1| * s``, the size of
-    the change; Adam moves every log-scale by about the same amount, so ``|theta|`` alone also promotes
-    components with negligible singular values) or ``"log_scale"`` (``|theta|``)."""
+    rank_by: str = "attribution"
+    """How the kept components are chosen from the dense fit: ``"attribution"`` (``|theta * dCE/dtheta|`` at
+    the dense solution over the training set: the first-order task-loss increase of resetting the
+    component), ``"effect"`` (``|alpha - 1| * s``, the size of the change) or ``"log_scale"`` (``|theta|``;
+    Adam moves every log-scale by about the same amount, so this ranks poorly after a short fit)."""
     max_log_scale: float = 3.0
     """Bound on ``|theta|`` (scales between ``exp(-3)`` and ``exp(3)``)."""
     max_guard_change: float = 0.01
@@ -338,11 +339,14 @@ class ChannelFit:
         S = torch.stack([u.S for u in self.units])
         return (torch.exp(self.theta) - 1.0).abs() * S
 
-    def keep_top(self, k: int, by: str = "effect") -> None:
+    def keep_top(self, k: int, by: str = "effect", importance: torch.Tensor | None = None) -> None:
         """Deactivate all but the ``k`` active components with the largest :meth:`effect` (``by="effect"``)
         or ``|theta|`` (``by="log_scale"``); ties: lower unit, then lower component index. Inactive
         log-scales are set to 0."""
-        value = self.effect() if by == "effect" else self.theta.abs()
+        if by == "attribution":
+            value = importance
+        else:
+            value = self.effect() if by == "effect" else self.theta.abs()
         score = torch.where(self.mask > 0, value, torch.full_like(self.theta, -1.0)).flatten()
         k = min(int(k), self.n_active)
         order = torch.argsort(-score, stable=True)[:k]
@@ -569,6 +573,19 @@ def _train(problem: _Problem, fit: ChannelFit, steps: int, guard_weight: float, 
     return losses
 
 
+def _attribution(problem: _Problem, fit: ChannelFit) -> torch.Tensor:
+    """``|theta * dCE/dtheta|`` summed over the training batches, at the current log-scales."""
+    cache, train, _, _ = problem.data_from(fit.first_layer())
+    theta = fit.theta.clone().requires_grad_(True)
+    total = torch.zeros_like(fit.theta)
+    for b in train:
+        with fit.hooks(theta):
+            ce = torch.nn.functional.cross_entropy(problem.candidate_logits(cache, b), b.target, reduction="sum")
+        (g,) = torch.autograd.grad(ce, theta)
+        total += g
+    return (fit.theta * total).abs() * fit.mask
+
+
 def _k_values(config: FitConfig, n_total: int) -> list[int]:
     ks = {max(1, min(n_total, int(round(f * config.budget)))) for f in config.k_fractions}
     return sorted(ks, reverse=True)
@@ -596,8 +613,9 @@ def _check(editor, train_rows, dev_rows, config: FitConfig) -> None:
         v = getattr(config, name)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
             raise InvalidArgumentError(f"FitConfig.{name}={v!r} must be a positive finite number.")
-    if config.rank_by not in ("effect", "log_scale"):
-        raise InvalidArgumentError(f"FitConfig.rank_by={config.rank_by!r} must be 'effect' or 'log_scale'.")
+    if config.rank_by not in ("attribution", "effect", "log_scale"):
+        raise InvalidArgumentError(
+            f"FitConfig.rank_by={config.rank_by!r} must be 'attribution', 'effect' or 'log_scale'.")
     if not config.k_fractions or not config.guard_weights or not config.l1_weights:
         raise InvalidArgumentError("k_fractions, guard_weights and l1_weights each need at least one value.")
 
@@ -692,14 +710,20 @@ def fit_edit(editor, tokenizer, train, dev, config: FitConfig | None = None, *, 
                     if not dense:
                         dense = {(u.layer, u.head, u.circuit): fit.theta[i].clone() for i, u in enumerate(fit.units)}
                     dense_theta = fit.theta.clone()
+                    importance = None
+                    if config.rank_by == "attribution" and any(k < n_total for k in ks):
+                        t1 = time.perf_counter()
+                        importance = _attribution(problem, fit)
+                        timings["attribution"] = timings.get("attribution", 0.0) + time.perf_counter() - t1
                     for k in ks:
                         cand = base.copy()
                         cand.theta = dense_theta.clone()
                         t1 = time.perf_counter()
                         if k < n_total:
                             sizes = [min(n_total, k * 4 ** (config.rounds - 1 - r)) for r in range(config.rounds)]
-                            for size in sizes:
-                                cand.keep_top(size, by=config.rank_by)
+                            for r_, size in enumerate(sizes):
+                                cand.keep_top(size, by=config.rank_by if r_ == 0 or config.rank_by != "attribution"
+                                              else "effect", importance=importance)
                                 _train(problem, cand, config.refit_steps, gw, l1, seed=config.seed + 1, bar=bar,
                                        phase=f"refit k={size}", lr=config.refit_lr)
                         timings.setdefault("refit", 0.0)
