@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated condition names to run (default: all)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--guard-weight", type=float, default=2.0)
+    ap.add_argument("--refit-steps", type=int, default=10)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out or f"benchmarks/results/fit_science_{args.model}.json")
@@ -233,7 +234,7 @@ def main() -> None:
                 .head(20).to_dict("records")}
 
     steps = args.steps
-    dense_cfg = dict(steps=steps, refit_steps=10, progress=False, seed=0, k_fractions=(1.0, 0.5),
+    dense_cfg = dict(steps=steps, refit_steps=args.refit_steps, progress=False, seed=0, k_fractions=(1.0, 0.5),
                      guard_weights=(args.guard_weight,))
     # (a) dense, all heads
     dense, dense_info = None, None
