@@ -12,7 +12,10 @@ from ._version import __version__
 from .core.architectures import ARCHITECTURES, ArchSpec, supported_model_types
 from .core.circuits import CIRCUITS, HeadWeights, SVDResult
 from .editor import ChannelEditor
+from .edits.fit import FitConfig, FitResult
 from .errors import (
+    FitError,
+    FitInterruptedError,
     AdapterError,
     MissingDependencyError,
     HubError,
@@ -33,6 +36,10 @@ from .edits.plan import BaseModelIdentity, Edit, EditPlan
 logging.getLogger("th_edit").addHandler(logging.NullHandler())
 
 __all__ = [
+    "FitConfig",
+    "FitError",
+    "FitInterruptedError",
+    "FitResult",
     "AdapterError",
     "MissingDependencyError",
     "__version__",

@@ -21,7 +21,7 @@ from .core import circuits
 from .core.architectures import ArchSpec
 from .core.circuits import MODES, HeadWeights, SVDResult, check_circuit
 from .core.layout import AttentionLayout
-from .edits import steering
+from .edits import fit, steering
 from .edits.plan import Edit, EditPlan
 from .edits.scale import EditLog, head_fingerprint, make_edit
 from .errors import InvalidArgumentError
@@ -187,6 +187,27 @@ class ChannelEditor:
         result = edit_search.search_edit(self, self._tokenizer(tokenizer), dev, test, findings, config,
                                          candidates=candidates, progress=progress, **settings)
         self.card = CardData(evidence=result.evidence, evaluation=result.evaluation)
+        return result
+
+    def fit_edit(self, train, dev, *, heads: Any = None, circuits: Sequence[str] | None = None, budget: int | None = None,
+                 test=None, findings=None, config: fit.FitConfig | None = None, tokenizer: Any = None,
+                 **settings: Any) -> fit.FitResult:
+        """Learn one scale per singular component of the chosen heads' circuits on ``train``, keep at most
+        ``budget`` components, choose on ``dev`` and apply the result as ordinary edits (``test``, when given,
+        is evaluated once for the report). ``heads`` (default ``"all"``): ``"all"``, ``"discovered"`` (the heads of
+        :meth:`find_channels` on ``train``, or of ``findings``) or ``(layer, head)`` pairs. See
+        :func:`th_edit.edits.fit.fit_edit`; ``settings`` override :class:`~th_edit.edits.fit.FitConfig` fields.
+
+        >>> result = editor.fit_edit(data["train"], data["dev"], heads="discovered", budget=256)  # doctest: +SKIP
+        """
+        tokenizer = self._tokenizer(tokenizer)
+        given = {"heads": heads, "circuits": None if circuits is None else tuple(circuits), "budget": budget}
+        base = config.to_dict() if config is not None else {}
+        cfg = fit.FitConfig.from_dict({**base, **{k: v for k, v in given.items() if v is not None}, **settings})
+        if cfg.heads == "discovered" and findings is None:
+            findings = self.find_channels(train, progress=cfg.progress)
+        result = fit.fit_edit(self, tokenizer, train, dev, cfg, test=test, findings=findings)
+        self.card = CardData(evidence=findings.evidence() if findings is not None else [], evaluation=self.card.evaluation)
         return result
 
     def _tokenizer(self, tokenizer: Any) -> Any:

@@ -62,3 +62,11 @@ class MissingDependencyError(ThEditError, ImportError):
 class AdapterError(ThEditError, ValueError):
     """A LoRA adapter cannot be written exactly for this model, or one on disk is not a th_edit adapter,
     is malformed, or no longer matches the edits recorded beside it."""
+
+
+class FitError(ThEditError, RuntimeError):
+    """Fitting an edit failed (e.g. the loss became non-finite); the model was left exactly as it was."""
+
+
+class FitInterruptedError(ThEditError, KeyboardInterrupt):
+    """Fitting was interrupted (Ctrl-C); the model was left exactly as it was. Still a KeyboardInterrupt."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from th_edit import ChannelEditor, EditPlan, PlanFormatError, PlanMismatchError
-from th_edit.edits.plan import PLAN_JSON, PLAN_TENSORS
+from th_edit.edits.plan import PLAN_JSON, PLAN_TENSORS, SCHEMA_VERSION
 from tiny_models import make_model
 
 
@@ -25,7 +25,7 @@ def saved_plan(tmp_path):
 
 def test_plan_files_are_small_readable_and_stamped(saved_plan):
     data = json.loads((saved_plan / PLAN_JSON).read_text())
-    assert data["schema_version"] == 1 and data["th_edit_version"]
+    assert data["schema_version"] == SCHEMA_VERSION and data["th_edit_version"]
     assert data["base_model"]["model_type"] == "gpt2"
     assert set(data["base_model"]["fingerprints"]) == {"1.2", "2.0"}
     assert [e["target"] for e in data["edits"]] == ["W_O", "W_Q"]

@@ -33,7 +33,9 @@ __all__ = ["Edit", "BaseModelIdentity", "EditPlan", "PLAN_JSON", "PLAN_TENSORS",
 PLAN_JSON = "edit_plan.json"
 PLAN_TENSORS = "edit_plan.safetensors"
 PLAN_FILES = (PLAN_JSON, PLAN_TENSORS)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: schema versions :meth:`EditPlan.load` reads (v1: uniform ``alpha`` only; v2 adds per-component ``alphas``)
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -44,13 +46,16 @@ class Edit:
         layer, head: the edited head.
         circuit: ``"ov"`` (written into ``W_O[h]``) or ``"qk"`` (written into ``W_Q[h]``).
         components: indices of the scaled singular components (descending singular value order).
-        alpha: the scale factor (1.0 = no change, 0.0 = remove the components).
+        alpha: the scale factor (1.0 = no change, 0.0 = remove the components) of a uniform rescaling.
+            For a per-component edit (``alphas`` set) it is 1.0 and carries no meaning.
         folded: whether components are of the folded circuit (input norm folded in) or the raw one.
         singular_values: the components' singular values before the edit.
         left, right: float32 factors of the weight change, ``Delta = left @ right.T``; for OV
             ``left [d_h, k]``, ``right [d, k]``; for QK ``left [d, k]``, ``right [d_h, k]``.
         partial: set when the edit was applied but the model's dtype could not represent the change
             (more than 10% of it lost to rounding, e.g. ``alpha=1.0001`` in bfloat16); see ``EditLog.apply``.
+        alphas: per-component scale factors, aligned with ``components`` (None: every component is
+            scaled by ``alpha``). Written by :func:`th_edit.fit.fit_edit`; plan schema version 2.
     """
 
     layer: int
@@ -63,6 +68,12 @@ class Edit:
     left: torch.Tensor = field(repr=False)
     right: torch.Tensor = field(repr=False)
     partial: bool = False
+    alphas: tuple[float, ...] | None = None
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """The scale factor of each component in :attr:`components` (``alphas``, or ``alpha`` repeated)."""
+        return tuple(self.alphas) if self.alphas is not None else (self.alpha,) * len(self.components)
 
     @property
     def target(self) -> str:
@@ -78,6 +89,10 @@ class Edit:
         d = {k: v for k, v in asdict(self).items() if k not in ("left", "right")}
         d["components"] = list(self.components)
         d["singular_values"] = list(self.singular_values)
+        if self.alphas is None:
+            d.pop("alphas", None)
+        else:
+            d["alphas"] = list(self.alphas)
         d["target"] = self.target
         return d
 
@@ -166,9 +181,10 @@ class EditPlan:
             )
         data = plan_checks.read_plan_json(json_path)
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise PlanFormatError(
-                f"{json_path} has schema_version {version!r}; this th_edit reads version {SCHEMA_VERSION}. "
+                f"{json_path} has schema_version {version!r}; this th_edit reads versions "
+                f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}. "
                 "Upgrade th_edit or re-export the plan."
             )
         plan_checks.check_plan_json(data, json_path)
@@ -181,6 +197,7 @@ class EditPlan:
                     components=tuple(int(c) for c in e["components"]), alpha=float(e["alpha"]),
                     folded=bool(e["folded"]), singular_values=tuple(float(s) for s in e["singular_values"]),
                     left=tensors[e["left"]], right=tensors[e["right"]], partial=bool(e.get("partial", False)),
+                    alphas=None if e.get("alphas") is None else tuple(float(a) for a in e["alphas"]),
                 )
                 for e in data["edits"]
             ]

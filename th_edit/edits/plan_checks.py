@@ -9,7 +9,6 @@ factors equal to the edit recomputed from the base model's SVD within a toleranc
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import re
@@ -136,10 +135,7 @@ def check_consistent(layout: "AttentionLayout", edit: "Edit") -> None:
             f"model's {edit.target} is {tuple(target.shape)}: the plan was made for a different geometry."
         )
     alphas = getattr(edit, "alphas", None)  # per-component scales (learned edits), when the Edit has them
-    if alphas is not None and len(set(alphas)) > 1:
-        if "alphas" not in inspect.signature(make_edit).parameters:
-            logger.debug("cannot recompute a per-component edit here; its factors were checked for shape only")
-            return
+    if alphas is not None:
         expected = make_edit(layout, edit.layer, edit.head, edit.circuit, list(edit.components), edit.alpha,
                              folded=edit.folded, alphas=alphas)
     else:

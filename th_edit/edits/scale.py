@@ -57,9 +57,11 @@ def _warn_if_partial_block(result: SVDResult, components: tuple[int, ...], layer
 
 
 def make_edit(
-    layout: AttentionLayout, layer: int, head: int, circuit: str, component, alpha: float, *, folded: bool = True
+    layout: AttentionLayout, layer: int, head: int, circuit: str, component, alpha: float, *, folded: bool = True,
+    alphas=None,
 ) -> Edit:
-    """The :class:`Edit` rescaling ``component`` (an index or a list) of one head's circuit by ``alpha``.
+    """The :class:`Edit` rescaling ``component`` (an index or a list) of one head's circuit by ``alpha``, or
+    each component by its own entry of ``alphas`` (aligned with the sorted components; ``alpha`` is then 1).
 
     Nothing is written; apply it with :meth:`EditLog.apply`. Raises :class:`InvalidArgumentError` on a bad
     layer, head, circuit, component or alpha, or when the change would not be finite.
@@ -68,11 +70,17 @@ def make_edit(
     check_circuit(circuit)
     components = check_components(component, layout.d_head)
     alpha = check_alpha(alpha)
+    scales = None
+    if alphas is not None:
+        scales = tuple(check_alpha(a) for a in alphas)
+        if len(scales) != len(components):
+            raise InvalidArgumentError(f"alphas has {len(scales)} entries for {len(components)} components; give one each.")
     A, B = circuit_factors(layout, layer, head, circuit, folded=folded)
     U, S, V = linalg.factored_svd(A, B)
     _warn_if_partial_block(SVDResult(U, S, V), components, layer, head, circuit)
     idx = torch.tensor(components, device=U.device)
-    coeff = (alpha - 1.0) * S[idx]
+    factor = torch.tensor(scales, dtype=S.dtype, device=S.device) - 1.0 if scales is not None else alpha - 1.0
+    coeff = factor * S[idx]
     if circuit == "ov":
         left, right = linalg.ov_edit_factors(A, U[:, idx], coeff, V[:, idx])
     else:
@@ -85,8 +93,8 @@ def make_edit(
             "nothing was changed. Try folded=False."
         )
     return Edit(
-        layer=layer, head=head, circuit=circuit, components=components, alpha=alpha, folded=folded,
-        singular_values=tuple(float(s) for s in S[idx].tolist()), left=left.cpu(), right=right.cpu(),
+        layer=layer, head=head, circuit=circuit, components=components, alpha=1.0 if scales else alpha, folded=folded,
+        singular_values=tuple(float(s) for s in S[idx].tolist()), left=left.cpu(), right=right.cpu(), alphas=scales,
     )
 
 

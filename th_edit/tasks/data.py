@@ -8,6 +8,8 @@ first token of ``" " + item`` (see :func:`first_token`).
 Templates:
 - ``omitted`` (default; IOI generalised to N items): N items, then all but one mentioned again; the
   prompt ends where the left-over item must come.
+- ``omitted_packed``, ``omitted_shopping``, ``omitted_lent``: paraphrases of ``omitted`` (same task, other
+  wording), so that an edit can be fitted on one wording and tested on another.
 - ``recall``: N ``name has item`` pairs, then a question about one name; the answer is its item.
 - ``ioi``: the classic IOI sentences (two names, the indirect object is the answer).
 
@@ -34,7 +36,8 @@ from datasets.exceptions import DatasetGenerationError
 from ..errors import InvalidArgumentError
 
 __all__ = [
-    "ITEMS", "NAMES", "FEATURES", "TEMPLATES", "first_token", "usable_words", "laundry_list", "ioi", "split_sizes",
+    "ITEMS", "TOY_ITEMS", "HARDWARE_ITEMS", "ITEM_POOLS", "OMITTED_TEMPLATES", "NAMES", "FEATURES", "TEMPLATES",
+    "first_token", "usable_words", "laundry_list", "ioi", "split_sizes",
     "describe_fields",
 ]
 
@@ -49,6 +52,23 @@ ITEMS = (
     "tickets flowers seeds plants tomatoes cucumbers lettuce spinach garlic ginger melons peaches pears "
     "plums cherries chocolate biscuits crackers noodles soup cereal oats vinegar mustard ketchup"
 ).split()
+
+#: a second item pool, disjoint from :data:`ITEMS` (toys and games)
+TOY_ITEMS = (
+    "balloons marbles kites puzzles dolls robots trains blocks crayons stickers rattles yoyos drums whistles "
+    "trumpets puppets dice cards chess tops balls bats rackets skates frisbees bubbles wagons trucks cars "
+    "planes boats rockets dinosaurs teddies masks costumes wands slimes globes magnets"
+).split()
+
+#: a third item pool, disjoint from :data:`ITEMS` and :data:`TOY_ITEMS` (hardware and garden tools)
+HARDWARE_ITEMS = (
+    "rakes shovels hoses ladders drills wrenches saws ropes chains bolts hinges pliers clamps chisels files "
+    "levels rulers wires cables pipes valves springs washers rivets staples hooks locks handles knobs "
+    "bricks tiles planks boards sacks barrels crates pots trowels shears funnels axes"
+).split()
+
+#: named item pools for ``laundry_list(items=<name>)``
+ITEM_POOLS: dict[str, list[str]] = {"household": ITEMS, "toys": TOY_ITEMS, "hardware": HARDWARE_ITEMS}
 
 NAMES = (
     "Mary John Alice Bob Sarah James Emma David Laura Paul Anna Mark Kate Peter Lucy Tom Rachel Daniel "
@@ -65,7 +85,16 @@ FEATURES = Features({
     "template": Value("string"),
 })
 
-TEMPLATES = ("omitted", "recall", "ioi")
+#: omitted-item wordings: ``{name}``, ``{friend}`` (another name), ``{items}`` (the list) and ``{others}``
+#: (the list without the answer, shuffled, with articles); every prompt ends where the answer must come
+OMITTED_TEMPLATES: dict[str, str] = {
+    "omitted": "{name} bought {items}. At home {name} put away {others}, but could not find the",
+    "omitted_packed": "{name} packed {items} for the trip. At the hotel {name} unpacked {others}, but the bag no longer held the",
+    "omitted_shopping": "The shopping list said {items}. In the shop {name} found {others}, but the shop had run out of the",
+    "omitted_lent": "{name} lent {friend} {items}. Later {friend} gave back {others}, but still kept the",
+}
+
+TEMPLATES = (*OMITTED_TEMPLATES, "recall", "ioi")
 
 _IOI_TEMPLATES = (
     "When {A} and {B} went to the store, {B} gave a drink to",
@@ -104,15 +133,15 @@ def _join(words: Sequence[str], article: str = "") -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-def _omitted(rng: random.Random, items: list[str], names: list[str]) -> tuple[str, int]:
+def _omitted(rng: random.Random, items: list[str], names: list[str], template: str = "omitted") -> tuple[str, int]:
     n = len(items)
     target_index = rng.randrange(n)
     others = [w for i, w in enumerate(items) if i != target_index]
     rng.shuffle(others)
     name = rng.choice(names)
-    prompt = (f"{name} bought {_join(items)}. At home {name} put away {_join(others, 'the ')}, "
-              f"but could not find the")
-    return prompt, target_index
+    fmt = OMITTED_TEMPLATES[template]
+    friend = rng.choice([m for m in names if m != name]) if "{friend}" in fmt else ""
+    return fmt.format(name=name, friend=friend, items=_join(items), others=_join(others, "the ")), target_index
 
 
 def _recall(rng: random.Random, items: list[str], names: list[str]) -> tuple[str, int]:
@@ -140,7 +169,10 @@ def _generate(template: str, words: tuple[str, ...], names: tuple[str, ...], len
                 prompt, items, target_index = _IOI_TEMPLATES[t].format(A=a, B=b), [a, b], 0
             else:
                 items = rng.sample(list(words), n)
-                prompt, target_index = (_omitted if template == "omitted" else _recall)(rng, items, names)
+                if template in OMITTED_TEMPLATES:
+                    prompt, target_index = _omitted(rng, items, names, template)
+                else:
+                    prompt, target_index = _recall(rng, items, names)
             if prompt in seen:
                 misses += 1
                 if misses > max_tries * (offset + count):
@@ -169,6 +201,10 @@ def _build(template: str, tokenizer, lengths: Sequence[int], n_per_length: int, 
            items: Sequence[str] | None, names: Sequence[str] | None, splits: dict[str, int]) -> DatasetDict:
     if template not in TEMPLATES:
         raise InvalidArgumentError(f"template={template!r} is not one of {TEMPLATES}.")
+    if isinstance(items, str):
+        if items not in ITEM_POOLS:
+            raise InvalidArgumentError(f"items={items!r} is not a pool name ({', '.join(ITEM_POOLS)}) or a list of words.")
+        items = ITEM_POOLS[items]
     if n_per_length < 1:
         raise InvalidArgumentError(f"n_per_length={n_per_length} must be at least 1.")
     if template == "ioi":
@@ -212,7 +248,7 @@ def laundry_list(
     n_per_length: int = 100,
     seed: int = 0,
     template: str = "omitted",
-    items: Sequence[str] | None = None,
+    items: Sequence[str] | str | None = None,
     names: Sequence[str] | None = None,
     fractions: Sequence[float] = (0.5, 0.25, 0.25),
 ) -> DatasetDict:
@@ -223,7 +259,8 @@ def laundry_list(
             filtering, for tokenizer-free inspection).
         lengths: list lengths N (2 up to the usable pool size).
         n_per_length: examples per length over all splits, divided by ``fractions``.
-        template: ``"omitted"`` (default) or ``"recall"``.
+        template: ``"omitted"`` (default), a paraphrase from :data:`OMITTED_TEMPLATES`, or ``"recall"``.
+        items: candidate words, or the name of a pool in :data:`ITEM_POOLS` (default: ``"household"``).
     """
     if template == "ioi":
         raise InvalidArgumentError("use th_edit.data.ioi() for the IOI dataset.")

@@ -1,0 +1,155 @@
+"""The fitting problem: task batches through the layer cache, the guard reference, dev accuracy and guard loss."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..core.layer_cache import LayerCache
+from ..errors import InvalidArgumentError
+from ..tasks.batching import accepts_logits_to_keep, input_device, pad_sequences, pad_token_id
+from ..tasks.data import first_token
+from ..tasks.evaluate import guard_loss
+from ..tasks.guard_text import GUARD_TEXTS
+from .fit_config import FitConfig
+from .reparam import ChannelFit
+
+__all__ = ["TaskBatch", "split_rows", "task_batches", "FitProblem", "NullContext"]
+
+logger = logging.getLogger(__name__)
+
+
+# ----- data ---------------------------------------------------------------------------------------
+@dataclass
+class TaskBatch:
+    index: int  # in the layer cache
+    last: torch.Tensor  # [B] answer position
+    cand: torch.Tensor  # [B, N] candidate first tokens (padded)
+    cand_ok: torch.Tensor  # [B, N] bool
+    target: torch.Tensor  # [B]
+    lengths: torch.Tensor  # [B] list lengths
+    rows: list[int]  # example indices
+
+
+def split_rows(dataset, what: str) -> list[dict[str, Any]]:
+    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+    missing = {"prompt", "items", "target"} - set(rows[0]) if rows else set()
+    if missing:
+        raise InvalidArgumentError(f"{what} rows lack {sorted(missing)}; build them with th_edit.data.")
+    return rows
+
+
+def task_batches(cache: LayerCache, tokenizer, rows, batch_size: int, device) -> list[TaskBatch]:
+    seqs = tokenizer([r["prompt"] for r in rows])["input_ids"]
+    order = sorted(range(len(rows)), key=lambda i: (len(seqs[i]), i))
+    pad = pad_token_id(tokenizer)
+    tok_of: dict[str, int] = {}
+    out = []
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        ids, mask = pad_sequences([seqs[i] for i in idx], pad, "right")
+        n = max(len(rows[i]["items"]) for i in idx)
+        cand = torch.zeros(len(idx), n, dtype=torch.long)
+        ok = torch.zeros(len(idx), n, dtype=torch.bool)
+        target = torch.zeros(len(idx), dtype=torch.long)
+        for b, i in enumerate(idx):
+            items = rows[i]["items"]
+            for j, w in enumerate(items):
+                if w not in tok_of:
+                    tok_of[w] = first_token(tokenizer, w)
+                cand[b, j] = tok_of[w]
+            ok[b, :len(items)] = True
+            target[b] = items.index(rows[i]["target"])
+        k = cache.add(input_ids=ids.to(device), attention_mask=mask.to(device))
+        out.append(TaskBatch(k, mask.sum(1) - 1, cand, ok, target,
+                              torch.tensor([len(rows[i]["items"]) for i in idx]), idx))
+    return out
+
+
+# ----- the fitting loop ---------------------------------------------------------------------------
+class FitProblem:
+    """Training, dev and guard data prepared for one model (tokenised, cached from a first layer)."""
+
+    def __init__(self, editor, tokenizer, train_rows, dev_rows, config: FitConfig) -> None:
+        self.editor, self.tokenizer, self.config = editor, tokenizer, config
+        self.model = editor.model
+        self.device = input_device(self.model)
+        self.keep = accepts_logits_to_keep(self.model)
+        self.train_rows, self.dev_rows = train_rows, dev_rows
+        ids = [tokenizer(t)["input_ids"][: config.guard_tokens] for t in GUARD_TEXTS]
+        self.guard_ids, self.guard_mask = pad_sequences(ids, pad_token_id(tokenizer), "right")
+        self._caches: dict[int, tuple[LayerCache, list[TaskBatch], list[TaskBatch], list[int]]] = {}
+        with torch.no_grad():
+            out = self.model(input_ids=self.guard_ids.to(self.device), attention_mask=self.guard_mask.to(self.device),
+                             use_cache=False)
+            self.guard_ref = out.logits[:, :-1].float().log_softmax(-1).cpu()  # [G, T-1, V]
+        self.guard_valid = (self.guard_mask[:, 1:] * self.guard_mask[:, :-1]).bool()
+
+    def data_from(self, layer: int):
+        """(cache, train batches, dev batches, guard batch indices) cached from ``layer``."""
+        if layer not in self._caches:
+            cache = LayerCache(self.model, self.editor.layout, layer, max_bytes=self.config.cache_bytes)
+            train = task_batches(cache, self.tokenizer, self.train_rows, self.config.batch_size, self.device)
+            dev = task_batches(cache, self.tokenizer, self.dev_rows, 32, self.device)
+            g = self.config.guard_texts_per_step
+            guard = []
+            for s in range(0, len(self.guard_ids), g):
+                guard.append(cache.add(input_ids=self.guard_ids[s:s + g].to(self.device),
+                                       attention_mask=self.guard_mask[s:s + g].to(self.device)))
+            while len(self._caches) >= 3:  # keep the three most recent caches (memory)
+                self._caches.pop(next(iter(self._caches)))
+            self._caches[layer] = (cache, train, dev, guard)
+        return self._caches[layer]
+
+    def candidate_logits(self, cache: LayerCache, b: TaskBatch) -> torch.Tensor:
+        """``[B, N]`` float32 logits of the candidates at the answer position (pads: -inf)."""
+        if self.keep:
+            logits = cache.forward(b.index, logits_to_keep=b.last[:, None].to(self.device)).logits[:, 0]
+        else:
+            logits = cache.forward(b.index).logits[torch.arange(len(b.last)), b.last.to(self.device)]
+        cl = logits.float().cpu().gather(1, b.cand)
+        return cl.masked_fill(~b.cand_ok, float("-inf"))
+
+    def guard_kl(self, cache: LayerCache, index: int, start: int) -> torch.Tensor:
+        out = cache.forward(index).logits[:, :-1].float().cpu().log_softmax(-1)
+        n = out.shape[0]
+        ref = self.guard_ref[start:start + n]
+        valid = self.guard_valid[start:start + n]
+        kl = (ref.exp() * (ref - out)).sum(-1)
+        return kl[valid].mean()
+
+    @torch.no_grad()
+    def dev_accuracy(self, fit: ChannelFit | None) -> dict[str, float]:
+        layer = fit.first_layer() if fit is not None else self.editor.n_layers - 1
+        cache, _, dev, _ = self.data_from(layer)
+        correct, lengths = [], []
+        ctx = fit.hooks() if fit is not None else NullContext()
+        with ctx:
+            for b in dev:
+                cl = self.candidate_logits(cache, b)
+                correct.append(cl.argmax(1) == b.target)
+                lengths.append(b.lengths)
+        correct, lengths = torch.cat(correct), torch.cat(lengths)
+        out = {"all": float(correct.float().mean())}
+        for n in sorted(set(lengths.tolist())):
+            out[str(n)] = float(correct[lengths == n].float().mean())
+        return out
+
+    @torch.no_grad()
+    def guard(self, fit: ChannelFit | None) -> float:
+        ctx = fit.hooks() if fit is not None else NullContext()
+        with ctx:
+            return guard_loss(self.model, self.tokenizer)
+
+
+class NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+

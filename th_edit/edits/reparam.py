@@ -1,0 +1,196 @@
+"""The exact differentiable reparametrisation of a fitted edit: per-component log-scales applied by hooks.
+
+See :mod:`th_edit.edits.fit` for the maths; the model's parameters are never written while fitting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from ..core import linalg
+from .plan import Edit
+
+__all__ = ["FitUnit", "ChannelFit", "FitHooks"]
+
+logger = logging.getLogger(__name__)
+
+
+# ----- the differentiable edit ---------------------------------------------------------------------
+@dataclass
+class FitUnit:
+    """Precomputed factors of one head's circuit: ``Delta = left diag(alpha - 1) right^T`` (target row form)."""
+
+    layer: int
+    head: int
+    circuit: str
+    S: torch.Tensor  # [r]
+    left: torch.Tensor  # OV: [d_h, r] = pinv(W_V^f) U diag(S); QK: [d, r]
+    right: torch.Tensor  # OV: [d, r] = V; QK: [d_h, r]
+    U: torch.Tensor
+    V: torch.Tensor
+    A: torch.Tensor  # read factors of the circuit (circuit = A @ B.T)
+    B: torch.Tensor
+
+
+class ChannelFit:
+    """Per-component log-scales of a set of heads' circuits, applied to a model through forward hooks.
+
+    ``theta [n_units, r]`` holds the log-scales, ``mask [n_units, r]`` which are active (inactive ones
+    contribute exactly nothing). Inside ``with fit.hooks():`` the model computes as if the edit
+    ``alpha = exp(theta)`` were written into its weights; nothing is written.
+    """
+
+    def __init__(self, editor, heads: list[tuple[int, int]], circuits: Sequence[str], folded: bool) -> None:
+        self.editor, self.folded = editor, folded
+        self.units: list[FitUnit] = []
+        layers = sorted({l for l, _ in heads})
+        for circuit in circuits:
+            # one batched factored SVD per circuit over the layers involved (as editor.svd, per head)
+            A_all, B_all = editor.stacked_factors(circuit, folded=folded, layers=layers)
+            U_all, S_all, V_all = linalg.factored_svd(A_all, B_all)
+            for layer, head in heads:
+                li = layers.index(layer)
+                A, B = A_all[li, head], B_all[li, head]
+                U, S, V = U_all[li, head], S_all[li, head], V_all[li, head]
+                if circuit == "ov":
+                    left, right = linalg.ov_edit_factors(A, U, S, V)
+                else:
+                    w = editor.head_weights(layer, head)
+                    left, right = linalg.qk_edit_factors(w.W_Q, A, B, U, S, V, q_gain=w.q_gain if folded else None)
+                self.units.append(FitUnit(layer, head, circuit, S, left, right, U, V, A, B))
+        r = editor.d_head
+        self.theta = torch.zeros(len(self.units), r, dtype=torch.float32)
+        self.mask = torch.ones(len(self.units), r, dtype=torch.float32)
+
+    def copy(self) -> "ChannelFit":
+        """A copy sharing the precomputed factors, with its own ``theta`` and ``mask``."""
+        new = ChannelFit.__new__(ChannelFit)
+        new.__dict__.update(self.__dict__)
+        new.theta, new.mask = self.theta.clone(), self.mask.clone()
+        return new
+
+    @property
+    def n_active(self) -> int:
+        return int(self.mask.sum())
+
+    def first_layer(self) -> int:
+        active = [u.layer for u, m in zip(self.units, self.mask) if m.any()]
+        return min(active) if active else self.editor.n_layers - 1
+
+    def effect(self) -> torch.Tensor:
+        """``[n_units, r]`` size of each component's change of its circuit, ``|exp(theta) - 1| * s``
+        (the Frobenius norm of ``(alpha - 1) s u v^T``)."""
+        S = torch.stack([u.S for u in self.units])
+        return (torch.exp(self.theta) - 1.0).abs() * S
+
+    def keep_top(self, k: int, by: str = "effect", importance: torch.Tensor | None = None) -> None:
+        """Deactivate all but the ``k`` active components with the largest :meth:`effect` (``by="effect"``)
+        or ``|theta|`` (``by="log_scale"``); ties: lower unit, then lower component index. Inactive
+        log-scales are set to 0."""
+        if by == "attribution":
+            value = importance
+        else:
+            value = self.effect() if by == "effect" else self.theta.abs()
+        score = torch.where(self.mask > 0, value, torch.full_like(self.theta, -1.0)).flatten()
+        k = min(int(k), self.n_active)
+        order = torch.argsort(-score, stable=True)[:k]
+        mask = torch.zeros_like(self.mask).flatten()
+        mask[order] = 1.0
+        self.mask = mask.view_as(self.mask)
+        self.theta = self.theta * self.mask
+
+    def _hook_groups(self, theta: torch.Tensor):
+        """Per (layer, circuit): unit indices with an active component."""
+        groups: dict[tuple[int, str], list[int]] = {}
+        for i, u in enumerate(self.units):
+            if self.mask[i].any():
+                groups.setdefault((u.layer, u.circuit), []).append(i)
+        return groups
+
+    def hooks(self, theta: torch.Tensor | None = None):
+        """Context manager installing the hooks; ``theta`` (default :attr:`theta`) may require grad."""
+        return FitHooks(self, self.theta if theta is None else theta)
+
+    def edits(self) -> list[Edit]:
+        """The fitted change as ordinary :class:`Edit` s (one per unit with active components), with
+        the factors :meth:`ChannelEditor.scale_component` would compute for these scales."""
+        out = []
+        for i, u in enumerate(self.units):
+            idx = torch.nonzero(self.mask[i]).flatten()
+            if idx.numel() == 0:
+                continue
+            alphas = torch.exp(self.theta[i, idx].double())
+            coeff = (alphas - 1.0) * u.S[idx].double()
+            if u.circuit == "ov":
+                left, right = linalg.ov_edit_factors(u.A, u.U[:, idx], coeff, u.V[:, idx])
+            else:
+                w = self.editor.head_weights(u.layer, u.head)
+                left, right = linalg.qk_edit_factors(w.W_Q, u.A, u.B, u.U[:, idx], coeff, u.V[:, idx],
+                                                     q_gain=w.q_gain if self.folded else None)
+            out.append(Edit(
+                layer=u.layer, head=u.head, circuit=u.circuit, components=tuple(int(c) for c in idx.tolist()),
+                alpha=1.0, folded=self.folded, singular_values=tuple(float(s) for s in u.S[idx].tolist()),
+                left=left.cpu(), right=right.cpu(), alphas=tuple(float(a) for a in alphas.tolist()),
+            ))
+        return out
+
+    def component_table(self) -> pd.DataFrame:
+        rows = []
+        for i, u in enumerate(self.units):
+            for c in torch.nonzero(self.mask[i]).flatten().tolist():
+                t = float(self.theta[i, c])
+                rows.append({"layer": u.layer, "head": u.head, "circuit": u.circuit, "component": c,
+                             "singular_value": float(u.S[c]), "log_scale": t, "alpha": math.exp(t)})
+        return pd.DataFrame(rows, columns=["layer", "head", "circuit", "component", "singular_value", "log_scale", "alpha"])
+
+
+class FitHooks:
+    def __init__(self, fit: ChannelFit, theta: torch.Tensor) -> None:
+        self.fit, self.theta, self.handles = fit, theta, []
+
+    def __enter__(self):
+        fit, L = self.fit, self.fit.editor.layout
+        dh, H = L.d_head, L.n_heads
+        for (layer, circuit), idx in fit._hook_groups(self.theta).items():
+            units = [fit.units[i] for i in idx]
+            heads = torch.tensor([u.head for u in units])
+            left = torch.stack([u.left for u in units])  # OV [n, d_h, r]; QK [n, d, r]
+            right = torch.stack([u.right for u in units])  # OV [n, d, r]; QK [n, d_h, r]
+            rows = torch.tensor(idx)
+            theta, mask = self.theta, fit.mask
+
+            if circuit == "ov":
+                def hook(module, args, output, heads=heads, left=left, right=right, rows=rows):
+                    x = args[0]
+                    c = (torch.exp(theta[rows]) - 1.0) * mask[rows]  # [n, r]
+                    xh = x.reshape(*x.shape[:-1], H, dh)[..., heads, :].to(torch.float32)  # [B, T, n, d_h]
+                    z = torch.einsum("btnd,ndr->btnr", xh, left.to(x.device)) * c.to(x.device)
+                    return output + torch.einsum("btnr,nmr->btm", z, right.to(x.device)).to(output.dtype)
+
+                module = L.out_module(layer)
+            else:
+                cols = torch.cat([torch.arange(L.head_offset("q", int(h)), L.head_offset("q", int(h)) + dh) for h in heads])
+
+                def hook(module, args, output, left=left, right=right, rows=rows, cols=cols):
+                    x = args[0].to(torch.float32)
+                    c = (torch.exp(theta[rows]) - 1.0) * mask[rows]
+                    z = torch.einsum("btd,ndr->btnr", x, left.to(x.device)) * c.to(x.device)
+                    add = torch.einsum("btnr,nkr->btnk", z, right.to(x.device)).reshape(*x.shape[:-1], -1)
+                    return output.index_add(-1, cols.to(output.device), add.to(output.dtype))
+
+                module = L.module(layer, L.spec.q)
+            self.handles.append(module.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
