@@ -69,13 +69,20 @@ def test_edit_with_a_plan_saves_a_reloadable_model_and_plan(capsys, model_dir, p
     assert all(torch.equal(a, b) for a, b in zip(edited.state_dict().values(), again.model.state_dict().values()))
 
 
-def test_edit_auto_searches_and_saves(capsys, model_dir, tmp_path):
-    code, out, _ = run(capsys, "edit", str(model_dir), "--auto", "--lengths", "3", "5", "--n", "16",
-                       "--search-lengths", "3", "5", "--out", str(tmp_path / "auto"), "--json")
+@pytest.mark.parametrize("search", ["fit", "grid"])
+def test_edit_auto_searches_and_saves(capsys, model_dir, tmp_path, search):
+    extra = ["--heads", "all", "--budget", "8", "--adapter"] if search == "fit" else []
+    code, out, _ = run(capsys, "edit", str(model_dir), "--auto", "--search", search, "--lengths", "3", "5", "--n", "16",
+                       "--search-lengths", "3", "5", "--out", str(tmp_path / "auto"), "--json", *extra)
     assert code == 0
     payload = json.loads(out)
-    assert set(payload["test_before"]) == {"3", "5"} or set(payload["test_before"]) == {3, 5}
+    assert payload["search"] == search
+    assert {str(k) for k in payload["test_before"]} >= {"3", "5"}
     assert (tmp_path / "auto" / "model.safetensors").is_file() and (tmp_path / "auto" / "edit_plan.json").is_file()
+    if search == "fit":
+        assert 0 < payload["n_components"] <= 8
+        assert (tmp_path / "auto" / "adapter" / "adapter_config.json").is_file()
+        assert len(ChannelEditor.from_plan(AutoModelForCausalLM.from_pretrained(model_dir), tmp_path / "auto").edits) == payload["n_edits"]
 
 
 def test_eval_with_plan_writes_a_report(capsys, model_dir, plan_dir, tmp_path):
@@ -125,8 +132,9 @@ def test_demo_runs_end_to_end_and_is_deterministic(capsys, model_dir, tmp_path):
         summaries.append(payload)
     assert summaries[0] == summaries[1]
     report = (tmp_path / "d1" / "report.md").read_text()
-    for section in ("## Accuracy", "## Guard metric", "## Channels found", "## Edit", "## Run"):
+    for section in ("## Accuracy", "## Guard metric", "## Channels found", "## Fitted edit",
+                    "## Discovered vs random heads", "## Run"):
         assert section in report
-    for fig in ("accuracy_by_length.png", "accuracy_by_position.png", "heatmap_top_mover.png"):
+    for fig in ("accuracy_by_length.png", "accuracy_by_position.png", "heatmap_top_mover.png", "learned_scales.png"):
         assert (tmp_path / "d1" / fig).is_file()
     assert (tmp_path / "d1" / "edit_plan" / "edit_plan.json").is_file()

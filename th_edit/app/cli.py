@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--auto", action="store_true", help="find channels and search an edit on the dev split")
     _data_args(p, n=120)
     p.add_argument("--search-lengths", type=int, nargs="+", default=[5, 8, 10])
+    p.add_argument("--search", choices=["fit", "grid"], default="fit",
+                   help="--auto: learn per-component scales (fit, default) or the greedy single-component grid")
+    p.add_argument("--heads", default="discovered",
+                   help="--auto --search fit: 'all', 'discovered' (default) or L.H,L.H,...")
+    p.add_argument("--budget", type=int, default=256, help="--auto --search fit: most components changed")
+    p.add_argument("--adapter", action="store_true", help="also write a PEFT LoRA adapter to OUT/adapter")
     p.add_argument("--out", required=True, help="directory for the edited model, its plan and card (never the "
                    "source model's directory)")
     p.add_argument("--overwrite", action="store_true",
@@ -124,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-lengths", type=int, nargs="+", default=[5, 8, 10],
                    help="lengths of the dev prompts the edit is chosen on (default %(default)s)")
     p.add_argument("--n-prompts", type=int, default=32, help="prompts for channel discovery (default 32)")
+    p.add_argument("--heads", default="all", help="heads of the fitted edit: all (default), discovered or L.H,...")
+    p.add_argument("--budget", type=int, default=256, help="most components the fitted edit changes (default 256)")
+    p.add_argument("--control-budget", type=int, default=32,
+                   help="components of the discovered-vs-random heads comparison (default 32)")
     p.add_argument("--save-model", action="store_true", help="also save the edited model (HF format)")
     return parser
 
@@ -209,16 +219,41 @@ def cmd_edit(args, out: _Out) -> dict[str, Any]:
         payload: dict[str, Any] = {"plan": args.plan}
     else:
         editor = ChannelEditor(model, tokenizer=tokenizer)
-        data = _data(args, tokenizer)
-        dev = data["dev"].filter(lambda r: r["list_length"] in set(args.search_lengths))
+        payload = _auto_edit(editor, args, out)
+    editor.save_pretrained(args.out, overwrite=args.overwrite)
+    if args.adapter:
+        editor.save_adapter(Path(args.out) / "adapter")
+        payload["adapter"] = str(Path(args.out) / "adapter")
+    out.say(f"{len(editor.edits)} edit(s); saved the edited model, its plan and card to {args.out}")
+    return {**payload, "out": args.out, "n_edits": len(editor.edits)}
+
+
+def _head_spec(text: str):
+    if text in ("all", "discovered"):
+        return text
+    try:
+        return [tuple(int(x) for x in part.split(".")) for part in text.split(",") if part]
+    except ValueError as exc:
+        raise InvalidArgumentError(f"--heads {text!r}: use all, discovered or L.H,L.H,... (e.g. 20.0,20.1)") from exc
+
+
+def _auto_edit(editor, args, out: _Out) -> dict[str, Any]:
+    """``edit --auto``: fit (default) or grid-search an edit on the dev split; the test split is read once."""
+    data = _data(args, editor.tokenizer)
+    dev = data["dev"].filter(lambda r: r["list_length"] in set(args.search_lengths))
+    test = data["test"].filter(lambda r: r["list_length"] in set(args.search_lengths))
+    if args.search == "grid":
         f = editor.find_channels(data["train"], seed=args.seed, progress=not args.quiet)
         search = editor.search_edit(dev, data["test"], f, batch_size=args.batch_size, progress=not args.quiet)
         out.say(search.summary().round(3).to_string(index=False))
-        payload = {"edits": search.edits, "test_before": search.test_before.accuracy_by_length(),
-                   "test_after": search.test_after.accuracy_by_length(), "guard_change": search.guard_change}
-    editor.save_pretrained(args.out, overwrite=args.overwrite)
-    out.say(f"{len(editor.edits)} edit(s); saved the edited model, its plan and card to {args.out}")
-    return {**payload, "out": args.out, "n_edits": len(editor.edits)}
+        return {"search": "grid", "edits": search.edits, "test_before": search.test_before.accuracy_by_length(),
+                "test_after": search.test_after.accuracy_by_length(), "guard_change": search.guard_change}
+    train = data["train"].filter(lambda r: r["list_length"] in set(args.search_lengths))
+    result = editor.fit_edit(train, dev, heads=_head_spec(args.heads), budget=args.budget, test=test,
+                             seed=args.seed, progress=not args.quiet)
+    out.say(f"fitted {result.n_components} component(s) of {len(result.heads)} head(s): test {result.test_before} -> "
+            f"{result.test_after}, guard change {result.guard_change:+.2%}")
+    return {"search": "fit", **result.summary()}
 
 
 def cmd_eval(args, out: _Out) -> dict[str, Any]:
@@ -279,11 +314,12 @@ def cmd_demo(args, out: _Out) -> dict[str, Any]:
 
     result = run_demo(args.out, model=args.model, seed=args.seed, n_per_length=args.n, lengths=args.lengths,
                       search_lengths=args.search_lengths, n_prompts=args.n_prompts, cache_dir=args.cache_dir,
+                      heads=_head_spec(args.heads), budget=args.budget, control_budget=args.control_budget,
                       save_model=args.save_model, progress=not args.quiet, say=out.say)
     s = result.summary
     out.say("test accuracy by list length (before -> after): " + ", ".join(
         f"{n}: {s['test_before'][n]:.2f} -> {s['test_after'][n]:.2f}" for n in s["test_before"]))
-    out.say(f"edits: {s['edits'] or 'none'}; guard loss {100 * s['guard_change']:+.2f}%")
+    out.say(f"{s['n_components']} component(s) of {s['fitted_heads']} head(s) rescaled; guard loss {100 * s['guard_change']:+.2f}%")
     out.say(f"report: {result.report}  (timings: {result.timings})")
     return s
 

@@ -1,11 +1,14 @@
-"""The whole story on a real model: load, analyse, find channels, search an edit on dev, evaluate on test,
-write a report. Deterministic for a fixed seed. Run it as ``th-edit demo``.
+"""The demo pipeline: load a real model, map its channels, find the inhibition channels, fit an edit,
+compare discovered with random heads, and write a Markdown report with figures.
+
+Every choice is made on the train and dev splits; the test split is evaluated only for the report.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,14 +16,16 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..tasks.data import laundry_list
 from ..editor import ChannelEditor
 from ..sharing.models import load_model
+from ..tasks.data import laundry_list
+from ..tasks.evaluate import evaluate
+from .plots import plot_learned_scales
 from .report import write_report
 
 __all__ = ["DemoResult", "run_demo"]
 
-logger = logging.getLogger("th_edit")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +33,30 @@ class DemoResult:
     report: Path
     summary: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+
+
+class _Laps:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        self.timings[name] = round(time.perf_counter() - self._t, 2)
+        self._t = time.perf_counter()
+
+
+def _head_comparison(editor, train, dev, test, discovered, *, budget: int, seed: int, progress: bool) -> dict[str, Any]:
+    """Fit ``budget`` components on the discovered heads and on as many random other heads; test each once."""
+    rng = random.Random(seed)
+    others = [(l, h) for l in range(editor.n_layers) for h in range(editor.n_heads) if (l, h) not in set(discovered)]
+    random_heads = sorted(rng.sample(others, min(len(discovered), len(others))))
+    out = {}
+    for name, heads in (("discovered", discovered), ("random", random_heads)):
+        r = editor.fit_edit(train, dev, heads=heads, budget=budget, test=test, seed=seed, progress=progress)
+        out[name] = {"heads": [list(h) for h in heads], "n_components": r.n_components, "test_before": r.test_before,
+                     "test_after": r.test_after, "guard_change": r.guard_change}
+        editor.reset()
+    return out
 
 
 def run_demo(
@@ -38,10 +67,9 @@ def run_demo(
     lengths: Sequence[int] = (3, 5, 8, 10, 15, 20),
     n_per_length: int = 100,
     search_lengths: Sequence[int] = (5, 8, 10),
-    alphas: Sequence[float] = (0.0, 2.0, 4.0),
-    n_ov: int = 4,
-    n_qk: int = 1,
-    max_edits: int = 2,
+    heads: Any = "all",
+    budget: int = 256,
+    control_budget: int = 32,
     n_prompts: int = 32,
     cache_dir: str | None = None,
     save_model: bool = False,
@@ -50,66 +78,86 @@ def run_demo(
 ) -> DemoResult:
     """Run the demo and write ``report.md``, its figures, ``edit_plan/`` and ``summary.json`` to ``out_dir``.
 
-    ``n_per_length`` examples per list length are split 50/25/25 into train (channel discovery), dev (edit
-    search, restricted to ``search_lengths``) and test (before/after evaluation).
+    ``n_per_length`` examples per list length are split 50/25/25 into train (discovery and fitting, at
+    ``search_lengths``), dev (choices) and test (the report only).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal t
-        timings[name] = round(time.perf_counter() - t, 2)
-        t = time.perf_counter()
-
+    lap = _Laps()
     say(f"loading {model} ...")
     lm, tokenizer = load_model(model, cache_dir=cache_dir)
     editor = ChannelEditor(lm, tokenizer=tokenizer)
     lap("load")
-    say(f"{editor!r}; building Laundry List data (seed {seed}) ...")
     data = laundry_list(tokenizer, lengths=lengths, n_per_length=n_per_length, seed=seed)
-    dev = data["dev"].filter(lambda r: r["list_length"] in set(search_lengths))
+    weak = set(search_lengths)
+    train, dev, test_weak = (data[s].filter(lambda r: r["list_length"] in weak) for s in ("train", "dev", "test"))
     lap("data")
     say("channel map (Q, K, V composition of every head component) ...")
     cmap = editor.channel_map(modes=("q", "k", "v"), progress=progress, seed=seed, baseline_samples=32)
     cmap.to_csv(str(out / "channel_map_top_pairs.csv"))
     lap("channel_map")
-    say("finding inhibition and duplicate-detection channels (roles, composition, causal evidence) ...")
-    findings = editor.find_channels(data["train"], n_prompts=n_prompts, seed=seed, channel_map=cmap,
-                             progress=progress)
+    say("finding inhibition and duplicate-detection channels ...")
+    findings = editor.find_channels(data["train"], n_prompts=n_prompts, seed=seed, channel_map=cmap, progress=progress)
     findings.channels.to_csv(out / "channels.csv", index=False)
     lap("find_channels")
-    say(f"searching an edit on the dev split (lengths {list(search_lengths)}, {len(dev)} prompts) ...")
-    search = editor.search_edit(dev, data["test"], findings, alphas=alphas, n_ov=n_ov, n_qk=n_qk,
-                         max_edits=max_edits, progress=progress)
-    search.trials.to_csv(out / "edit_search_trials.csv", index=False)
-    lap("search_and_test")
+    say(f"discovered heads {findings.heads()} vs as many random heads, {control_budget} components each ...")
+    comparison = _head_comparison(editor, train, dev, test_weak, findings.heads(), budget=control_budget, seed=seed,
+                                  progress=progress)
+    lap("discovered_vs_random")
+    before = evaluate(editor.model, tokenizer, data["test"], progress=progress, desc="test (before)")
+    say(f"fitting the edit: heads={heads}, budget {budget}, chosen on dev ...")
+    fit = editor.fit_edit(train, dev, heads=heads, budget=budget, findings=findings, seed=seed, progress=progress)
+    after = evaluate(editor.model, tokenizer, data["test"], progress=progress, desc="test (after)")
+    editor.evaluation = {"before": before.accuracy_by_length(), "after": after.accuracy_by_length(),
+                         "note": "Laundry List accuracy on the test split (never used for a choice)."}
+    lap("fit_and_test")
     editor.save_plan(out / "edit_plan")
     if save_model:
-        editor.save_pretrained(out / "edited_model")
-    versions = _versions()
-    meta = {"model": model, "seed": seed, "lengths": list(lengths), "examples per length": n_per_length,
-            "search lengths": list(search_lengths), "scales tried": list(alphas), **versions,
-            "timings (s)": timings}
-    report = write_report(out, title=f"th_edit demo: {model}", before=search.test_before, after=search.test_after,
-                          channel_map=cmap, findings=findings, search=search, edits=search.edits,
-                          guard=(search.guard_before, search.guard_after), meta=meta)
+        editor.save_pretrained(out / "edited_model", overwrite=True)
+    fit.components.to_csv(out / "fitted_components.csv", index=False)
+    plot_learned_scales(fit.components, editor.n_layers, editor.n_heads, out / "learned_scales.png")
+    summary = _summary(model, seed, fit, before, after, findings, comparison, lap.timings)
+    report = write_report(out, title=f"th_edit demo: {model}", before=before, after=after, channel_map=cmap,
+                          findings=findings, guard=(fit.guard_before, fit.guard_after),
+                          extra=_fit_section(fit, comparison, control_budget),
+                          meta={"model": model, "seed": seed, "lengths": list(lengths), "examples per length": n_per_length,
+                                "fit lengths": list(search_lengths), "stage times (s)": lap.timings, **_versions()})
     lap("report")
-    summary = {
-        "model": model, "seed": seed, "edits": search.edits,
-        "test_before": search.test_before.accuracy_by_length(), "test_after": search.test_after.accuracy_by_length(),
-        "dev_before": search.dev_before, "dev_after": search.dev_after,
-        "guard_before": search.guard_before, "guard_after": search.guard_after, "guard_change": search.guard_change,
-        "movers": findings.meta["movers"], "inhibition_heads": findings.inhibition_heads,
-        "rank_correlation": findings.rank_correlation,
-        "top_inhibition": findings.top("inhibition", 5).to_dict("records"),
-        "top_duplicate": findings.top("duplicate", 5).to_dict("records"),
-        "timings": timings, "report": str(report), **versions,
-    }
+    summary.update(timings=lap.timings, report=str(report))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    return DemoResult(report=report, summary=summary, timings=timings)
+    return DemoResult(report=report, summary=summary, timings=lap.timings)
+
+
+def _summary(model, seed, fit, before, after, findings, comparison, timings) -> dict[str, Any]:
+    return {
+        "model": model, "seed": seed, "n_components": fit.n_components, "fitted_heads": len(fit.heads),
+        "test_before": before.accuracy_by_length(), "test_after": after.accuracy_by_length(),
+        "dev_before": fit.dev_before, "dev_after": fit.dev_after, "guard_before": fit.guard_before,
+        "guard_after": fit.guard_after, "guard_change": fit.guard_change, "movers": findings.meta["movers"],
+        "inhibition_heads": findings.inhibition_heads, "discovered_heads": findings.heads(),
+        "discovered_vs_random": comparison, "top_components": fit.components.head(10).to_dict("records"),
+        "fit_config": fit.config.to_dict(), "timings": timings, **_versions(),
+    }
+
+
+def _fit_section(fit, comparison, control_budget: int) -> list[str]:
+    """Markdown lines: the fitted edit, its largest components, and discovered vs random heads."""
+    top = fit.components.reindex(fit.components.log_scale.abs().sort_values(ascending=False).index).head(12)
+    lines = ["## Fitted edit", "",
+             f"{fit.n_components} singular components of {len(fit.heads)} head(s) rescaled (budget chosen on dev; "
+             f"dev accuracy {fit.dev_before['all']:.3f} -> {fit.dev_after['all']:.3f}; guard {fit.guard_change:+.2%}). "
+             "Largest learned scales:", "", "| layer | head | circuit | component | singular value | scale |",
+             "| ---: | ---: | :---: | ---: | ---: | ---: |"]
+    lines += [f"| {r.layer} | {r.head} | {r.circuit} | {r.component} | {r.singular_value:.3f} | {r.alpha:.3f} |"
+              for r in top.itertuples()]
+    lines += ["", "![learned scales per layer and head](learned_scales.png)", "",
+              f"## Discovered vs random heads ({control_budget} components each, test at the fit lengths)", "",
+              "| heads | test before | test after | guard change |", "| :--- | :--- | :--- | ---: |"]
+    for name, c in comparison.items():
+        fmt = lambda d: ", ".join(f"{k}: {v:.2f}" for k, v in (d or {}).items())  # noqa: E731
+        lines.append(f"| {name} {c['heads']} | {fmt(c['test_before'])} | {fmt(c['test_after'])} | {c['guard_change']:+.2%} |")
+    return lines + [""]
 
 
 def _versions() -> dict[str, str]:

@@ -122,3 +122,19 @@ def plot_traversal(frame: pd.DataFrame, path, *, title: str) -> str:
         ax.set_title(label)
     fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def plot_learned_scales(components: pd.DataFrame, n_layers: int, n_heads: int, path: str | os.PathLike) -> str:
+    """Heatmap (layers x heads) of each head's largest learned ``|log alpha|`` over its fitted components,
+    from a fit's component table (columns layer, head, log_scale)."""
+    plt = pyplot()
+    grid = torch.zeros(n_layers, n_heads)
+    for r in components.itertuples():
+        grid[int(r.layer), int(r.head)] = max(float(grid[int(r.layer), int(r.head)]), abs(float(r.log_scale)))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * n_heads + 2), max(3.0, 0.22 * n_layers + 1.5)))
+    im = ax.imshow(grid.numpy(), aspect="auto", cmap="magma", origin="upper")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    fig.colorbar(im, ax=ax, label="largest |log scale| of the head's components")
+    ax.set_title(f"learned scales ({len(components)} components)")
+    return save_figure(fig, path)

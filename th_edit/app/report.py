@@ -65,6 +65,7 @@ def write_report(
     edits: list[dict[str, Any]] | None = None,
     guard: tuple[float, float] | None = None,
     meta: dict[str, Any] | None = None,
+    extra: list[str] | None = None,
 ) -> Path:
     """Write ``report.md`` and its figures into ``out_dir``; returns the report's path."""
     out = Path(out_dir)
@@ -120,6 +121,7 @@ def write_report(
     if search is not None:
         lines += [f"Chosen on the dev split (accuracy {search.dev_before:.3f} -> {search.dev_after:.3f}) from "
                   f"{len(search.trials)} trials; the test split was evaluated only afterwards.", ""]
+    lines += list(extra or [])
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(), **(meta or {})}
     lines += ["## Run", "", *[f"- {k}: {v}" for k, v in info.items()], ""]
     path = out / "report.md"
