@@ -124,7 +124,8 @@ def test_demo_runs_end_to_end_and_is_deterministic(capsys, model_dir, tmp_path):
     summaries = []
     for run_dir in ("d1", "d2"):
         code, out, _ = run(capsys, "demo", "--model", str(model_dir), "--n", "8", "--lengths", "3", "5",
-                           "--search-lengths", "5", "--n-prompts", "6", "--out", str(tmp_path / run_dir), "--json")
+                           "--search-lengths", "5", "--n-prompts", "6", "--out", str(tmp_path / run_dir), "--json",
+                           "--compare-heads", "--budget", "16", "--control-budget", "4")
         assert code == 0
         payload = json.loads(out)
         for volatile in ("timings", "report", "command"):

@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=int, default=256, help="most components the fitted edit changes (default 256)")
     p.add_argument("--control-budget", type=int, default=32,
                    help="components of the discovered-vs-random heads comparison (default 32)")
+    p.add_argument("--compare-heads", action="store_true",
+                   help="also fit the discovered heads and as many random heads and compare them on test")
     p.add_argument("--save-model", action="store_true", help="also save the edited model (HF format)")
     return parser
 
@@ -315,6 +317,7 @@ def cmd_demo(args, out: _Out) -> dict[str, Any]:
     result = run_demo(args.out, model=args.model, seed=args.seed, n_per_length=args.n, lengths=args.lengths,
                       search_lengths=args.search_lengths, n_prompts=args.n_prompts, cache_dir=args.cache_dir,
                       heads=_head_spec(args.heads), budget=args.budget, control_budget=args.control_budget,
+                      compare_heads=args.compare_heads,
                       save_model=args.save_model, progress=not args.quiet, say=out.say)
     s = result.summary
     out.say("test accuracy by list length (before -> after): " + ", ".join(

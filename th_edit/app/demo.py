@@ -35,6 +35,10 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+#: the demo's fits: one dev candidate (k = budget) and short fits, so the whole demo stays within minutes
+_QUICK = dict(k_fractions=(1.0,), steps=8, refit_steps=6)
+
+
 class _Laps:
     def __init__(self) -> None:
         self.timings: dict[str, float] = {}
@@ -43,6 +47,7 @@ class _Laps:
     def __call__(self, name: str) -> None:
         self.timings[name] = round(time.perf_counter() - self._t, 2)
         self._t = time.perf_counter()
+        logger.info("demo stage %s: %.1f s", name, self.timings[name])
 
 
 def _head_comparison(editor, train, dev, test, discovered, *, budget: int, seed: int, progress: bool) -> dict[str, Any]:
@@ -52,7 +57,7 @@ def _head_comparison(editor, train, dev, test, discovered, *, budget: int, seed:
     random_heads = sorted(rng.sample(others, min(len(discovered), len(others))))
     out = {}
     for name, heads in (("discovered", discovered), ("random", random_heads)):
-        r = editor.fit_edit(train, dev, heads=heads, budget=budget, test=test, seed=seed, progress=progress)
+        r = editor.fit_edit(train, dev, heads=heads, budget=budget, test=test, seed=seed, progress=progress, **_QUICK)
         out[name] = {"heads": [list(h) for h in heads], "n_components": r.n_components, "test_before": r.test_before,
                      "test_after": r.test_after, "guard_change": r.guard_change}
         editor.reset()
@@ -70,6 +75,7 @@ def run_demo(
     heads: Any = "all",
     budget: int = 256,
     control_budget: int = 32,
+    compare_heads: bool = False,
     n_prompts: int = 32,
     cache_dir: str | None = None,
     save_model: bool = False,
@@ -79,7 +85,8 @@ def run_demo(
     """Run the demo and write ``report.md``, its figures, ``edit_plan/`` and ``summary.json`` to ``out_dir``.
 
     ``n_per_length`` examples per list length are split 50/25/25 into train (discovery and fitting, at
-    ``search_lengths``), dev (choices) and test (the report only).
+    ``search_lengths``), dev (choices) and test (the report only). ``compare_heads`` adds the fits of the
+    discovered heads and of as many random heads (``control_budget`` components each; several minutes more).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,13 +108,16 @@ def run_demo(
     findings = editor.find_channels(data["train"], n_prompts=n_prompts, seed=seed, channel_map=cmap, progress=progress)
     findings.channels.to_csv(out / "channels.csv", index=False)
     lap("find_channels")
-    say(f"discovered heads {findings.heads()} vs as many random heads, {control_budget} components each ...")
-    comparison = _head_comparison(editor, train, dev, test_weak, findings.heads(), budget=control_budget, seed=seed,
-                                  progress=progress)
-    lap("discovered_vs_random")
+    comparison = {}
+    if compare_heads:
+        say(f"discovered heads {findings.heads()} vs as many random heads, {control_budget} components each ...")
+        comparison = _head_comparison(editor, train, dev, test_weak, findings.heads(), budget=control_budget,
+                                      seed=seed, progress=progress)
+        lap("discovered_vs_random")
     before = evaluate(editor.model, tokenizer, data["test"], progress=progress, desc="test (before)")
     say(f"fitting the edit: heads={heads}, budget {budget}, chosen on dev ...")
-    fit = editor.fit_edit(train, dev, heads=heads, budget=budget, findings=findings, seed=seed, progress=progress)
+    fit = editor.fit_edit(train, dev, heads=heads, budget=budget, findings=findings, seed=seed, progress=progress,
+                          **{**_QUICK, "steps": 12, "refit_steps": 10})
     after = evaluate(editor.model, tokenizer, data["test"], progress=progress, desc="test (after)")
     editor.evaluation = {"before": before.accuracy_by_length(), "after": after.accuracy_by_length(),
                          "note": "Laundry List accuracy on the test split (never used for a choice)."}
@@ -151,8 +161,10 @@ def _fit_section(fit, comparison, control_budget: int) -> list[str]:
              "| ---: | ---: | :---: | ---: | ---: | ---: |"]
     lines += [f"| {r.layer} | {r.head} | {r.circuit} | {r.component} | {r.singular_value:.3f} | {r.alpha:.3f} |"
               for r in top.itertuples()]
-    lines += ["", "![learned scales per layer and head](learned_scales.png)", "",
-              f"## Discovered vs random heads ({control_budget} components each, test at the fit lengths)", "",
+    lines += ["", "![learned scales per layer and head](learned_scales.png)", ""]
+    if not comparison:
+        return lines + ["(Discovered vs random heads: run the demo with `--compare-heads`.)", ""]
+    lines += [f"## Discovered vs random heads ({control_budget} components each, test at the fit lengths)", "",
               "| heads | test before | test after | guard change |", "| :--- | :--- | :--- | ---: |"]
     for name, c in comparison.items():
         fmt = lambda d: ", ".join(f"{k}: {v:.2f}" for k, v in (d or {}).items())  # noqa: E731
