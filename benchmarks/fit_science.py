@@ -23,7 +23,7 @@ import torch
 
 from th_edit import ChannelEditor
 from th_edit.data import ioi, laundry_list
-from th_edit.evaluate import guard_loss
+from th_edit.evaluate import guard_loss, wilson_interval
 from th_edit.edits.fit import FitConfig, fit_edit
 from th_edit.edits.fit_data import FitProblem, task_batches
 from th_edit.core.layer_cache import LayerCache
@@ -39,12 +39,7 @@ SETTINGS = {
 
 # ----- statistics -------------------------------------------------------------------------------
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    c = (p + z * z / (2 * n)) / (1 + z * z / n)
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, c - h), min(1.0, c + h))
+    return wilson_interval(k, n, z)
 
 
 def _save_dense(dense: dict, path) -> None:
@@ -265,11 +260,11 @@ def main() -> None:
         info["fit_seconds"] = time.perf_counter() - t1
         dense_info = info
         editor.reset()
-    # (b) budgets, reusing the dense fit
-    for budget in (256,):
+    def budget_fit(budget: int) -> None:
+        """(b) one budget, reusing the dense fit; the budget-256 plan is kept for (e)."""
         name = f"b_budget_{budget}"
         if not want(name):
-            continue
+            return
         t1 = time.perf_counter()
         r = fit_edit(editor, tok, train, dev, FitConfig(budget=budget, **dense_cfg), dense_from=dense)
         info = fit_info(r)
@@ -278,6 +273,8 @@ def main() -> None:
         if budget == 256:
             editor.export_plan().save(out.with_suffix(".plan256"))
         editor.reset()
+
+    budget_fit(256)
     # (e) transfer and spillover of the budget-256 edit (fitted on omitted + household only)
     plan_dir = out.with_suffix(".plan256")
     if want("e_transfer_256") and plan_dir.exists():
@@ -350,18 +347,7 @@ def main() -> None:
         peft_model.unload()
     # (b) the other budgets
     for budget in (64, 16, 1024):
-        name = f"b_budget_{budget}"
-        if not want(name):
-            continue
-        t1 = time.perf_counter()
-        r = fit_edit(editor, tok, train, dev, FitConfig(budget=budget, **dense_cfg), dense_from=dense)
-        info = fit_info(r)
-        info["fit_seconds"] = time.perf_counter() - t1
-        record(name, info)
-        if budget == 256:
-            from th_edit.edits.plan import EditPlan
-            editor.export_plan().save(out.with_suffix(".plan256"))
-        editor.reset()
+        budget_fit(budget)
     # (d) whole-head scaling of the top inhibition heads (alpha chosen on dev)
     if findings is not None and want("d_whole_head"):
         inh = list(findings.inhibition_heads)
