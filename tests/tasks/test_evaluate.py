@@ -17,7 +17,7 @@ from th_edit.evaluate import evaluate, guard_loss, plan_batches, wilson_interval
 from th_edit.tasks.guard_text import GUARD_TEXTS
 from tiny_models import laundry_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
