@@ -10,7 +10,8 @@ import torch
 
 from ..core.layer_cache import LayerCache
 from ..errors import InvalidArgumentError
-from ..tasks.batching import accepts_logits_to_keep, input_device, pad_sequences, pad_token_id
+from ..tasks.batching import accepts_logits_to_keep, input_device, pad_sequences, pad_token_id, plan_batches
+from ..tasks.batching import rows as dataset_rows
 from ..tasks.data import first_token
 from ..tasks.evaluate import guard_loss
 from ..tasks.guard_text import GUARD_TEXTS
@@ -35,7 +36,7 @@ class TaskBatch:
 
 
 def split_rows(dataset, what: str) -> list[dict[str, Any]]:
-    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+    rows = dataset_rows(dataset)
     missing = {"prompt", "items", "target"} - set(rows[0]) if rows else set()
     if missing:
         raise InvalidArgumentError(f"{what} rows lack {sorted(missing)}; build them with th_edit.data.")
@@ -44,12 +45,10 @@ def split_rows(dataset, what: str) -> list[dict[str, Any]]:
 
 def task_batches(cache: LayerCache, tokenizer, rows, batch_size: int, device) -> list[TaskBatch]:
     seqs = tokenizer([r["prompt"] for r in rows])["input_ids"]
-    order = sorted(range(len(rows)), key=lambda i: (len(seqs[i]), i))
     pad = pad_token_id(tokenizer)
     tok_of: dict[str, int] = {}
     out = []
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+    for idx in plan_batches([len(s) for s in seqs], batch_size):
         ids, mask = pad_sequences([seqs[i] for i in idx], pad, "right")
         n = max(len(rows[i]["items"]) for i in idx)
         cand = torch.zeros(len(idx), n, dtype=torch.long)

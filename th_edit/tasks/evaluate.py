@@ -31,6 +31,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from .batching import accepts_logits_to_keep, input_device, pad_sequences, pad_token_id, plan_batches
+from .batching import rows as dataset_rows
 from .data import first_token
 from .guard_text import GUARD_TEXTS
 from ..utils.distributed import process_rank_and_count
@@ -131,7 +132,7 @@ def evaluate(
         raise InvalidArgumentError(f"padding_side={padding_side!r} must be 'left' or 'right'.")
     if batch_size < 1:
         raise InvalidArgumentError(f"batch_size={batch_size} must be at least 1.")
-    rows = dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
+    rows = dataset_rows(dataset)
     if not rows:
         raise InvalidArgumentError("the dataset is empty.")
     missing = {"prompt", "items", "target"} - set(rows[0])
