@@ -17,6 +17,7 @@ grid search over single components lives in :mod:`th_edit.analysis.edit_search`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -26,6 +27,7 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from ..core.layer_cache import reuse_lower_layers
 from ..errors import InvalidArgumentError
 from ..tasks.batching import prompt_batches
 from ..utils.progress import progress_bar
@@ -133,14 +135,22 @@ class DiscoveryConfig:
 
 
 def _measure(editor, batches, movers, base_gap, rows: list[dict[str, Any]], desc: str, progress: bool) -> None:
-    """Fill each row's causal ``inhibition_score`` (the sender component removed)."""
+    """Fill each row's causal ``inhibition_score`` (the sender component removed).
+
+    Rows are measured grouped by sender layer; within a group the layers below the sender run once per
+    batch (:func:`th_edit.core.layer_cache.reuse_lower_layers`), since removing the component changes
+    nothing below it."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i]["sender_layer"])
     with progress_bar(total=len(rows), desc=desc, enabled=progress) as bar:
-        for row in rows:
-            sender = (row["sender_layer"], row["sender_head"], row["sender_component"])
-            effect = inhibition_score(editor, batches, sender, movers, base_gap=base_gap)
-            target = movers.index((row["receiver_layer"], row["receiver_head"])) if row["kind"] == "inhibition" else None
-            row["inhibition_score"] = float(effect[target]) if target is not None else float(effect.mean())
-            bar.update(1)
+        for layer, group in itertools.groupby(order, key=lambda i: rows[i]["sender_layer"]):
+            with reuse_lower_layers(editor.model, editor.layout, int(layer)):
+                for row in (rows[i] for i in group):
+                    sender = (row["sender_layer"], row["sender_head"], row["sender_component"])
+                    effect = inhibition_score(editor, batches, sender, movers, base_gap=base_gap)
+                    target = (movers.index((row["receiver_layer"], row["receiver_head"]))
+                              if row["kind"] == "inhibition" else None)
+                    row["inhibition_score"] = float(effect[target]) if target is not None else float(effect.mean())
+                    bar.update(1)
 
 
 def _inhibition_rows(cmap, all_heads, movers, cfg: DiscoveryConfig) -> tuple[list[dict], list[dict]]:

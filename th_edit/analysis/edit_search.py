@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from ..core.layer_cache import reuse_lower_layers
 from ..errors import InvalidArgumentError
 from ..tasks.evaluate import EvalResult, evaluate, guard_loss
 from ..utils.progress import progress_bar
@@ -165,7 +166,9 @@ def search_edit(
     guard_before = guard_loss(editor.model, tokenizer)
     cands = [tuple(c) for c in candidates] if candidates is not None else _candidates(findings, editor, cfg.n_ov, cfg.n_qk)
     best = (base_dev.accuracy, float(base_dev.records.logit_diff.mean()))
-    trials, chosen, best = _greedy(editor, tokenizer, cands, cfg, dev_eval, best, guard_before, progress)
+    # candidates change only their own layer and above: the layers below run once per dev batch
+    with reuse_lower_layers(editor.model, editor.layout, min((c[0] for c in cands), default=0)):
+        trials, chosen, best = _greedy(editor, tokenizer, cands, cfg, dev_eval, best, guard_before, progress)
     edits_now = editor.edits[start_edits:]
     for _ in edits_now:  # measure the base model on test with the search's edits undone, then redo them
         editor.undo()

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from ..core.layer_cache import reuse_lower_layers
 from ..errors import InvalidArgumentError
 from ..tasks.evaluate import EvalResult, evaluate
 from ..core.circuits import check_components
@@ -156,12 +157,14 @@ def search_steering(editor, tokenizer, dev, test, layer: int, head: int, compone
     logit difference), then evaluate test with and without it. Left padding keeps the final token last."""
     run = lambda data: evaluate(editor.model, tokenizer, data, batch_size=batch_size, padding_side="left", progress=False)  # noqa: E731
     trials = []
-    base_dev = run(dev)
-    trials.append({"alpha": 1.0, "dev_accuracy": base_dev.accuracy, "dev_logit_diff": float(base_dev.records.logit_diff.mean())})
-    for a in alphas:
-        with editor.steer(layer, head, component=list(components), alpha=a, positions="last"):
-            r = run(dev)
-        trials.append({"alpha": a, "dev_accuracy": r.accuracy, "dev_logit_diff": float(r.records.logit_diff.mean())})
+    with reuse_lower_layers(editor.model, editor.layout, layer):  # steering changes layer ``layer`` and above
+        base_dev = run(dev)
+        trials.append({"alpha": 1.0, "dev_accuracy": base_dev.accuracy,
+                       "dev_logit_diff": float(base_dev.records.logit_diff.mean())})
+        for a in alphas:
+            with editor.steer(layer, head, component=list(components), alpha=a, positions="last"):
+                r = run(dev)
+            trials.append({"alpha": a, "dev_accuracy": r.accuracy, "dev_logit_diff": float(r.records.logit_diff.mean())})
     best = max(trials, key=lambda t: (t["dev_accuracy"], t["dev_logit_diff"]))
     test_base = run(test)
     with editor.steer(layer, head, component=list(components), alpha=best["alpha"], positions="last"):

@@ -15,11 +15,20 @@ fit are recomputed (without gradient) when they are used.
 >>> cache = LayerCache(model, layout, first_layer=18)                          # doctest: +SKIP
 >>> cache.add(input_ids=ids, attention_mask=mask)                               # doctest: +SKIP
 >>> logits = cache.forward(0, logits_to_keep=1).logits                          # doctest: +SKIP
+
+:func:`reuse_lower_layers` does the same for code that just calls ``model(...)`` (evaluation, the
+discovery measurements, the grid search, steering): inside it, the model remembers the state entering
+``first_layer`` per distinct input and runs only the layers from there on a repeat.
+
+>>> with reuse_lower_layers(model, layout, first_layer=18):                    # doctest: +SKIP
+...     for candidate in candidates:                                            # edits in layers >= 18
+...         evaluate(model, tokenizer, dev)                                     # lower layers run once
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from typing import Any, Iterator
 
@@ -28,7 +37,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["hidden_entering", "run_from", "skip_layers", "LayerCache"]
+__all__ = ["hidden_entering", "run_from", "skip_layers", "LayerCache", "reuse_lower_layers", "LowerLayerReuse"]
 
 logger = logging.getLogger("th_edit")
 
@@ -172,3 +181,160 @@ class LayerCache:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+_KEY_ARGS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+
+class LowerLayerReuse:
+    """What :func:`reuse_lower_layers` installs on the model: counters for tests and benchmarks.
+
+    Attributes:
+        hits: forward passes that started from a remembered state. misses: passes that computed one.
+        bypassed: passes run in full (inputs it cannot key, a changed lower layer, gradients needed below).
+        cached_bytes: memory the remembered states use.
+    """
+
+    def __init__(self, model: nn.Module, layout, first_layer: int, max_bytes: int) -> None:
+        _check_layer(layout, first_layer)
+        self.model, self.layout, self.first_layer, self.max_bytes = model, layout, int(first_layer), int(max_bytes)
+        self.hits = self.misses = self.bypassed = self.cached_bytes = 0
+        self._store: dict[str, tuple] = {}  # digest -> (key tensors, hidden, lower attentions, bytes)
+        upper = {id(p) for b in _blocks(layout)[first_layer:] for p in b.parameters()}
+        self._lower_params = [p for p in model.parameters() if id(p) not in upper]
+        after = [*_blocks(layout)[first_layer:], model.get_submodule(layout.spec.final_norm)]
+        if model.get_output_embeddings() is not None:
+            after.append(model.get_output_embeddings())
+        upper_mods = {id(m) for b in after for m in b.modules()}
+        self._lower_modules = [m for m in model.modules() if id(m) not in upper_mods and m is not model]
+        self._fingerprint = self._lower_state()
+
+    def _lower_state(self) -> tuple:
+        """Versions of the lower parameters (in-place writes bump them) and the hooks on lower modules."""
+        versions = tuple(p._version for p in self._lower_params)
+        hooks = tuple(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in self._lower_modules)
+        return versions, hooks
+
+    def _key(self, args: tuple, kwargs: dict) -> tuple[str, list[torch.Tensor | None]] | None:
+        if len(args) > 1 or kwargs.get("inputs_embeds") is not None or kwargs.get("past_key_values") is not None \
+                or kwargs.get("use_cache"):
+            return None
+        named = dict(kwargs)
+        if args:
+            named["input_ids"] = args[0]
+        if not isinstance(named.get("input_ids"), torch.Tensor):
+            return None
+        tensors = [named.get(k) for k in _KEY_ARGS]
+        digest = hashlib.sha1()
+        for t in tensors:
+            if t is None:
+                digest.update(b"-")
+                continue
+            if not isinstance(t, torch.Tensor):
+                return None
+            digest.update(f"{tuple(t.shape)}{t.dtype}{t.device}".encode())
+            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest(), tensors
+
+    def _valid(self) -> bool:
+        if self._lower_state() != self._fingerprint:
+            if self._store:
+                logger.debug("reuse_lower_layers: a layer below %d changed; forgetting %d states",
+                             self.first_layer, len(self._store))
+            self._store.clear()
+            self.cached_bytes = 0
+            self._fingerprint = self._lower_state()
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._lower_params)
+        return not needs_grad
+
+    def forward(self, original, args: tuple, kwargs: dict):
+        try:
+            return self._forward(original, args, kwargs)
+        finally:  # hooks transformers installs during a call (output recorders) are not a change
+            self._fingerprint = self._lower_state()
+
+    def _forward(self, original, args: tuple, kwargs: dict):
+        key = self._key(args, kwargs) if self._valid() and not kwargs.get("output_hidden_states") else None
+        if key is None:
+            self.bypassed += 1
+            return original(*args, **kwargs)
+        digest, tensors = key
+        kwargs = dict(kwargs, use_cache=False)
+        want_attentions = bool(kwargs.get("output_attentions"))
+        hit = self._store.get(digest)
+        if hit is not None and all(a is b or (a is not None and b is not None and torch.equal(a, b))
+                                   for a, b in zip(hit[0], tensors)) and (hit[2] is not None or not want_attentions):
+            self.hits += 1
+            with skip_layers(self.layout, self.first_layer, hit[1]):
+                out = original(*args, **kwargs)
+            if want_attentions:
+                out.attentions = self._join(hit[2], out.attentions)
+            return out
+        self.misses += 1
+        return self._full(original, args, kwargs, digest, tensors, want_attentions)
+
+    def _join(self, lower: tuple, upper) -> tuple:
+        """The attentions of every layer: the remembered lower ones, then those of the layers that ran."""
+        upper = tuple(upper)
+        if len(upper) != self.layout.n_layers - self.first_layer:  # pragma: no cover - a model that records otherwise
+            raise RuntimeError(f"expected attentions of {self.layout.n_layers - self.first_layer} layers, got {len(upper)}")
+        return tuple(lower) + upper
+
+    def _full(self, original, args: tuple, kwargs: dict, digest: str, tensors: list, want_attentions: bool):
+        """A plain forward pass that also remembers the state entering ``first_layer`` (and the lower
+        layers' attentions when they were asked for)."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(module, a, kw):
+            seen["hidden"] = _hidden_arg(a, kw).detach()
+
+        handle = _blocks(self.layout)[self.first_layer].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            handle.remove()
+        hidden = seen["hidden"]
+        lower = tuple(a.detach() for a in out.attentions[:self.first_layer]) if want_attentions else None
+        size = hidden.numel() * hidden.element_size() + sum(a.numel() * a.element_size() for a in lower or ())
+        old = self._store.pop(digest, None)
+        if old is not None:
+            self.cached_bytes -= old[3]
+        if self.cached_bytes + size <= self.max_bytes:
+            self._store[digest] = ([None if t is None else t.detach().clone() for t in tensors], hidden, lower, size)
+            self.cached_bytes += size
+        return out
+
+
+@contextlib.contextmanager
+def reuse_lower_layers(model: nn.Module, layout, first_layer: int, *,
+                       max_bytes: int = 1 << 30) -> Iterator[LowerLayerReuse]:
+    """Inside the block, ``model(...)`` runs decoder layers ``< first_layer`` once per distinct input.
+
+    Each call is keyed by its ``input_ids``, ``attention_mask``, ``position_ids`` and ``token_type_ids``
+    (compared exactly); on a repeat, the remembered state entering ``first_layer`` is injected and only the
+    layers from there run (:func:`skip_layers`), through the model's own ``forward``. Meant for searches
+    whose candidates change only layers ``>= first_layer``: the result equals the full forward pass.
+
+    Safe by construction: a write to any parameter outside layers ``>= first_layer`` (tracked by tensor
+    versions) or a hook added or removed there forgets every remembered state; calls with
+    ``inputs_embeds``, ``past_key_values``, ``use_cache=True`` or ``output_hidden_states``, and calls that
+    need gradients below ``first_layer``, run in full. With ``output_attentions`` the lower layers'
+    attentions are remembered too, so the output has every layer's. States beyond ``max_bytes`` are not remembered (those inputs run in full
+    each time). Everything is restored on exit. Yields a :class:`LowerLayerReuse` with hit counters.
+    """
+    reuse = LowerLayerReuse(model, layout, first_layer, max_bytes)
+    saved = model.__dict__.get("forward")
+    original = model.forward
+
+    def forward(*args: Any, **kwargs: Any):
+        return reuse.forward(original, args, kwargs)
+
+    model.forward = forward
+    try:
+        yield reuse
+    finally:
+        if saved is None:
+            del model.forward
+        else:
+            model.forward = saved
+        reuse._store.clear()
