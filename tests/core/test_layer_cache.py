@@ -44,9 +44,10 @@ def test_layer_cache_bound_and_gradients(arch):
     for max_bytes in (1 << 30, 0):  # cached, and recomputed because it does not fit
         cache = LayerCache(model, layout, first_layer=2, max_bytes=max_bytes)
         i = cache.add(**inputs)
-        assert (cache.cached_bytes > 0) == (max_bytes > 0)
+        assert cache.cached_bytes == 0  # computed on first use
         with torch.no_grad():
             got = cache.forward(i, logits_to_keep=1).logits
+        assert (cache.cached_bytes > 0) == (max_bytes > 0)
         torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
     # gradient reaches a parameter of the first run layer, and no layer below it is part of the graph
     w = layout.blocks[2].get_submodule(layout.spec.o).weight
@@ -118,6 +119,14 @@ def test_reuse_forgets_states_when_a_lower_layer_changes():
     with torch.no_grad():
         torch.testing.assert_close(got, model(**inputs).logits, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(hooked, got)
+    with reuse_lower_layers(model, editor.layout, 1) as reuse, torch.no_grad():
+        model(**inputs)
+        with reuse.paused():  # a pause runs in full and does not hide a lower change from what follows
+            editor.scale_component(0, 1, "ov", 0, 0.0)
+            paused = model(**inputs).logits
+        after = model(**inputs).logits
+    assert (reuse.misses, reuse.hits) == (2, 0)
+    torch.testing.assert_close(after, paused, rtol=1e-5, atol=1e-5)
 
 
 def test_reuse_bypasses_what_it_cannot_key_and_respects_the_bound():
@@ -142,3 +151,20 @@ def test_reuse_bypasses_what_it_cannot_key_and_respects_the_bound():
     finally:
         w.requires_grad_(False)
         w.grad = None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_advance_walks_up_and_matches_fresh_states(arch):
+    model = make_model(arch, seed=9)
+    layout = ChannelEditor(model).layout
+    inputs = _inputs()
+    cache = LayerCache(model, layout, first_layer=0)
+    i = cache.add(**inputs)
+    with torch.no_grad():
+        full = model(**inputs).logits
+        for layer in range(1, layout.n_layers):
+            cache.advance(layer)
+            torch.testing.assert_close(cache.state(i), hidden_entering(model, layout, layer, **inputs), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cache.forward(i).logits, full, rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidArgumentError, match="below"):
+        cache.advance(0)

@@ -219,6 +219,32 @@ def test_resolve_heads_all_and_list():
     editor = ChannelEditor(make_model("llama"))
     assert len(resolve_heads(editor, "all")) == editor.n_layers * editor.n_heads
     assert resolve_heads(editor, [(2, 1), (0, 3), (2, 1)]) == [(0, 3), (2, 1)]
+    upper = resolve_heads(editor, "upper")
+    assert upper == [(l, h) for l in range(editor.n_layers // 2, editor.n_layers) for h in range(editor.n_heads)]
+
+
+def test_guard_through_the_cache_equals_guard_loss(task):
+    """FitProblem.guard runs the guard paragraphs from the fit's first layer: the same value as guard_loss
+    of the model with the edit written into its weights."""
+    from th_edit.edits.fit_data import FitProblem, split_rows
+    from th_edit.evaluate import guard_loss
+
+    model, tok, ds = task
+    editor = ChannelEditor(model, tokenizer=tok)
+    problem = FitProblem(editor, tok, split_rows(ds["train"], "train"), split_rows(ds["dev"], "dev"), FitConfig())
+    base = problem.guard(None, layer=1)
+    assert base == pytest.approx(guard_loss(model, tok), rel=1e-6)
+    fit = ChannelFit(editor, [(1, 0), (2, 1)], ("ov",), folded=True)
+    fit.theta = torch.randn(fit.theta.shape, generator=torch.Generator().manual_seed(5)) * 0.8
+    assert fit.first_layer() == 1
+    got = problem.guard(fit)
+    for e in fit.edits():
+        editor.apply_edit(e)
+    try:
+        assert got == pytest.approx(guard_loss(model, tok), rel=1e-5)
+        assert got != pytest.approx(base, rel=1e-4)  # the edit does change it
+    finally:
+        editor.reset()
 
 
 def test_new_templates_and_pools():

@@ -17,7 +17,6 @@ grid search over single components lives in :mod:`th_edit.analysis.edit_search`.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import random
 import time
@@ -27,13 +26,12 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
-from ..core.layer_cache import reuse_lower_layers
 from ..errors import InvalidArgumentError
 from ..tasks.batching import prompt_batches
 from ..utils.progress import progress_bar
 from .composition import config_from
 from .protocol import HeadEditor
-from .roles import inhibition_score, mover_scores, receiver_gap, sequence_roles
+from .roles import inhibition_score, mover_scores, prompt_cache, receiver_gap, sequence_roles
 
 __all__ = ["DiscoveryConfig", "ChannelFindings", "find_channels"]
 
@@ -137,20 +135,27 @@ class DiscoveryConfig:
 def _measure(editor, batches, movers, base_gap, rows: list[dict[str, Any]], desc: str, progress: bool) -> None:
     """Fill each row's causal ``inhibition_score`` (the sender component removed).
 
-    Rows are measured grouped by sender layer; within a group the layers below the sender run once per
-    batch (:func:`th_edit.core.layer_cache.reuse_lower_layers`), since removing the component changes
-    nothing below it."""
+    Rows are measured in order of sender layer through one :class:`~th_edit.core.layer_cache.LayerCache`
+    advanced to each sender layer: removing a component changes nothing below it, so the layers below run
+    once in all, and each measurement runs only the layers from its sender up."""
+    if not rows:
+        return
     order = sorted(range(len(rows)), key=lambda i: rows[i]["sender_layer"])
+    cache = prompt_cache(editor, batches, int(rows[order[0]]["sender_layer"]))
     with progress_bar(total=len(rows), desc=desc, enabled=progress) as bar:
-        for layer, group in itertools.groupby(order, key=lambda i: rows[i]["sender_layer"]):
-            with reuse_lower_layers(editor.model, editor.layout, int(layer)):
-                for row in (rows[i] for i in group):
-                    sender = (row["sender_layer"], row["sender_head"], row["sender_component"])
-                    effect = inhibition_score(editor, batches, sender, movers, base_gap=base_gap)
-                    target = (movers.index((row["receiver_layer"], row["receiver_head"]))
-                              if row["kind"] == "inhibition" else None)
-                    row["inhibition_score"] = float(effect[target]) if target is not None else float(effect.mean())
-                    bar.update(1)
+        for row in (rows[i] for i in order):
+            cache.advance(int(row["sender_layer"]))
+            receivers = [m for m in movers if m[0] >= cache.first_layer]
+            gap = base_gap[[movers.index(m) for m in receivers]]
+            sender = (row["sender_layer"], row["sender_head"], row["sender_component"])
+            effect = dict(zip(receivers, inhibition_score(editor, batches, sender, receivers, base_gap=gap,
+                                                          cache=cache).tolist()))
+            effect.update({m: 0.0 for m in movers if m not in effect})  # a head cannot affect layers below it
+            if row["kind"] == "inhibition":
+                row["inhibition_score"] = float(effect[(row["receiver_layer"], row["receiver_head"])])
+            else:
+                row["inhibition_score"] = float(sum(effect[m] for m in movers) / len(movers))
+            bar.update(1)
 
 
 def _inhibition_rows(cmap, all_heads, movers, cfg: DiscoveryConfig) -> tuple[list[dict], list[dict]]:

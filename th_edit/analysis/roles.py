@@ -32,11 +32,13 @@ from typing import Any
 import pandas as pd
 import torch
 
+from ..core.layer_cache import LayerCache
+from ..errors import InvalidArgumentError
 from ..tasks.batching import PromptBatch, accepts_logits_to_keep, eager_attention, input_device, prompt_batches
 from ..utils.progress import progress_bar
 
 __all__ = [
-    "repeated_tokens", "sequence_scores", "sequence_roles", "mover_scores", "receiver_gap", "inhibition_score",
+    "repeated_tokens", "sequence_scores", "sequence_roles", "mover_scores", "receiver_gap", "prompt_cache", "inhibition_score",
 ]
 
 logger = logging.getLogger("th_edit")
@@ -156,31 +158,55 @@ def mover_scores(editor, tokenizer, dataset, *, batch_size: int = 8, limit: int 
     return frame.sort_values("mover_score", ascending=False).reset_index(drop=True)
 
 
-def receiver_gap(model, batches: list[PromptBatch], receivers: Sequence[tuple[int, int]]) -> torch.Tensor:
-    """Mean over prompts of ``attn_others - attn_target`` at the final position, per receiver ``[R]``."""
+def receiver_gap(model, batches: list[PromptBatch], receivers: Sequence[tuple[int, int]], *,
+                 cache: LayerCache | None = None) -> torch.Tensor:
+    """Mean over prompts of ``attn_others - attn_target`` at the final position, per receiver ``[R]``.
+
+    ``cache``: a :class:`th_edit.core.layer_cache.LayerCache` holding ``batches`` (in order, e.g. from
+    :func:`prompt_cache`); only the layers from its ``first_layer`` run, which must not be above a receiver."""
     total = torch.zeros(len(receivers))
     n = 0
+    offset = 0 if cache is None else cache.first_layer
+    if any(l < offset for l, _ in receivers):
+        raise InvalidArgumentError(f"a receiver lies below the cache's first layer {offset}: {list(receivers)}.")
     with eager_attention(model), torch.no_grad():
-        for pb in batches:
-            atts = pb.run(model, output_attentions=True).attentions
+        for i, pb in enumerate(batches):
+            if cache is None:
+                atts = pb.run(model, output_attentions=True).attentions
+            else:
+                keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+                atts = cache.forward(i, output_attentions=True, **keep).attentions
             for r, (l, h) in enumerate(receivers):
-                tgt, oth = pb.split_attention(atts[l][:, h:h + 1].cpu())
+                tgt, oth = pb.split_attention(atts[l - offset][:, h:h + 1].cpu())
                 total[r] += (oth - tgt).sum()
             n += len(pb)
     return total / n
 
 
+def prompt_cache(editor, batches: list[PromptBatch], first_layer: int) -> LayerCache:
+    """A :class:`LayerCache` of the prompt ``batches`` from ``first_layer`` (for :func:`receiver_gap`)."""
+    cache = LayerCache(editor.model, editor.layout, first_layer)
+    device = input_device(editor.model)
+    for pb in batches:
+        cache.add(input_ids=pb.input_ids.to(device), attention_mask=pb.attention_mask.to(device))
+    return cache
+
+
 def inhibition_score(editor, batches: list[PromptBatch], sender: tuple[int, int, int | Sequence[int]],
-                     receivers: Sequence[tuple[int, int]], *, base_gap: torch.Tensor | None = None) -> torch.Tensor:
+                     receivers: Sequence[tuple[int, int]], *, base_gap: torch.Tensor | None = None,
+                     cache: LayerCache | None = None) -> torch.Tensor:
     """Inhibition score ``[R]`` of sender OV component(s) ``(layer, head, component)`` on each receiver
     head (see the module docstring): the receivers' gap with the component removed minus the gap as is.
-    The removal is an exact weight edit, undone before returning (the model is left bit-identical)."""
+    The removal is an exact weight edit, undone before returning (the model is left bit-identical).
+    ``cache`` (first layer at most the sender's): run only the layers from there."""
     if base_gap is None:
-        base_gap = receiver_gap(editor.model, batches, receivers)
+        base_gap = receiver_gap(editor.model, batches, receivers, cache=cache)
     layer, head, component = sender
+    if cache is not None and cache.first_layer > layer:
+        raise InvalidArgumentError(f"the cache starts at layer {cache.first_layer}, above the sender's layer {layer}.")
     editor.scale_component(layer, head, "ov", component, 0.0)
     try:
-        removed = receiver_gap(editor.model, batches, receivers)
+        removed = receiver_gap(editor.model, batches, receivers, cache=cache)
     finally:
         editor.undo()
     return removed - base_gap

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", choices=["fit", "grid"], default="fit",
                    help="--auto: learn per-component scales (fit, default) or the greedy single-component grid")
     p.add_argument("--heads", default="discovered",
-                   help="--auto --search fit: 'all', 'discovered' (default) or L.H,L.H,...")
+                   help="--auto --search fit: 'all', 'upper' (layers >= L/2), 'discovered' (default) or L.H,L.H,...")
     p.add_argument("--budget", type=int, default=256, help="--auto --search fit: most components changed")
     p.add_argument("--adapter", action="store_true", help="also write a PEFT LoRA adapter to OUT/adapter")
     p.add_argument("--out", required=True, help="directory for the edited model, its plan and card (never the "
@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-lengths", type=int, nargs="+", default=[5, 8, 10],
                    help="lengths of the dev prompts the edit is chosen on (default %(default)s)")
     p.add_argument("--n-prompts", type=int, default=32, help="prompts for channel discovery (default 32)")
-    p.add_argument("--heads", default="all", help="heads of the fitted edit: all (default), discovered or L.H,...")
+    p.add_argument("--heads", default="upper",
+                   help="heads of the fitted edit: upper (every head of layers >= L/2; default), all, discovered or L.H,...")
     p.add_argument("--budget", type=int, default=256, help="most components the fitted edit changes (default 256)")
     p.add_argument("--control-budget", type=int, default=32,
                    help="components of the discovered-vs-random heads comparison (default 32)")
@@ -231,12 +232,12 @@ def cmd_edit(args, out: _Out) -> dict[str, Any]:
 
 
 def _head_spec(text: str):
-    if text in ("all", "discovered"):
+    if text in ("all", "upper", "discovered"):
         return text
     try:
         return [tuple(int(x) for x in part.split(".")) for part in text.split(",") if part]
     except ValueError as exc:
-        raise InvalidArgumentError(f"--heads {text!r}: use all, discovered or L.H,L.H,... (e.g. 20.0,20.1)") from exc
+        raise InvalidArgumentError(f"--heads {text!r}: use all, upper, discovered or L.H,L.H,... (e.g. 20.0,20.1)") from exc
 
 
 def _auto_edit(editor, args, out: _Out) -> dict[str, Any]:

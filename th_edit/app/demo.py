@@ -16,7 +16,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..core.layer_cache import reuse_lower_layers
 from ..editor import ChannelEditor
+from ..edits.fit import resolve_heads
 from ..sharing.models import load_model
 from ..tasks.data import laundry_list
 from ..tasks.evaluate import evaluate
@@ -37,6 +39,7 @@ class DemoResult:
 
 #: the demo's fits: one dev candidate (k = budget) and short fits, so the whole demo stays within minutes
 _QUICK = dict(k_fractions=(1.0,), steps=8, refit_steps=6)
+_MAIN_FIT = dict(k_fractions=(1.0,), steps=12, refit_steps=8, guard_weights=(2.0,), attribution_prompts=32)
 
 
 class _Laps:
@@ -72,7 +75,7 @@ def run_demo(
     lengths: Sequence[int] = (3, 5, 8, 10, 15, 20),
     n_per_length: int = 100,
     search_lengths: Sequence[int] = (5, 8, 10),
-    heads: Any = "all",
+    heads: Any = "upper",
     budget: int = 256,
     control_budget: int = 32,
     compare_heads: bool = False,
@@ -114,11 +117,15 @@ def run_demo(
         comparison = _head_comparison(editor, train, dev, test_weak, findings.heads(), budget=control_budget,
                                       seed=seed, progress=progress)
         lap("discovered_vs_random")
-    before = evaluate(editor.model, tokenizer, data["test"], progress=progress, desc="test (before)")
-    say(f"fitting the edit: heads={heads}, budget {budget}, chosen on dev ...")
-    fit = editor.fit_edit(train, dev, heads=heads, budget=budget, findings=findings, seed=seed, progress=progress,
-                          **{**_QUICK, "steps": 12, "refit_steps": 10})
-    after = evaluate(editor.model, tokenizer, data["test"], progress=progress, desc="test (after)")
+    first = min(l for l, _ in resolve_heads(editor, heads, findings=findings))
+    # the edit changes layers >= first only: the test split's lower layers run once for before and after
+    with reuse_lower_layers(editor.model, editor.layout, first) as reuse:
+        before = evaluate(editor.model, tokenizer, data["test"], progress=progress, desc="test (before)")
+        say(f"fitting the edit: heads={heads}, budget {budget}, chosen on dev ...")
+        with reuse.paused():
+            fit = editor.fit_edit(train, dev, heads=heads, budget=budget, findings=findings, seed=seed,
+                                  progress=progress, **_MAIN_FIT)
+        after = evaluate(editor.model, tokenizer, data["test"], progress=progress, desc="test (after)")
     editor.evaluation = {"before": before.accuracy_by_length(), "after": after.accuracy_by_length(),
                          "note": "Laundry List accuracy on the test split (never used for a choice)."}
     lap("fit_and_test")

@@ -133,7 +133,8 @@ class LayerCache:
         model: the causal LM. layout: its :class:`th_edit.architectures.AttentionLayout` (``editor.layout``).
         first_layer: the lowest layer whose computation may change between passes.
         max_bytes: memory bound for the cached states; a batch whose state does not fit is recomputed
-            (without gradient, only the layers below ``first_layer``) each time it is used.
+            (without gradient, only the layers below ``first_layer``) each time it is used. States are
+            computed on first use.
 
     Attributes:
         batches: the keyword inputs of each added batch. cached_bytes: memory the states use.
@@ -147,20 +148,10 @@ class LayerCache:
         self.cached_bytes = 0
 
     def add(self, **inputs: Any) -> int:
-        """Add one batch (the keyword inputs of ``model(...)``); returns its index."""
-        inputs = dict(inputs, use_cache=False)
-        state = None
-        if self.first_layer > 0:
-            state = hidden_entering(self.model, self.layout, self.first_layer, **inputs)
-            size = state.numel() * state.element_size()
-            if self.cached_bytes + size > self.max_bytes:
-                logger.info("layer cache: batch %d (%d bytes) exceeds the %d-byte bound; it will be recomputed",
-                            len(self.batches), size, self.max_bytes)
-                state = None
-            else:
-                self.cached_bytes += size
-        self.batches.append(inputs)
-        self._states.append(state)
+        """Add one batch (the keyword inputs of ``model(...)``); returns its index. Its state is computed
+        when the batch is first used, so batches never used cost nothing."""
+        self.batches.append(dict(inputs, use_cache=False))
+        self._states.append(None)
         return len(self.batches) - 1
 
     def state(self, index: int) -> torch.Tensor | None:
@@ -170,10 +161,43 @@ class LayerCache:
         state = self._states[index]
         if state is None:
             state = hidden_entering(self.model, self.layout, self.first_layer, **self.batches[index])
+            size = state.numel() * state.element_size()
+            if self.cached_bytes + size <= self.max_bytes:
+                self._states[index] = state
+                self.cached_bytes += size
+            else:
+                logger.info("layer cache: batch %d (%d bytes) exceeds the %d-byte bound; it is recomputed when used",
+                            index, size, self.max_bytes)
         return state
 
+    def advance(self, layer: int) -> None:
+        """Move the cache up to ``layer`` (``>= first_layer``): each kept state runs only the layers in
+        between, so walking a list of increasing layers costs one forward pass in all.
+
+        Use it when the lowest changed layer rises (e.g. measuring candidates sorted by layer)."""
+        _check_layer(self.layout, layer)
+        if layer < self.first_layer:
+            raise InvalidArgumentError(f"advance({layer}) is below the cache's first layer {self.first_layer}.")
+        if layer == self.first_layer:
+            return
+        old, self._states, self.cached_bytes = self._states, [None] * len(self._states), 0
+        for i, state in enumerate(old):
+            if state is None and self.first_layer > 0:
+                continue  # never used (or over the bound): computed from scratch when first used
+            if state is None:
+                new = hidden_entering(self.model, self.layout, layer, **self.batches[i])
+            else:
+                with skip_layers(self.layout, self.first_layer, state):
+                    new = hidden_entering(self.model, self.layout, layer, **self.batches[i])
+            size = new.numel() * new.element_size()
+            if self.cached_bytes + size <= self.max_bytes:
+                self._states[i], self.cached_bytes = new, self.cached_bytes + size
+        self.first_layer = int(layer)
+
     def forward(self, index: int, **extra: Any):
-        """``model(**batch, **extra)`` for batch ``index``, running only layers ``>= first_layer``."""
+        """``model(**batch, **extra)`` for batch ``index``, running only layers ``>= first_layer``.
+        With ``output_attentions`` the output holds the attentions of those layers only (index
+        ``layer - first_layer``)."""
         inputs = {**self.batches[index], **extra}
         if self.first_layer == 0:
             return self.model(**inputs)
@@ -198,7 +222,7 @@ class LowerLayerReuse:
     def __init__(self, model: nn.Module, layout, first_layer: int, max_bytes: int) -> None:
         _check_layer(layout, first_layer)
         self.model, self.layout, self.first_layer, self.max_bytes = model, layout, int(first_layer), int(max_bytes)
-        self.hits = self.misses = self.bypassed = self.cached_bytes = 0
+        self.hits = self.misses = self.bypassed = self.cached_bytes = self._paused = 0
         self._store: dict[str, tuple] = {}  # digest -> (key tensors, hidden, lower attentions, bytes)
         upper = {id(p) for b in _blocks(layout)[first_layer:] for p in b.parameters()}
         self._lower_params = [p for p in model.parameters() if id(p) not in upper]
@@ -247,7 +271,19 @@ class LowerLayerReuse:
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._lower_params)
         return not needs_grad
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Inside the block, calls run in full and remember nothing (e.g. a fit that writes lower layers
+        or has its own cache); a lower layer changed meanwhile is still noticed afterwards."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
     def forward(self, original, args: tuple, kwargs: dict):
+        if self._paused:
+            return original(*args, **kwargs)
         try:
             return self._forward(original, args, kwargs)
         finally:  # hooks transformers installs during a call (output recorders) are not a change

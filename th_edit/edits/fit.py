@@ -10,7 +10,8 @@ chosen heads' circuits (OV by default, QK optional), by gradient descent on
 
 then keeps the ``k`` largest ``|theta_i|`` (``k`` up to ``budget``), refits only those, and picks ``k`` and
 the term weights on ``dev`` (the best dev accuracy whose guard change stays within
-``max_guard_change``). The result is applied as ordinary :class:`th_edit.plan.Edit` s, one per head and
+``max_guard_change``; a candidate over it is also tried with its log-scales shrunk by each factor of
+``guard_shrink``, until one is within). The result is applied as ordinary :class:`th_edit.plan.Edit` s, one per head and
 circuit with per-component ``alphas``, so undo/reset, plans, ``from_plan`` and model cards work unchanged.
 
 Exactness. ``scale_component`` changes the OV circuit by ``(alpha - 1) s_i u_i v_i^T`` and writes it into
@@ -56,10 +57,13 @@ logger = logging.getLogger(__name__)
 
 # ----- heads --------------------------------------------------------------------------------------
 def resolve_heads(editor, spec: Any, *, findings=None, tokenizer=None, train=None) -> list[tuple[int, int]]:
-    """The ``(layer, head)`` list of a head spec: ``"all"``, ``"discovered"`` or explicit pairs."""
+    """The ``(layer, head)`` list of a head spec: ``"all"``, ``"upper"`` (every head of layers
+    ``>= n_layers // 2``: cheaper to fit, the layer cache skips the lower half), ``"discovered"`` or
+    explicit pairs."""
     if isinstance(spec, str):
-        if spec == "all":
-            return [(l, h) for l in range(editor.n_layers) for h in range(editor.n_heads)]
+        if spec in ("all", "upper"):
+            first = editor.n_layers // 2 if spec == "upper" else 0
+            return [(l, h) for l in range(first, editor.n_layers) for h in range(editor.n_heads)]
         if spec == "discovered":
             if findings is None:
                 raise InvalidArgumentError(
@@ -68,13 +72,13 @@ def resolve_heads(editor, spec: Any, *, findings=None, tokenizer=None, train=Non
                 )
             return findings.heads()
         raise InvalidArgumentError(
-            f"heads={spec!r} is not a head spec: use 'all', 'discovered' or a list of (layer, head) pairs."
+            f"heads={spec!r} is not a head spec: use 'all', 'upper', 'discovered' or a list of (layer, head) pairs."
         )
     try:
         heads = sorted({(int(l), int(h)) for l, h in spec})
     except (TypeError, ValueError) as exc:
         raise InvalidArgumentError(
-            f"heads={spec!r} is not a head spec: use 'all', 'discovered' or a list of (layer, head) pairs."
+            f"heads={spec!r} is not a head spec: use 'all', 'upper', 'discovered' or a list of (layer, head) pairs."
         ) from exc
     if not heads:
         raise InvalidArgumentError("heads=[] names no head: give at least one (layer, head) pair.")
@@ -129,11 +133,15 @@ def _train(problem: FitProblem, fit: ChannelFit, steps: int, guard_weight: float
 
 
 def _attribution(problem: FitProblem, fit: ChannelFit) -> torch.Tensor:
-    """``|theta * dCE/dtheta|`` summed over the training batches, at the current log-scales."""
+    """``|theta * dCE/dtheta|`` summed over ``attribution_prompts`` training prompts (seeded batches), at
+    the current log-scales."""
     cache, train, _, _ = problem.data_from(fit.first_layer())
     theta = fit.theta.clone().requires_grad_(True)
     total = torch.zeros_like(fit.theta)
-    for b in train:
+    order = list(range(len(train)))
+    random.Random(problem.config.seed).shuffle(order)
+    n_batches = max(1, math.ceil(problem.config.attribution_prompts / problem.config.batch_size))
+    for b in (train[i] for i in order[:n_batches]):
         with fit.hooks(theta):
             ce = torch.nn.functional.cross_entropy(problem.candidate_logits(cache, b), b.target, reduction="sum")
         (g,) = torch.autograd.grad(ce, theta)
@@ -160,7 +168,8 @@ def _check(editor, train_rows, dev_rows, config: FitConfig) -> None:
             raise InvalidArgumentError(f"circuit {c!r} is not one of ('ov', 'qk').")
     if not config.circuits:
         raise InvalidArgumentError("circuits=() names no circuit: use ('ov',), ('qk',) or both.")
-    for name in ("steps", "refit_steps", "rounds", "batch_size", "guard_tokens", "guard_texts_per_step"):
+    for name in ("steps", "refit_steps", "rounds", "batch_size", "guard_tokens", "guard_texts_per_step",
+                 "attribution_prompts"):
         v = getattr(config, name)
         if not isinstance(v, int) or v < (0 if name == "refit_steps" else 1):
             raise InvalidArgumentError(f"FitConfig.{name}={v!r} must be a positive integer.")
@@ -171,6 +180,8 @@ def _check(editor, train_rows, dev_rows, config: FitConfig) -> None:
     if config.rank_by not in ("attribution", "effect", "log_scale"):
         raise InvalidArgumentError(
             f"FitConfig.rank_by={config.rank_by!r} must be 'attribution', 'effect' or 'log_scale'.")
+    if any(not (isinstance(f, (int, float)) and 0 < f < 1) for f in config.guard_shrink):
+        raise InvalidArgumentError(f"FitConfig.guard_shrink={config.guard_shrink!r}: each factor must lie in (0, 1).")
     if not config.k_fractions or not config.guard_weights or not config.l1_weights:
         raise InvalidArgumentError("k_fractions, guard_weights and l1_weights each need at least one value.")
 
@@ -239,9 +250,9 @@ def fit_edit(editor, tokenizer, train, dev, config: FitConfig | None = None, *, 
         logger.debug("setup: factors of %d head circuits after %.1f s", len(base.units), time.perf_counter() - t0)
         n_total = base.n_active
         ks = _k_values(config, n_total)
-        dev_before = problem.dev_accuracy(None)
+        dev_before = problem.dev_accuracy(None, layer=base.first_layer())  # the cache the dense fit uses
         logger.debug("setup: dev baseline after %.1f s", time.perf_counter() - t0)
-        guard_before = problem.guard(None)
+        guard_before = problem.guard(None, layer=base.first_layer())
         logger.debug("setup: guard baseline after %.1f s", time.perf_counter() - t0)
         timings["setup"] = time.perf_counter() - t0
         n_settings = len(config.guard_weights) * len(config.l1_weights)
@@ -282,19 +293,25 @@ def fit_edit(editor, tokenizer, train, dev, config: FitConfig | None = None, *, 
                         timings.setdefault("refit", 0.0)
                         timings["refit"] += time.perf_counter() - t1
                         t1 = time.perf_counter()
-                        acc = problem.dev_accuracy(cand)
-                        g = problem.guard(cand)
+                        fitted = cand.theta.clone()
+                        for shrink in (1.0, *config.guard_shrink):
+                            cand.theta = fitted * shrink  # scaled back toward 1 when the guard is exceeded
+                            acc = problem.dev_accuracy(cand)
+                            g = problem.guard(cand)
+                            row = {"guard_weight": gw, "l1_weight": l1, "k": cand.n_active, "shrink": shrink,
+                                   "dev_accuracy": acc["all"], "guard_change": g / guard_before - 1.0, "chosen": False,
+                                   **{f"dev_{n}": v for n, v in acc.items() if n != "all"}}
+                            trials.append(row)
+                            bar.set_postfix_str(f"k={cand.n_active} x{shrink:g} dev_acc={acc['all']:.3f} "
+                                                f"guard={row['guard_change']:+.2%}")
+                            ok = row["guard_change"] <= config.max_guard_change
+                            key = (ok, acc["all"] if ok else -row["guard_change"], -cand.n_active)
+                            if best is None or key > best[0]:
+                                best = (key, cand.copy(), acc, g, len(trials) - 1)
+                            if ok:
+                                break
                         timings.setdefault("dev_selection", 0.0)
                         timings["dev_selection"] += time.perf_counter() - t1
-                        row = {"guard_weight": gw, "l1_weight": l1, "k": cand.n_active, "dev_accuracy": acc["all"],
-                               "guard_change": g / guard_before - 1.0, "chosen": False,
-                               **{f"dev_{n}": v for n, v in acc.items() if n != "all"}}
-                        trials.append(row)
-                        bar.set_postfix_str(f"k={cand.n_active} dev_acc={acc['all']:.3f} guard={row['guard_change']:+.2%}")
-                        ok = row["guard_change"] <= config.max_guard_change
-                        key = (ok, acc["all"] if ok else -row["guard_change"], -cand.n_active)
-                        if best is None or key > best[0]:
-                            best = (key, cand, acc, g, len(trials) - 1)
         _, chosen, dev_after, guard_after, ti = best
         trials[ti]["chosen"] = True
         if not best[0][0]:

@@ -20,8 +20,8 @@ class FitConfig:
     :meth:`to_dict` / :meth:`from_dict`)."""
 
     heads: Any = "all"
-    """``"all"``, ``"discovered"`` (mover, inhibition and duplicate heads of ``find_channels``) or a list
-    of ``(layer, head)`` pairs."""
+    """``"all"``, ``"upper"`` (every head of layers ``>= n_layers // 2``), ``"discovered"`` (mover,
+    inhibition and duplicate heads of ``find_channels``) or a list of ``(layer, head)`` pairs."""
     circuits: tuple[str, ...] = ("ov",)
     """Circuits whose components get a scale: ``("ov",)``, ``("qk",)`` or both."""
     budget: int = 256
@@ -54,10 +54,15 @@ class FitConfig:
     the dense solution over the training set: the first-order task-loss increase of resetting the
     component), ``"effect"`` (``|alpha - 1| * s``, the size of the change) or ``"log_scale"`` (``|theta|``;
     Adam moves every log-scale by about the same amount, so this ranks poorly after a short fit)."""
+    attribution_prompts: int = 64
+    """Training prompts (whole batches, in a seeded order) over which the attribution ranking is summed."""
     max_log_scale: float = 3.0
     """Bound on ``|theta|`` (scales between ``exp(-3)`` and ``exp(3)``)."""
     max_guard_change: float = 0.01
     """Largest relative guard-loss increase a dev candidate may have to be chosen."""
+    guard_shrink: tuple[float, ...] = (0.75, 0.5)
+    """Factors a candidate's log-scales are shrunk by, in turn, while its guard change exceeds
+    ``max_guard_change`` (each tried on dev; ``()`` turns this off)."""
     folded: bool | None = None
     """Components of the folded (norm folded in) or raw circuits; None: the editor's default."""
     seed: int = 0
@@ -71,7 +76,7 @@ class FitConfig:
         d = asdict(self)
         if isinstance(d["heads"], (list, tuple)):
             d["heads"] = [list(h) for h in d["heads"]]
-        for k in ("circuits", "k_fractions", "guard_weights", "l1_weights"):
+        for k in ("circuits", "k_fractions", "guard_weights", "l1_weights", "guard_shrink"):
             d[k] = list(d[k])
         return d
 
@@ -84,7 +89,7 @@ class FitConfig:
         d = dict(data)
         if isinstance(d.get("heads"), list):
             d["heads"] = [tuple(int(x) for x in h) for h in d["heads"]]
-        for k in ("circuits", "k_fractions", "guard_weights", "l1_weights"):
+        for k in ("circuits", "k_fractions", "guard_weights", "l1_weights", "guard_shrink"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)

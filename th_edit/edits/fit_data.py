@@ -81,6 +81,8 @@ class FitProblem:
         ids = [tokenizer(t)["input_ids"][: config.guard_tokens] for t in GUARD_TEXTS]
         self.guard_ids, self.guard_mask = pad_sequences(ids, pad_token_id(tokenizer), "right")
         self._caches: dict[int, tuple[LayerCache, list[TaskBatch], list[TaskBatch], list[int]]] = {}
+        self._full_guard: dict[int, list[int]] = {}
+        self.guard_full_ids = [tokenizer(t)["input_ids"] for t in GUARD_TEXTS]
         with torch.no_grad():
             out = self.model(input_ids=self.guard_ids.to(self.device), attention_mask=self.guard_mask.to(self.device),
                              use_cache=False)
@@ -98,7 +100,11 @@ class FitProblem:
             for s in range(0, len(self.guard_ids), g):
                 guard.append(cache.add(input_ids=self.guard_ids[s:s + g].to(self.device),
                                        attention_mask=self.guard_mask[s:s + g].to(self.device)))
+            # whole guard paragraphs, one per batch (no padding): guard_loss through this cache
+            self._full_guard[layer] = [cache.add(input_ids=torch.tensor([tokenizer_ids], device=self.device))
+                                       for tokenizer_ids in self.guard_full_ids]
             while len(self._caches) >= 3:  # keep the three most recent caches (memory)
+                self._full_guard.pop(next(iter(self._caches)), None)
                 self._caches.pop(next(iter(self._caches)))
             self._caches[layer] = (cache, train, dev, guard)
         return self._caches[layer]
@@ -121,8 +127,13 @@ class FitProblem:
         return kl[valid].mean()
 
     @torch.no_grad()
-    def dev_accuracy(self, fit: ChannelFit | None) -> dict[str, float]:
-        layer = fit.first_layer() if fit is not None else self.editor.n_layers - 1
+    def dev_accuracy(self, fit: ChannelFit | None, *, layer: int | None = None) -> dict[str, float]:
+        """Dev accuracy (all and per list length) with ``fit``'s scales, or of the model as is (through the
+        cache from ``layer``, the last layer by default)."""
+        if fit is not None:
+            layer = fit.first_layer()
+        elif layer is None:
+            layer = self.editor.n_layers - 1
         cache, _, dev, _ = self.data_from(layer)
         correct, lengths = [], []
         ctx = fit.hooks() if fit is not None else NullContext()
@@ -138,10 +149,23 @@ class FitProblem:
         return out
 
     @torch.no_grad()
-    def guard(self, fit: ChannelFit | None) -> float:
-        ctx = fit.hooks() if fit is not None else NullContext()
-        with ctx:
+    def guard(self, fit: ChannelFit | None, *, layer: int | None = None) -> float:
+        """:func:`th_edit.evaluate.guard_loss` with ``fit``'s scales (or of the model as is), computed
+        through the layer cache from ``fit``'s first layer (or ``layer``): the same value, the lower
+        layers run once."""
+        if fit is not None:
+            layer = fit.first_layer()
+        elif layer is None:
             return guard_loss(self.model, self.tokenizer)
+        cache = self.data_from(layer)[0]
+        total, count = 0.0, 0
+        with fit.hooks() if fit is not None else NullContext():
+            for index, ids in zip(self._full_guard[layer], self.guard_full_ids):
+                logits = cache.forward(index).logits[0, :-1].float()
+                target = torch.tensor(ids[1:], device=logits.device)
+                total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+                count += len(ids) - 1
+        return total / count
 
 
 class NullContext:
