@@ -70,7 +70,9 @@ def test_bad_layer():
 
 # ----- reuse_lower_layers -----------------------------------------------------------------------
 from th_edit.core.layer_cache import reuse_lower_layers  # noqa: E402
-from th_edit.tasks.batching import eager_attention  # noqa: E402
+import inspect  # noqa: E402
+
+from th_edit.tasks.batching import accepts_logits_to_keep, eager_attention  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -102,6 +104,8 @@ def test_reuse_lower_layers_matches_full_forward_under_edits(arch):
     torch.testing.assert_close(got[0], want_first, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[2], want_last, rtol=1e-5, atol=1e-5)
     assert "forward" not in model.__dict__ and all("forward" not in b.__dict__ for b in editor.layout.blocks)
+    with reuse_lower_layers(model, editor.layout, first):  # the wrapper keeps the signature callers probe
+        assert accepts_logits_to_keep(model) == ("logits_to_keep" in inspect.signature(type(model).forward).parameters)
 
 
 def test_reuse_forgets_states_when_a_lower_layer_changes():

@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", type=int, nargs="+", default=[3, 5, 8, 10, 15, 20], help="list lengths (default %(default)s)")
     p.add_argument("--search-lengths", type=int, nargs="+", default=[5, 8, 10],
                    help="lengths of the dev prompts the edit is chosen on (default %(default)s)")
-    p.add_argument("--n-prompts", type=int, default=32, help="prompts for channel discovery (default 32)")
+    p.add_argument("--n-prompts", type=int, default=16, help="prompts for channel discovery (default 16)")
     p.add_argument("--heads", default="upper",
                    help="heads of the fitted edit: upper (every head of layers >= L/2; default), all, discovered or L.H,...")
     p.add_argument("--budget", type=int, default=256, help="most components the fitted edit changes (default 256)")

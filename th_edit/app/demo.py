@@ -39,7 +39,7 @@ class DemoResult:
 
 #: the demo's fits: one dev candidate (k = budget) and short fits, so the whole demo stays within minutes
 _QUICK = dict(k_fractions=(1.0,), steps=8, refit_steps=6)
-_MAIN_FIT = dict(k_fractions=(1.0,), steps=12, refit_steps=8, guard_weights=(2.0,), attribution_prompts=32)
+_MAIN_FIT = dict(k_fractions=(1.0,), steps=10, refit_steps=6, guard_weights=(2.0,), attribution_prompts=32)
 
 
 class _Laps:
@@ -79,7 +79,7 @@ def run_demo(
     budget: int = 256,
     control_budget: int = 32,
     compare_heads: bool = False,
-    n_prompts: int = 32,
+    n_prompts: int = 16,
     cache_dir: str | None = None,
     save_model: bool = False,
     progress: bool = True,

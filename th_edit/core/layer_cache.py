@@ -28,6 +28,7 @@ discovery measurements, the grid search, steering): inside it, the model remembe
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 from typing import Any, Iterator
@@ -362,6 +363,7 @@ def reuse_lower_layers(model: nn.Module, layout, first_layer: int, *,
     saved = model.__dict__.get("forward")
     original = model.forward
 
+    @functools.wraps(original)  # keeps the signature: callers probe it for ``logits_to_keep``
     def forward(*args: Any, **kwargs: Any):
         return reuse.forward(original, args, kwargs)
 
