@@ -89,7 +89,7 @@ def test_reuse_lower_layers_matches_full_forward_under_edits(arch):
         editor.scale_component(first, 1 % editor.n_heads, "qk", 1, 0.0)
         got.append(model(**inputs, output_attentions=False).logits)
         with eager_attention(model):
-            atts = model(**inputs, output_attentions=True).attentions  # a miss: lower attentions not yet kept
+            model(**inputs, output_attentions=True)  # a miss: lower attentions not yet kept
             atts_again = model(**inputs, output_attentions=True).attentions
     assert (reuse.misses, reuse.hits) == (2, 3)
     with torch.no_grad(), eager_attention(model):
