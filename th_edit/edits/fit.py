@@ -38,7 +38,8 @@ import logging
 import math
 import random
 import time
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import pandas as pd
 import torch
@@ -154,36 +155,143 @@ def _k_values(config: FitConfig, n_total: int) -> list[int]:
     return sorted(ks, reverse=True)
 
 
-def _check(editor, train_rows, dev_rows, config: FitConfig) -> None:
+def _check(train_rows, dev_rows, config: FitConfig) -> None:
     if len(train_rows) < 2:
         raise InvalidArgumentError(
             f"the train split has {len(train_rows)} example(s); fitting needs at least 2 (use 16 or more)."
         )
     if len(dev_rows) < 1:
         raise InvalidArgumentError("the dev split is empty; k and the term weights are chosen on dev, so give some.")
-    if isinstance(config.budget, bool) or not isinstance(config.budget, int) or config.budget < 1:
-        raise InvalidArgumentError(f"budget={config.budget!r} must be an integer >= 1 (components to keep).")
-    for c in config.circuits:
-        if c not in ("ov", "qk"):
-            raise InvalidArgumentError(f"circuit {c!r} is not one of ('ov', 'qk').")
-    if not config.circuits:
-        raise InvalidArgumentError("circuits=() names no circuit: use ('ov',), ('qk',) or both.")
-    for name in ("steps", "refit_steps", "rounds", "batch_size", "guard_tokens", "guard_texts_per_step",
-                 "attribution_prompts"):
-        v = getattr(config, name)
-        if not isinstance(v, int) or v < (0 if name == "refit_steps" else 1):
-            raise InvalidArgumentError(f"FitConfig.{name}={v!r} must be a positive integer.")
-    for name in ("lr", "refit_lr"):
-        v = getattr(config, name)
-        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-            raise InvalidArgumentError(f"FitConfig.{name}={v!r} must be a positive finite number.")
-    if config.rank_by not in ("attribution", "effect", "log_scale"):
+    config.validate()
+
+
+def _check_dense_from(dense_from: FitResult | None, heads, circuits) -> None:
+    if dense_from is None:
+        return
+    missing = {(l, h, c) for c in circuits for l, h in heads} - set(dense_from.dense)
+    if missing:
         raise InvalidArgumentError(
-            f"FitConfig.rank_by={config.rank_by!r} must be 'attribution', 'effect' or 'log_scale'.")
-    if any(not (isinstance(f, (int, float)) and 0 < f < 1) for f in config.guard_shrink):
-        raise InvalidArgumentError(f"FitConfig.guard_shrink={config.guard_shrink!r}: each factor must lie in (0, 1).")
-    if not config.k_fractions or not config.guard_weights or not config.l1_weights:
-        raise InvalidArgumentError("k_fractions, guard_weights and l1_weights each need at least one value.")
+            f"dense_from has no dense fit for {len(missing)} of the chosen head circuits (e.g. {sorted(missing)[0]}); "
+            "pass a result fitted on the same heads and circuits, or dense_from=None."
+        )
+
+
+@contextmanager
+def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
+    """Add the seconds spent in the block to ``timings[key]``."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
+
+
+class _Search:
+    """The dev-selected search of :func:`fit_edit`: for each term-weight setting, a dense fit (or the
+    one of ``dense_from``), then for each ``k`` a prune-and-refit tried on dev, shrunk while the guard is
+    exceeded. Keeps every dev trial and the best candidate: the best dev accuracy within the guard,
+    else the smallest guard change; ties go to fewer components."""
+
+    def __init__(self, problem: FitProblem, base: ChannelFit, config: FitConfig, guard_before: float,
+                 timings: dict[str, float]) -> None:
+        self.problem, self.base, self.config = problem, base, config
+        self.guard_before, self.timings = guard_before, timings
+        self.n_total = base.n_active
+        self.ks = _k_values(config, self.n_total)
+        self.trials: list[dict[str, Any]] = []
+        self.dense: dict[tuple[int, int, str], torch.Tensor] = {}
+        self.best: tuple | None = None  # (key, candidate, dev accuracy, guard, trial index)
+
+    def total_steps(self) -> int:
+        c = self.config
+        refits = sum(c.rounds for k in self.ks if k < self.n_total)
+        return len(c.guard_weights) * len(c.l1_weights) * (c.steps + refits * c.refit_steps)
+
+    def run(self, bar, dense_from: FitResult | None) -> None:
+        for gw in self.config.guard_weights:
+            for l1 in self.config.l1_weights:
+                self._setting(bar, gw, l1, dense_from)
+
+    def _setting(self, bar, gw: float, l1: float, dense_from: FitResult | None) -> None:
+        cfg, problem = self.config, self.problem
+        fit = self.base.copy()
+        with _timed(self.timings, "dense_fit"):
+            if dense_from is not None:
+                fit.theta = torch.stack([dense_from.dense[(u.layer, u.head, u.circuit)] for u in fit.units])
+                bar.update(cfg.steps)
+            else:
+                _train(problem, fit, cfg.steps, gw, l1, seed=cfg.seed, bar=bar, phase="dense", lr=cfg.lr)
+        if not self.dense:
+            self.dense = {(u.layer, u.head, u.circuit): fit.theta[i].clone() for i, u in enumerate(fit.units)}
+        importance = None
+        if cfg.rank_by == "attribution" and any(k < self.n_total for k in self.ks):
+            with _timed(self.timings, "attribution"):
+                importance = _attribution(problem, fit)
+        for k in self.ks:
+            cand = self.base.copy()
+            cand.theta = fit.theta.clone()
+            with _timed(self.timings, "refit"):
+                if k < self.n_total:
+                    sizes = [min(self.n_total, k * 4 ** (cfg.rounds - 1 - r)) for r in range(cfg.rounds)]
+                    for r, size in enumerate(sizes):
+                        by = cfg.rank_by if r == 0 or cfg.rank_by != "attribution" else "effect"
+                        cand.keep_top(size, by=by, importance=importance)
+                        _train(problem, cand, cfg.refit_steps, gw, l1, seed=cfg.seed + 1, bar=bar,
+                               phase=f"refit k={size}", lr=cfg.refit_lr)
+            with _timed(self.timings, "dev_selection"):
+                self._try_on_dev(bar, cand, gw, l1)
+
+    def _try_on_dev(self, bar, cand: ChannelFit, gw: float, l1: float) -> None:
+        """Dev accuracy and guard of ``cand``, then of its log-scales shrunk by each ``guard_shrink``
+        factor (toward scale 1) until the guard change is within ``max_guard_change``."""
+        fitted = cand.theta.clone()
+        for shrink in (1.0, *self.config.guard_shrink):
+            cand.theta = fitted * shrink
+            acc = self.problem.dev_accuracy(cand)
+            guard = self.problem.guard(cand)
+            change = guard / self.guard_before - 1.0
+            row = {"guard_weight": gw, "l1_weight": l1, "k": cand.n_active, "shrink": shrink,
+                   "dev_accuracy": acc["all"], "guard_change": change, "chosen": False,
+                   **{f"dev_{n}": v for n, v in acc.items() if n != "all"}}
+            self.trials.append(row)
+            bar.set_postfix_str(f"k={cand.n_active} x{shrink:g} dev_acc={acc['all']:.3f} guard={change:+.2%}")
+            ok = change <= self.config.max_guard_change
+            key = (ok, acc["all"] if ok else -change, -cand.n_active)
+            if self.best is None or key > self.best[0]:
+                self.best = (key, cand.copy(), acc, guard, len(self.trials) - 1)
+            if ok:
+                return
+
+
+def _fit_data(train_rows, dev_rows) -> dict[str, Any]:
+    return {
+        "n_train": len(train_rows), "n_dev": len(dev_rows),
+        "train_lengths": sorted({int(r.get("list_length", len(r["items"]))) for r in train_rows}),
+        "train_templates": sorted({str(r.get("template", "")) for r in train_rows}),
+        "train_items": len({w for r in train_rows for w in r["items"]}),
+    }
+
+
+def _evaluation_record(result: FitResult, config: FitConfig, test_given: bool) -> dict[str, Any]:
+    """``editor.evaluation`` for the model card: test accuracy by length when a test split was given,
+    else dev accuracy."""
+    fd, heads = result.fit_data, result.heads
+    if test_given:
+        split = "test"
+        before = {int(k): v for k, v in result.test_before.items()}
+        after = {int(k): v for k, v in result.test_after.items()}
+    else:
+        split = "dev"
+        before = {int(k): v for k, v in result.dev_before.items() if k != "all"}
+        after = {int(k): v for k, v in result.dev_after.items() if k != "all"}
+    note = (f"Accuracy on the {split} split by list length, before and after a fitted edit of "
+            f"{result.n_components} singular components in {len(result.edits)} head circuits (th_edit.fit, "
+            f"budget {config.budget}, heads {config.heads if isinstance(config.heads, str) else len(heads)}). "
+            f"Fitted on {fd['n_train']} prompts (templates {', '.join(fd['train_templates'])}; "
+            f"lengths {fd['train_lengths']}); k and term weights chosen on {fd['n_dev']} dev prompts "
+            f"(dev accuracy {result.dev_before['all']:.3f} -> {result.dev_after['all']:.3f}). Guard loss on neutral "
+            f"text {result.guard_before:.4f} -> {result.guard_after:.4f} ({result.guard_change:+.2%}).")
+    return {"before": before, "after": after, "note": note}
 
 
 def _state_fingerprint(model) -> list[tuple[str, bool]]:
@@ -220,15 +328,9 @@ def fit_edit(editor, tokenizer, train, dev, config: FitConfig | None = None, *, 
     if overrides:
         config = FitConfig.from_dict({**config.to_dict(), **overrides})
     train_rows, dev_rows = split_rows(train, "train"), split_rows(dev, "dev")
-    _check(editor, train_rows, dev_rows, config)
+    _check(train_rows, dev_rows, config)
     heads = resolve_heads(editor, config.heads, findings=findings, tokenizer=tokenizer, train=train)
-    if dense_from is not None:
-        missing = {(l, h, c) for c in config.circuits for l, h in heads} - set(dense_from.dense)
-        if missing:
-            raise InvalidArgumentError(
-                f"dense_from has no dense fit for {len(missing)} of the chosen head circuits (e.g. {sorted(missing)[0]}); "
-                "pass a result fitted on the same heads and circuits, or dense_from=None."
-            )
+    _check_dense_from(dense_from, heads, config.circuits)
     folded = editor.folded if config.folded is None else bool(config.folded)
     model = editor.model
     t0 = time.perf_counter()
@@ -242,79 +344,19 @@ def fit_edit(editor, tokenizer, train, dev, config: FitConfig | None = None, *, 
             p.requires_grad_(False)
         model.eval()
         if test is not None:
-                test_before = evaluate(model, tokenizer, test, progress=False).accuracy_by_length()
+            test_before = evaluate(model, tokenizer, test, progress=False).accuracy_by_length()
         torch.manual_seed(config.seed)
-        problem = FitProblem(editor, tokenizer, train_rows, dev_rows, config)
-        logger.debug("setup: guard reference after %.1f s", time.perf_counter() - t0)
-        base = ChannelFit(editor, heads, config.circuits, folded)
-        logger.debug("setup: factors of %d head circuits after %.1f s", len(base.units), time.perf_counter() - t0)
-        n_total = base.n_active
-        ks = _k_values(config, n_total)
-        dev_before = problem.dev_accuracy(None, layer=base.first_layer())  # the cache the dense fit uses
-        logger.debug("setup: dev baseline after %.1f s", time.perf_counter() - t0)
-        guard_before = problem.guard(None, layer=base.first_layer())
-        logger.debug("setup: guard baseline after %.1f s", time.perf_counter() - t0)
-        timings["setup"] = time.perf_counter() - t0
-        n_settings = len(config.guard_weights) * len(config.l1_weights)
-        refits = sum(config.rounds for k in ks if k < n_total)
-        total = n_settings * (config.steps + refits * config.refit_steps)
-        trials, dense, best = [], {}, None
-        with progress_bar(total=total, desc="fitting channel scales", enabled=config.progress) as bar:
-            for gw in config.guard_weights:
-                for l1 in config.l1_weights:
-                    fit = base.copy()
-                    t1 = time.perf_counter()
-                    if dense_from is not None:
-                        fit.theta = torch.stack([dense_from.dense[(u.layer, u.head, u.circuit)] for u in fit.units])
-                        bar.update(config.steps)
-                    else:
-                        _train(problem, fit, config.steps, gw, l1, seed=config.seed, bar=bar, phase="dense", lr=config.lr)
-                    timings.setdefault("dense_fit", 0.0)
-                    timings["dense_fit"] += time.perf_counter() - t1
-                    if not dense:
-                        dense = {(u.layer, u.head, u.circuit): fit.theta[i].clone() for i, u in enumerate(fit.units)}
-                    dense_theta = fit.theta.clone()
-                    importance = None
-                    if config.rank_by == "attribution" and any(k < n_total for k in ks):
-                        t1 = time.perf_counter()
-                        importance = _attribution(problem, fit)
-                        timings["attribution"] = timings.get("attribution", 0.0) + time.perf_counter() - t1
-                    for k in ks:
-                        cand = base.copy()
-                        cand.theta = dense_theta.clone()
-                        t1 = time.perf_counter()
-                        if k < n_total:
-                            sizes = [min(n_total, k * 4 ** (config.rounds - 1 - r)) for r in range(config.rounds)]
-                            for r_, size in enumerate(sizes):
-                                cand.keep_top(size, by=config.rank_by if r_ == 0 or config.rank_by != "attribution"
-                                              else "effect", importance=importance)
-                                _train(problem, cand, config.refit_steps, gw, l1, seed=config.seed + 1, bar=bar,
-                                       phase=f"refit k={size}", lr=config.refit_lr)
-                        timings.setdefault("refit", 0.0)
-                        timings["refit"] += time.perf_counter() - t1
-                        t1 = time.perf_counter()
-                        fitted = cand.theta.clone()
-                        for shrink in (1.0, *config.guard_shrink):
-                            cand.theta = fitted * shrink  # scaled back toward 1 when the guard is exceeded
-                            acc = problem.dev_accuracy(cand)
-                            g = problem.guard(cand)
-                            row = {"guard_weight": gw, "l1_weight": l1, "k": cand.n_active, "shrink": shrink,
-                                   "dev_accuracy": acc["all"], "guard_change": g / guard_before - 1.0, "chosen": False,
-                                   **{f"dev_{n}": v for n, v in acc.items() if n != "all"}}
-                            trials.append(row)
-                            bar.set_postfix_str(f"k={cand.n_active} x{shrink:g} dev_acc={acc['all']:.3f} "
-                                                f"guard={row['guard_change']:+.2%}")
-                            ok = row["guard_change"] <= config.max_guard_change
-                            key = (ok, acc["all"] if ok else -row["guard_change"], -cand.n_active)
-                            if best is None or key > best[0]:
-                                best = (key, cand.copy(), acc, g, len(trials) - 1)
-                            if ok:
-                                break
-                        timings.setdefault("dev_selection", 0.0)
-                        timings["dev_selection"] += time.perf_counter() - t1
-        _, chosen, dev_after, guard_after, ti = best
-        trials[ti]["chosen"] = True
-        if not best[0][0]:
+        with _timed(timings, "setup"):
+            problem = FitProblem(editor, tokenizer, train_rows, dev_rows, config)
+            base = ChannelFit(editor, heads, config.circuits, folded)
+            dev_before = problem.dev_accuracy(None, layer=base.first_layer())  # the cache the dense fit uses
+            guard_before = problem.guard(None, layer=base.first_layer())
+        search = _Search(problem, base, config, guard_before, timings)
+        with progress_bar(total=search.total_steps(), desc="fitting channel scales", enabled=config.progress) as bar:
+            search.run(bar, dense_from)
+        (within_guard, *_), chosen, dev_after, guard_after, ti = search.best
+        search.trials[ti]["chosen"] = True
+        if not within_guard:
             logger.warning("no dev candidate kept the guard change within %.2g; chose the one with the smallest "
                            "guard change (%+.2f%%)", config.max_guard_change, 100 * (guard_after / guard_before - 1.0))
         edits = chosen.edits()
@@ -337,33 +379,15 @@ def fit_edit(editor, tokenizer, train, dev, config: FitConfig | None = None, *, 
     test_after = None
     if test is not None:
         test_after = evaluate(model, tokenizer, test, progress=False).accuracy_by_length()
-    fit_data = {
-        "n_train": len(train_rows), "n_dev": len(dev_rows),
-        "train_lengths": sorted({int(r.get("list_length", len(r["items"]))) for r in train_rows}),
-        "train_templates": sorted({str(r.get("template", "")) for r in train_rows}),
-        "train_items": len({w for r in train_rows for w in r["items"]}),
-    }
     result = FitResult(
         edits=edits, components=chosen.component_table(), dev_before=dev_before, dev_after=dev_after,
-        guard_before=guard_before, guard_after=guard_after, trials=pd.DataFrame(trials), dense=dense, config=config,
-        fit_data=fit_data, timings=timings, heads=heads,
+        guard_before=guard_before, guard_after=guard_after, trials=pd.DataFrame(search.trials), dense=search.dense,
+        config=config, fit_data=_fit_data(train_rows, dev_rows), timings=timings, heads=heads,
         test_before={str(k): v for k, v in test_before.items()} if test_before else None,
         test_after={str(k): v for k, v in test_after.items()} if test_after else None,
     )
     result.plan = editor.export_plan()
-    split, before, after = (("test", test_before, test_after) if test is not None
-                            else ("dev", {int(k): v for k, v in dev_before.items() if k != "all"},
-                                  {int(k): v for k, v in dev_after.items() if k != "all"}))
-    editor.evaluation = {
-        "before": before, "after": after,
-        "note": (f"Accuracy on the {split} split by list length, before and after a fitted edit of "
-                 f"{result.n_components} singular components in {len(edits)} head circuits (th_edit.fit, "
-                 f"budget {config.budget}, heads {config.heads if isinstance(config.heads, str) else len(heads)}). "
-                 f"Fitted on {fit_data['n_train']} prompts (templates {', '.join(fit_data['train_templates'])}; "
-                 f"lengths {fit_data['train_lengths']}); k and term weights chosen on {fit_data['n_dev']} dev prompts "
-                 f"(dev accuracy {dev_before['all']:.3f} -> {dev_after['all']:.3f}). Guard loss on neutral text "
-                 f"{guard_before:.4f} -> {guard_after:.4f} ({result.guard_change:+.2%})."),
-    }
+    editor.evaluation = _evaluation_record(result, config, test is not None)
     logger.info("fitted %d components in %.1f s: dev %.3f -> %.3f, guard %+.2f%%", result.n_components,
                 timings["total_fit"], dev_before["all"], dev_after["all"], 100 * result.guard_change)
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -71,6 +72,39 @@ class FitConfig:
     """Memory bound of the layer cache; batches beyond it are recomputed."""
     progress: bool = True
     """Show a progress bar (loss, train and dev accuracy)."""
+
+    def validate(self) -> None:
+        """Raise :class:`th_edit.errors.InvalidArgumentError` naming the first bad field (called by
+        :func:`fit_edit` before anything is changed).
+
+        >>> FitConfig(budget=0).validate()
+        Traceback (most recent call last):
+        ...
+        th_edit.errors.InvalidArgumentError: budget=0 must be an integer >= 1 (components to keep).
+        """
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+            raise InvalidArgumentError(f"budget={self.budget!r} must be an integer >= 1 (components to keep).")
+        if not self.circuits:
+            raise InvalidArgumentError("circuits=() names no circuit: use ('ov',), ('qk',) or both.")
+        for c in self.circuits:
+            if c not in ("ov", "qk"):
+                raise InvalidArgumentError(f"circuit {c!r} is not one of ('ov', 'qk').")
+        for name in ("steps", "refit_steps", "rounds", "batch_size", "guard_tokens", "guard_texts_per_step",
+                     "attribution_prompts"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "refit_steps" else 1):
+                raise InvalidArgumentError(f"FitConfig.{name}={v!r} must be a positive integer.")
+        for name in ("lr", "refit_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise InvalidArgumentError(f"FitConfig.{name}={v!r} must be a positive finite number.")
+        if self.rank_by not in ("attribution", "effect", "log_scale"):
+            raise InvalidArgumentError(
+                f"FitConfig.rank_by={self.rank_by!r} must be 'attribution', 'effect' or 'log_scale'.")
+        if any(not (isinstance(f, (int, float)) and 0 < f < 1) for f in self.guard_shrink):
+            raise InvalidArgumentError(f"FitConfig.guard_shrink={self.guard_shrink!r}: each factor must lie in (0, 1).")
+        if not self.k_fractions or not self.guard_weights or not self.l1_weights:
+            raise InvalidArgumentError("k_fractions, guard_weights and l1_weights each need at least one value.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
