@@ -170,3 +170,46 @@ def test_failed_save_into_a_foreign_directory_changes_nothing(tmp_path, monkeypa
     with pytest.raises(OSError, match="No space"):
         editor.save_pretrained(out, overwrite=True)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["data", "data/mine.csv", "notes.txt"]
+
+
+_KILLED_SAVE = """
+import os, signal, sys
+from pathlib import Path
+from th_edit.utils.files import atomic_directory
+with atomic_directory(sys.argv[1]) as staging:
+    (staging / "model.safetensors").write_bytes(b"half written")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_save_leaves_a_staging_directory_that_the_next_save_removes(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    from th_edit.utils.files import _STAGING_PREFIX, _owner_tag
+
+    out = tmp_path / "out"
+    _edited().save_pretrained(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(out)], cwd=Path(__file__).parents[2])
+    assert proc.returncode == -9
+    left = [p for p in out.iterdir() if p.name.startswith(_STAGING_PREFIX)]
+    assert len(left) == 1 and (left[0] / "model.safetensors").read_bytes() == b"half written"
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the killed save changed nothing
+    # a set-aside directory of a killed commit (it may hold the only copy of replaced files) and a staging
+    # directory of a live save (this process) are kept
+    dead_pid = left[0].name[len(_STAGING_PREFIX):].split("-")[1]
+    host = _owner_tag().split("-")[0]
+    set_aside = out / f"{_STAGING_PREFIX}{host}-{dead_pid}-old-abc"
+    set_aside.mkdir()
+    (set_aside / "notes.txt").write_text("the only copy")
+    live = out / f"{_STAGING_PREFIX}{_owner_tag()}xyz"
+    live.mkdir()
+    with caplog.at_level("WARNING", logger="th_edit"):
+        _edited(seed=1).save_pretrained(out)
+    assert not left[0].exists()
+    assert (set_aside / "notes.txt").read_text() == "the only copy" and live.is_dir()
+    assert any("set aside" in r.getMessage() for r in caplog.records)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(reloaded.state_dict()["transformer.h.1.attn.c_proj.weight"],
+                       _edited(seed=1).model.state_dict()["transformer.h.1.attn.c_proj.weight"])

@@ -4,7 +4,8 @@
 by one, beside whatever else is there, the way ``transformers``' ``save_pretrained`` does. Nothing
 th_edit did not write is ever deleted: a manifest (:data:`MANIFEST`) lists what th_edit wrote, so a
 later save may remove its own stale files (old shards) and nothing else. A non-empty directory without
-a manifest is refused unless ``overwrite=True``. On any failure the replaced files are restored.
+a manifest is refused unless ``overwrite=True``. On any failure the replaced files are restored;
+a staging directory left by a save that was killed is removed by the next save into that directory.
 The staging directory sits inside the target (same file system, works on a mount point or under a
 read-only parent) and falls back to the system temp directory. Modes follow the umask.
 """
@@ -13,17 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..errors import HubError, OutputDirectoryError
 
-__all__ = ["MANIFEST", "atomic_directory", "replace_files", "read_manifest", "check_not_overlapping"]
+__all__ = ["MANIFEST", "atomic_directory", "replace_files", "read_manifest", "check_not_overlapping",
+           "clean_abandoned_staging"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +75,58 @@ def _check_target(target: Path, overwrite: bool) -> None:
         )
 
 
+def _owner_tag() -> str:
+    """``<host hash>-<pid>-``: names this process's staging directories, so that a later save can tell
+    an abandoned one (its process was killed) from one in use."""
+    host = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{host}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_abandoned_staging(target: Path) -> list[Path]:
+    """Remove staging directories that an earlier th_edit save on this host left in ``target`` when its
+    process was killed (SIGKILL, power loss) before it could clean up; returns those removed.
+
+    Only directories named by :func:`_owner_tag` for this host whose process no longer exists are
+    removed: they hold copies th_edit wrote and never moved into place. A set-aside directory
+    (``...-old-...``) of a save killed while committing may hold the only copy of replaced files: it is
+    never removed; a warning names it."""
+    removed: list[Path] = []
+    if not target.is_dir():
+        return removed
+    host = _owner_tag().split("-")[0]
+    for entry in target.iterdir():
+        if not entry.name.startswith(_STAGING_PREFIX) or not entry.is_dir() or entry.is_symlink():
+            continue
+        parts = entry.name[len(_STAGING_PREFIX):].split("-")
+        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit() or _pid_alive(int(parts[1])):
+            continue
+        if parts[2] == "old":
+            logger.warning("%s holds files an interrupted th_edit save set aside (it was killed while replacing "
+                           "them); check them and move back what you need, then delete it.", entry)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+        logger.info("removed %s, left by a th_edit save that was killed", entry)
+    return removed
+
+
 def _make_staging(target: Path) -> Path:
     """A staging directory inside ``target`` (same file system), else in the system temp directory."""
     try:
-        return Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=target))
+        return Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX + _owner_tag(), dir=target))
     except OSError as exc:
         logger.debug("cannot stage inside %s (%s); staging in the temp directory", target, exc)
-        return Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX))
+        return Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX + _owner_tag()))
 
 
 def _move(src: Path, dst: Path) -> None:
@@ -119,7 +168,7 @@ def _staged_files(staging: Path) -> list[str]:
 
 def _commit(staging: Path, target: Path, names: Iterable[str], stale: Iterable[str]) -> None:
     """Move ``names`` from ``staging`` into ``target`` and set aside ``stale``; undo it all on failure."""
-    backup = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX + "old-", dir=target))
+    backup = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX + _owner_tag() + "old-", dir=target))
     saved: list[str] = []
     moved: list[str] = []
     try:
@@ -174,6 +223,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False,
         created = _mkdirs(target)
     except OSError as exc:
         raise HubError(f"cannot create the output directory {target}: {exc}. Choose a writable location.") from exc
+    clean_abandoned_staging(target)
     staging = None
     try:
         try:
