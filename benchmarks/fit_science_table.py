@@ -1,10 +1,16 @@
-"""Render benchmarks/results/fit_science_<model>.json as a Markdown table.
+"""Render benchmarks/results/fit_science_<model>.json as a Markdown table, and compare two conditions
+prompt by prompt (paired difference with a 95% interval and an exact McNemar test on the test split).
 
-    python benchmarks/fit_science_table.py benchmarks/results/fit_science_smollm2.json
+    python benchmarks/fit_science_table.py benchmarks/results/fit_science_smollm2_current.json
+    python benchmarks/fit_science_table.py RESULTS.json --compare c_discovered_32 c_random_32_seed0
 """
 
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fit_science import paired  # noqa: E402  (the same statistics as the runs)
 
 
 def fmt_ci(lo_hi) -> str:
@@ -30,5 +36,21 @@ def main(path: str) -> None:
                       f"{fmt_ci(g['gain_ci'])} | {m['p']:.2g} ({m['fixed']}/{m['broken']}) | {size} | {row['guard_change']:+.2%} |")
 
 
+def compare(path: str, a: str, b: str, split: str = "test") -> None:
+    """Condition ``b`` against ``a`` on the same prompts: ``gain`` is b's accuracy minus a's."""
+    conds = json.loads(open(path).read())["conditions"]
+    oa, ob = (conds[n].get(f"{split}_outcomes") for n in (a, b))
+    if oa is None or ob is None:
+        raise SystemExit(f"{a} or {b} has no stored per-prompt outcomes for {split} (rerun it with this script)")
+    g = paired([c == "1" for c in oa], [c == "1" for c in ob])
+    m = g["mcnemar"]
+    print(f"| {b} vs {a} | {split} | {g['n']} | {g['before']:.3f} | {g['after']:.3f} | {g['gain']:+.3f} "
+          f"{fmt_ci(g['gain_ci'])} | {m['p']:.2g} ({m['fixed']}/{m['broken']}) |")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if "--compare" in sys.argv:
+        i = sys.argv.index("--compare")
+        compare(sys.argv[1], sys.argv[i + 1], sys.argv[i + 2])
+    else:
+        main(sys.argv[1])
