@@ -288,7 +288,8 @@ def main() -> None:
         editor.reset()
     # (c) discovered heads vs random heads, budget 32
     findings = None
-    if want("c_discovered_32") or any(want(f"c_random_32_seed{s}") for s in range(3)) or want("d_whole_head"):
+    if (want("c_discovered_32") or any(want(f"c_random_32_seed{s}") for s in range(3)) or want("d_whole_head")
+            or want("g_heads_of_256")):
         t1 = time.perf_counter()
         findings = editor.find_channels(train, progress=False)
         results["findings"] = {"movers": findings.meta.get("movers"), "inhibition_heads": findings.inhibition_heads,
@@ -389,6 +390,36 @@ def main() -> None:
             editor.scale_component(l, h, "ov", list(range(editor.d_head)), best["alpha"])
         record("d_whole_head", {"heads": inh, "alpha": best["alpha"], "trials": trials})
         editor.reset()
+    # (g) which heads carry the budget-256 edit: its components in the discovered heads alone, against its
+    # components in as many random heads (the seeds of (c)); nothing is refitted, the test split is read
+    # only for the table
+    if findings is not None and heads_disc and plan_dir.exists() and want("g_heads_of_256"):
+        from th_edit.edits.plan import EditPlan
+
+        plan_edits = EditPlan.load(plan_dir).edits
+        all_heads = [(l, h) for l in range(1, editor.n_layers) for h in range(editor.n_heads)]
+        subsets = {"discovered": heads_disc}
+        for s in range(3):
+            subsets[f"random_seed{s}"] = sorted(
+                random.Random(100 + s).sample([h for h in all_heads if h not in heads_disc], len(heads_disc)))
+        rows = {}
+        for name, heads in subsets.items():
+            keep = [e for e in plan_edits if (e.layer, e.head) in set(map(tuple, heads))]
+            for e in keep:
+                editor.apply_edit(e)
+            layer = first_edited_layer(editor)
+            after = scorers["test"].correct(layer)
+            rows[name] = {"heads": heads, "n_components": sum(len(e.components) for e in keep),
+                          "guard_change": guard_loss(model, tok) / base_guard - 1.0,
+                          "test": scorers["test"].by_length(baseline("test"), after),
+                          "test_outcomes": "".join("1" if c else "0" for c in after)}
+            logger.info("g_heads_of_256 %s: %d components, test gain %+.3f", name, rows[name]["n_components"],
+                        rows[name]["test"]["all"]["gain"])
+            editor.reset()
+        conds["g_heads_of_256"] = {"subsets": rows, "guard_change": float("nan"), "test": rows["discovered"]["test"],
+                                   "note": "the budget-256 edit restricted to the discovered heads; subsets: also "
+                                           "restricted to random heads"}
+        save()
     results["seconds"] = time.perf_counter() - t0
     save()
 

@@ -3,6 +3,7 @@ prompt by prompt (paired difference with a 95% interval and an exact McNemar tes
 
     python benchmarks/fit_science_table.py benchmarks/results/fit_science_smollm2_current.json
     python benchmarks/fit_science_table.py RESULTS.json --compare c_discovered_32 c_random_32_seed0
+    python benchmarks/fit_science_table.py RESULTS.json --compare g_heads_of_256/random_seed0 g_heads_of_256/discovered
 """
 
 import json
@@ -39,7 +40,12 @@ def main(path: str) -> None:
 def compare(path: str, a: str, b: str, split: str = "test") -> None:
     """Condition ``b`` against ``a`` on the same prompts: ``gain`` is b's accuracy minus a's."""
     conds = json.loads(open(path).read())["conditions"]
-    oa, ob = (conds[n].get(f"{split}_outcomes") for n in (a, b))
+
+    def row(name: str) -> dict:  # "cond" or "cond/subset" (the subsets of g_heads_of_256)
+        cond, _, sub = name.partition("/")
+        return conds[cond]["subsets"][sub] if sub else conds[cond]
+
+    oa, ob = (row(n).get(f"{split}_outcomes") for n in (a, b))
     if oa is None or ob is None:
         raise SystemExit(f"{a} or {b} has no stored per-prompt outcomes for {split} (rerun it with this script)")
     g = paired([c == "1" for c in oa], [c == "1" for c in ob])
