@@ -1,5 +1,5 @@
 """The demo pipeline: load a real model, map its channels, find the inhibition channels, fit an edit,
-compare discovered with random heads, and write a Markdown report with figures.
+check which heads carry it (discovered against random heads), and write a Markdown report with figures.
 
 Every choice is made on the train and dev splits; the test split is evaluated only for the report.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from ..edits.fit import resolve_heads
 from ..sharing.models import load_model
 from ..tasks.data import laundry_list
 from ..tasks.evaluate import evaluate
+from .demo_controls import heads_carrying_edit, refit_on_heads
 from .plots import plot_learned_scales
 from .report import write_report
 
@@ -37,8 +37,7 @@ class DemoResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-#: the demo's fits: one dev candidate (k = budget) and short fits, so the whole demo stays within minutes
-_QUICK = dict(k_fractions=(1.0,), steps=8, refit_steps=6)
+#: the demo's fit: one dev candidate (k = budget) and short fits, so the whole demo stays within minutes
 _MAIN_FIT = dict(k_fractions=(1.0,), steps=10, refit_steps=6, guard_weights=(2.0,), attribution_prompts=32)
 
 
@@ -51,20 +50,6 @@ class _Laps:
         self.timings[name] = round(time.perf_counter() - self._t, 2)
         self._t = time.perf_counter()
         logger.info("demo stage %s: %.1f s", name, self.timings[name])
-
-
-def _head_comparison(editor, train, dev, test, discovered, *, budget: int, seed: int, progress: bool) -> dict[str, Any]:
-    """Fit ``budget`` components on the discovered heads and on as many random other heads; test each once."""
-    rng = random.Random(seed)
-    others = [(l, h) for l in range(editor.n_layers) for h in range(editor.n_heads) if (l, h) not in set(discovered)]
-    random_heads = sorted(rng.sample(others, min(len(discovered), len(others))))
-    out = {}
-    for name, heads in (("discovered", discovered), ("random", random_heads)):
-        r = editor.fit_edit(train, dev, heads=heads, budget=budget, test=test, seed=seed, progress=progress, **_QUICK)
-        out[name] = {"heads": [list(h) for h in heads], "n_components": r.n_components, "test_before": r.test_before,
-                     "test_after": r.test_after, "guard_change": r.guard_change}
-        editor.reset()
-    return out
 
 
 def run_demo(
@@ -114,8 +99,8 @@ def run_demo(
     comparison = {}
     if compare_heads:
         say(f"discovered heads {findings.heads()} vs as many random heads, {control_budget} components each ...")
-        comparison = _head_comparison(editor, train, dev, test_weak, findings.heads(), budget=control_budget,
-                                      seed=seed, progress=progress)
+        comparison = refit_on_heads(editor, train, dev, test_weak, findings.heads(), budget=control_budget,
+                                    seed=seed, progress=progress)
         lap("discovered_vs_random")
     first = min(l for l, _ in resolve_heads(editor, heads, findings=findings))
     # the edit changes layers >= first only: the test split's lower layers run once for before and after
@@ -126,18 +111,24 @@ def run_demo(
             fit = editor.fit_edit(train, dev, heads=heads, budget=budget, findings=findings, seed=seed,
                                   progress=progress, **_MAIN_FIT)
         after = evaluate(editor.model, tokenizer, data["test"], progress=progress, desc="test (after)")
+        lap("fit_and_test")
+        say("the fitted edit restricted to the discovered heads vs to as many random fitted heads ...")
+        carried = heads_carrying_edit(editor, fit, findings.heads(), data["test"], seed=seed, progress=progress)
+        lap("heads_carrying_edit")
     editor.evaluation = {"before": before.accuracy_by_length(), "after": after.accuracy_by_length(),
                          "note": "Laundry List accuracy on the test split (never used for a choice)."}
-    lap("fit_and_test")
     editor.save_plan(out / "edit_plan")
     if save_model:
         editor.save_pretrained(out / "edited_model", overwrite=True)
     fit.components.to_csv(out / "fitted_components.csv", index=False)
     plot_learned_scales(fit.components, editor.n_layers, editor.n_heads, out / "learned_scales.png")
     summary = _summary(model, seed, fit, before, after, findings, comparison, lap.timings)
+    summary["edit_carried_by"] = carried
     report = write_report(out, title=f"th_edit demo: {model}", before=before, after=after, channel_map=cmap,
                           findings=findings, guard=(fit.guard_before, fit.guard_after),
-                          extra=_fit_section(fit, comparison, control_budget),
+                          extra=_fit_section(fit, comparison, control_budget)
+                          + _carried_section(carried, before.accuracy_by_length(), after.accuracy_by_length(),
+                                             fit.n_components, search_lengths),
                           meta={"model": model, "seed": seed, "lengths": list(lengths), "examples per length": n_per_length,
                                 "fit lengths": list(search_lengths), "stage times (s)": lap.timings, **_versions()})
     lap("report")
@@ -156,6 +147,30 @@ def _summary(model, seed, fit, before, after, findings, comparison, timings) -> 
         "discovered_vs_random": comparison, "top_components": fit.components.head(10).to_dict("records"),
         "fit_config": fit.config.to_dict(), "timings": timings, **_versions(),
     }
+
+
+def _mean_at(acc: dict, lengths) -> float:
+    vals = [acc[n] for n in lengths if n in acc]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _carried_section(carried, before: dict, after: dict, n_components: int, lengths) -> list[str]:
+    """Markdown lines: the fitted edit restricted to the discovered heads vs to as many random heads."""
+    if not carried:
+        return ["(No discovered head was among the fitted heads: no restriction comparison.)", ""]
+    fmt = lambda d: ", ".join(f"{k}: {v:.2f}" for k, v in d.items())  # noqa: E731
+    lines = ["## Which heads carry the fitted edit", "",
+             "The fitted edit applied only in the discovered heads, and only in as many randomly drawn fitted heads "
+             "(one seeded draw; nothing refitted; test split). Mean accuracy at the fit lengths "
+             f"{list(lengths)}.", "",
+             "| edit | components | test accuracy by length | mean at fit lengths |", "| :--- | ---: | :--- | ---: |",
+             f"| none | 0 | {fmt(before)} | {_mean_at(before, lengths):.3f} |",
+             f"| all fitted heads | {n_components} | {fmt(after)} | "
+             f"{_mean_at(after, lengths):.3f} |"]
+    for name, c in carried.items():
+        lines.append(f"| {name} heads only {c['heads']} | {c['n_components']} | {fmt(c['test_after'])} | "
+                     f"{_mean_at(c['test_after'], lengths):.3f} |")
+    return lines + [""]
 
 
 def _fit_section(fit, comparison, control_budget: int) -> list[str]:
