@@ -24,7 +24,13 @@ def main(path: str) -> None:
     print(f"### {res['model']}  (guard loss before: {res.get('guard_before', float('nan')):.4f})\n")
     print("| condition | split | n | before | after | gain [95% CI] | McNemar p (fixed/broken) | comps / params | guard change |")
     print("| :--- | :--- | ---: | ---: | ---: | :--- | :--- | ---: | ---: |")
+    rows = []
     for name, row in res.get("conditions", {}).items():
+        if "subsets" in row:  # g_heads_of_256: one row per restriction of the plan
+            rows += [(f"{name}/{sub}", r) for sub, r in row["subsets"].items()]
+        else:
+            rows.append((name, row))
+    for name, row in rows:
         size = row.get("n_components", row.get("trainable_params", ""))
         for split in ("test", "transfer", "recall", "ioi"):
             if split not in row:
