@@ -37,6 +37,19 @@ def test_restrictions_equal_fresh_partial_edits_and_the_edit_is_restored():
         res = evaluate(fresh.model, tok, test, progress=False)
         assert out[name]["test_after"] == res.accuracy_by_length()
         assert abs(out[name]["mean_p_target"] - float(res.records["p_target"].mean())) < 1e-6
+    # random components: as many as the discovered heads hold, outside them, each with its fitted scale
+    comps = out["random_components"]["components"]
+    assert len(comps) == out["random_components"]["n_components"] == 3
+    assert not {(l, h) for l, h, _ in comps} & {(1, 1), (2, 1)}
+    fresh, _ = _edited(set())
+    for layer, head, picked, alpha in EDITS:
+        mine = [c for l, h, c in comps if (l, h) == (layer, head)]
+        if mine:
+            assert set(mine) <= set(picked)
+            fresh.scale_component(layer, head, "ov", mine, alpha)
+    res = evaluate(fresh.model, tok, test, progress=False)
+    assert out["random_components"]["test_after"] == res.accuracy_by_length()
+    assert abs(out["random_components"]["mean_p_target"] - float(res.records["p_target"].mean())) < 1e-6
     full = float(evaluate(editor.model, tok, test, progress=False).records["p_target"].mean())
     assert abs(full - out["discovered"]["mean_p_target"]) > 1e-4  # the restriction changes the outputs
     assert all(torch.equal(v, editor.model.state_dict()[k]) for k, v in weights.items())
