@@ -73,14 +73,16 @@ def make_tokenizer(words):
                                    unk_token="[UNK]")
 
 
-def laundry_words() -> list[str]:
-    """Every word and punctuation mark the th_edit task templates can produce."""
+def laundry_words(every_pool: bool = False) -> list[str]:
+    """Every word and punctuation mark the th_edit task templates can produce (with ``every_pool``, the
+    other item pools and omitted-item wordings too; off by default, so the tiny models stay as they were)."""
     import re
 
     from th_edit.tasks import data
 
-    words = list(data.ITEMS) + list(data.NAMES)
-    for template in ("omitted", "recall"):
+    pools = data.ITEM_POOLS.values() if every_pool else [data.ITEMS]
+    words = [w for pool in pools for w in pool] + list(data.NAMES)
+    for template in ((*data.OMITTED_TEMPLATES, "recall") if every_pool else ("omitted", "recall")):
         for row in data.laundry_list(None, lengths=[2, 3], n_per_length=8, template=template)["train"]:
             words += re.findall(r"\w+|[^\w\s]+", row["prompt"])
     for t in data._IOI_TEMPLATES:
@@ -88,13 +90,13 @@ def laundry_words() -> list[str]:
     return list(dict.fromkeys(words))
 
 
-def laundry_tokenizer():
+def laundry_tokenizer(every_pool: bool = False):
     """A word-level tokenizer covering the task templates (one token per word)."""
-    return make_tokenizer(laundry_words())
+    return make_tokenizer(laundry_words(every_pool))
 
 
-def laundry_model(arch: str = "llama", seed: int = 0, **overrides):
+def laundry_model(arch: str = "llama", seed: int = 0, every_pool: bool = False, **overrides):
     """A tiny random ``arch`` model whose vocabulary matches :func:`laundry_tokenizer`."""
-    tok = laundry_tokenizer()
+    tok = laundry_tokenizer(every_pool)
     return make_model(arch, seed=seed, vocab_size=len(tok), max_position_embeddings=256,
                       **({"n_positions": 256} if arch in ("gpt2", "gptj") else {}), **overrides), tok

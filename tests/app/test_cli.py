@@ -146,3 +146,18 @@ def test_demo_runs_end_to_end_and_is_deterministic(capsys, model_dir, tmp_path):
     for fig in ("accuracy_by_length.png", "accuracy_by_position.png", "heatmap_top_mover.png", "learned_scales.png"):
         assert (tmp_path / "d1" / fig).is_file()
     assert (tmp_path / "d1" / "edit_plan" / "edit_plan.json").is_file()
+
+
+def test_templates_and_item_pools_are_selectable(capsys, tmp_path):
+    model, tok = laundry_model("llama", seed=3, every_pool=True)
+    model_dir = tmp_path / "m"
+    ChannelEditor(model).save_pretrained(model_dir, tokenizer=tok)
+    code, out, _ = run(capsys, "eval", str(model_dir), "--template", "omitted_packed", "--items", "toys",
+                       "--lengths", "3", "--n", "8", "--report", str(tmp_path / "r"), "--json")
+    assert code == 0 and json.loads(out)["before"]["by_length"]
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "template: omitted_packed" in report and "items: toys" in report
+    code, _, err = run(capsys, "eval", str(model_dir), "--items", "garden", "--n", "4")
+    assert code == 2 and "not a pool name" in err and "toys" in err
+    code, _, err = run(capsys, "eval", str(model_dir), "--template", "omited", "--n", "4")
+    assert code == 2 and "omitted_packed" in err

@@ -68,6 +68,8 @@ def test_bad_arguments_are_clear_errors(tok):
         laundry_list(tok, lengths=[500])
     with pytest.raises(InvalidArgumentError, match="template="):
         laundry_list(tok, template="nope")
+    with pytest.raises(InvalidArgumentError, match="only 1 of the items have a known, distinct first token"):
+        laundry_list(tok, lengths=[2], items=["milk", "zzyzxq-unknown"])
     with pytest.raises(InvalidArgumentError, match="distinct"):
         laundry_list(tok, lengths=[2], n_per_length=10_000, items=["milk", "bread"])
     assert len(usable_words(tok, ITEMS)) == len(ITEMS)

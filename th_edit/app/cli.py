@@ -11,6 +11,7 @@ Every command runs under ``accelerate launch``; only the main process writes fil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -58,7 +59,11 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
 def _data_args(p: argparse.ArgumentParser, lengths=(3, 5, 8, 10, 15, 20), n=60) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=list(lengths), help="list lengths (default %(default)s)")
     p.add_argument("--n", type=int, default=n, help="examples per length, all splits together (default %(default)s)")
-    p.add_argument("--template", default="omitted", choices=["omitted", "recall"], help="Laundry List template")
+    p.add_argument("--template", default="omitted",
+                   help="task template: omitted (default), omitted_packed, omitted_shopping, omitted_lent, recall "
+                        "or ioi (th_edit.data.TEMPLATES)")
+    p.add_argument("--items", default=None,
+                   help="item pool: household (default), toys or hardware (th_edit.data.ITEM_POOLS)")
     p.add_argument("--batch-size", type=int, default=16)
 
 
@@ -150,7 +155,8 @@ def _load(args):
 def _data(args, tokenizer):
     from ..tasks.data import laundry_list
 
-    return laundry_list(tokenizer, lengths=args.lengths, n_per_length=args.n, seed=args.seed, template=args.template)
+    return laundry_list(tokenizer, lengths=args.lengths, n_per_length=args.n, seed=args.seed, template=args.template,
+                        items=args.items)
 
 
 def cmd_analyze(args, out: _Out) -> dict[str, Any]:
@@ -283,7 +289,8 @@ def cmd_eval(args, out: _Out) -> dict[str, Any]:
 
         path = write_report(args.report, title=f"th_edit evaluation: {args.model}", before=before, after=after,
                             guard=guard, meta={"model": args.model, "plan": args.plan, "split": args.split,
-                                               "seed": args.seed, "template": args.template})
+                                               "seed": args.seed, "template": args.template,
+                                               "items": args.items or "household"})
         out.say(f"report: {path}")
         payload["report"] = str(path)
     return payload
@@ -385,13 +392,36 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="th-edit: %(message)s")
     out = _Out(args)
     try:
-        payload = COMMANDS[args.command](args, out)
+        with _library_bars(enabled=not (args.quiet or args.json)):
+            payload = COMMANDS[args.command](args, out)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes a message and an exit code
         return _fail(exc, argv, args.command)
     out.result({"command": args.command, **payload})
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _library_bars(enabled: bool):
+    """Silence the progress bars of datasets and transformers (dataset generation, weight loading) for the
+    call when ``enabled`` is false; restored afterwards."""
+    if enabled:
+        yield
+        return
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    was = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            datasets.enable_progress_bars()
+        if was[1]:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -215,6 +215,11 @@ def _build(template: str, tokenizer, lengths: Sequence[int], n_per_length: int, 
         name_pool = list(names or NAMES)
     lengths = [int(n) for n in lengths]
     pool = name_pool if template == "ioi" else words
+    if len(pool) < 2:
+        what = "names" if template == "ioi" else "items"
+        raise InvalidArgumentError(
+            f"only {len(pool)} of the {what} have a known, distinct first token for this tokenizer; a list needs "
+            f"at least 2: pass another pool or your own {what}.")
     for n in lengths:
         if n < 2 or n > len(pool):
             raise InvalidArgumentError(
