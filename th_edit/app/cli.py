@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-lengths", type=int, nargs="+", default=[5, 8, 10])
     p.add_argument("--search", choices=["fit", "grid"], default="fit",
                    help="--auto: learn per-component scales (fit, default) or the greedy single-component grid")
-    p.add_argument("--heads", default="discovered",
-                   help="--auto --search fit: 'all', 'upper' (layers >= L/2), 'discovered' (default) or L.H,L.H,...")
+    p.add_argument("--heads", default="all",
+                   help="--auto --search fit: 'all' (default, as fit_edit), 'upper' (layers >= L/2), 'discovered' "
+                        "(movers, inhibition and duplicate heads of find_channels) or L.H,L.H,...")
     p.add_argument("--budget", type=int, default=256, help="--auto --search fit: most components changed")
     p.add_argument("--adapter", action="store_true", help="also write a PEFT LoRA adapter to OUT/adapter")
     p.add_argument("--out", required=True, help="directory for the edited model, its plan and card (never the "
