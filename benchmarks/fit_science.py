@@ -419,6 +419,24 @@ def main() -> None:
         conds["g_heads_of_256"] = {"subsets": rows, "note": "the budget-256 edit restricted to the discovered "
                                                             "heads, and to as many random heads"}
         save()
+    # (h) heads chosen by the fit itself: as many heads as discovery found, those holding most of the
+    # budget-256 edit (sum of |log scale| over each head's components; that plan was chosen on train and dev
+    # only), fitted at budget 32 exactly as (c). Does any choice of heads beat random ones at this budget?
+    n_disc = len(heads_disc or results.get("findings", {}).get("discovered_heads", []))
+    if want("h_fit_heads_32") and plan_dir.exists() and n_disc:
+        from th_edit.edits.plan import EditPlan
+
+        mass: dict = {}
+        for e in EditPlan.load(plan_dir).edits:
+            mass[(e.layer, e.head)] = mass.get((e.layer, e.head), 0.0) + sum(abs(math.log(a)) for a in e.scales)
+        heads = sorted(sorted(mass, key=lambda h: -mass[h])[:n_disc])
+        t1 = time.perf_counter()
+        r = fit_edit(editor, tok, train, dev, FitConfig(heads=heads, budget=32, **dense_cfg))
+        info = fit_info(r)
+        info.update(fit_seconds=time.perf_counter() - t1, selection="the heads of largest sum |log scale| in the "
+                    "budget-256 plan", head_mass={f"{l}.{h}": mass[(l, h)] for l, h in heads})
+        record("h_fit_heads_32", info)
+        editor.reset()
     results["seconds"] = time.perf_counter() - t0
     save()
 

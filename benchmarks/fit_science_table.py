@@ -4,10 +4,13 @@ prompt by prompt (paired difference with a 95% interval and an exact McNemar tes
     python benchmarks/fit_science_table.py benchmarks/results/fit_science_smollm2_current.json
     python benchmarks/fit_science_table.py RESULTS.json --compare c_discovered_32 c_random_32_seed0
     python benchmarks/fit_science_table.py RESULTS.json --compare g_heads_of_256/random_seed0 g_heads_of_256/discovered
+    python benchmarks/fit_science_table.py RESULTS.json --mass   # where the budget-256 edit sits, by head and layer
 """
 
 import json
+import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -60,8 +63,32 @@ def compare(path: str, a: str, b: str, split: str = "test") -> None:
           f"{fmt_ci(g['gain_ci'])} | {m['p']:.2g} ({m['fixed']}/{m['broken']}) |")
 
 
+def mass(path: str, top: int = 12) -> None:
+    """Where the budget-256 plan (``RESULTS.plan256``) sits: sum of |log scale| per head and per layer, and
+    the share in the discovered heads of the results' findings."""
+    plan = json.loads((Path(path).with_suffix(".plan256") / "edit_plan.json").read_text())
+    found = {tuple(h) for h in json.loads(open(path).read()).get("findings", {}).get("discovered_heads", [])}
+    per_head, n_comp = Counter(), Counter()
+    for e in plan["edits"]:
+        scales = e.get("alphas") or [e["alpha"]] * len(e["components"])
+        per_head[(e["layer"], e["head"])] += sum(abs(math.log(a)) for a in scales)
+        n_comp[(e["layer"], e["head"])] += len(e["components"])
+    total = sum(per_head.values())
+    print(f"{len(per_head)} heads edited; share of sum |log scale| in the {len(found)} discovered heads: "
+          f"{sum(per_head[h] for h in found) / total:.1%} ({sum(n_comp[h] for h in found)} components)")
+    print("| head | sum abs log scale | share | components | discovered |\n| :--- | ---: | ---: | ---: | :---: |")
+    for (l, h), v in per_head.most_common(top):
+        print(f"| {l}.{h} | {v:.2f} | {v / total:.1%} | {n_comp[(l, h)]} | {'yes' if (l, h) in found else ''} |")
+    layers = Counter()
+    for (l, _), v in per_head.items():
+        layers[l] += v
+    print("by layer: " + ", ".join(f"{l}: {v / total:.0%}" for l, v in sorted(layers.items())))
+
+
 if __name__ == "__main__":
-    if "--compare" in sys.argv:
+    if "--mass" in sys.argv:
+        mass(sys.argv[1])
+    elif "--compare" in sys.argv:
         i = sys.argv.index("--compare")
         compare(sys.argv[1], sys.argv[i + 1], sys.argv[i + 2])
     else:

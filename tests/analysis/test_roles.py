@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from th_edit import ChannelEditor
 from th_edit.data import laundry_list
 from th_edit.analysis.roles import (
-    _final_norm_linear, inhibition_score, mover_scores, receiver_gap, repeated_tokens, sequence_roles, sequence_scores,
+    _norm_linear, inhibition_score, mover_scores, receiver_gap, repeated_tokens, sequence_roles, sequence_scores,
 )
 from th_edit.tasks.batching import PromptBatch, eager_attention, item_positions
 from tiny_models import laundry_model
@@ -100,7 +100,7 @@ def test_frozen_scale_final_norm_reproduces_the_logits(arch):
         logits = model(ids).logits[0, -1]
     handle.remove()
     x = captured["x"][0, -1:]
-    norm = _final_norm_linear(editor.layout, x)
+    norm = _norm_linear(editor.layout.final_norm_params(), x)
     bias = getattr(model.get_submodule(editor.layout.spec.final_norm), "bias", None)
     y = norm(x) + (0 if bias is None else bias.detach())
     assert torch.allclose(y @ model.get_output_embeddings().weight.T, logits, atol=1e-4)
@@ -168,3 +168,30 @@ def test_eager_attention_is_switched_on_and_restored():
     with eager_attention(model):
         assert model.config._attn_implementation == "eager"
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text", "llama", "gemma"])
+def test_head_outputs_through_the_post_attention_norm_add_up_to_what_the_block_writes(arch):
+    """Gemma2/3 normalise the attention output before the residual add; the frozen-scale linearisation of
+    that norm, applied to each head's W_O z and summed, is exactly the norm's output. Llama and Gemma 1
+    have no such norm (their ``post_attention_layernorm`` is the pre-MLP norm)."""
+    model, tok = laundry_model(arch, seed=4)
+    editor = ChannelEditor(model)
+    layout, layer = editor.layout, 1
+    params = layout.post_attn_norm_params(layer)
+    if arch in ("llama", "gemma"):
+        assert params is None
+        return
+    got = {}
+    block = layout.blocks[layer]
+    hooks = [layout.out_module(layer).register_forward_pre_hook(lambda m, a: got.__setitem__("z", a[0].detach())),
+             layout.out_module(layer).register_forward_hook(lambda m, a, o: got.__setitem__("o", o.detach())),
+             block.post_attention_layernorm.register_forward_hook(lambda m, a, o: got.__setitem__("written", o.detach()))]
+    with torch.no_grad():
+        model(torch.tensor([tok("Mary bought milk and eggs.")["input_ids"]]))
+    for h in hooks:
+        h.remove()
+    z = got["z"][0].view(-1, editor.n_heads, editor.d_head)  # [T, H, dh]
+    heads = torch.stack([z[:, h] @ layout.out_weight(layer, h).detach() for h in range(editor.n_heads)], 1)  # [T, H, d]
+    lin = _norm_linear(params, got["o"][0])
+    assert torch.allclose(lin(heads).sum(1), got["written"][0], atol=1e-5)

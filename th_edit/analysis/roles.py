@@ -88,10 +88,13 @@ def sequence_roles(model, *, n: int = 16, length: int = 20, seed: int = 0, batch
     return {k: v / n for k, v in sums.items()}
 
 
-def _final_norm_linear(layout, x_last: torch.Tensor):
-    """The final norm at the observed inputs ``x_last [B, d]``, linearised with its scale frozen:
-    returns ``f(c) = (C c) / sigma * g`` for head contributions ``c [B, ..., d]``."""
-    kind, gain, _, eps = layout.final_norm_params()
+def _norm_linear(params, x_last: torch.Tensor):
+    """A norm (``params`` = ``(kind, gain, bias, eps)`` of the layout) at the observed inputs ``x_last [B, d]``,
+    linearised with its scale frozen: returns ``f(c) = (C c) / sigma * g`` for contributions ``c [B, ..., d]``
+    (``C`` centres for LayerNorm; the identity when ``params`` is None, i.e. no such norm)."""
+    if params is None:
+        return lambda c: c
+    kind, gain, _, eps = params
     g = torch.ones(x_last.shape[-1]) if gain is None else gain.detach().float().cpu()
     x = x_last.float()
     centred = kind == "layernorm"
@@ -117,12 +120,20 @@ def mover_scores(editor, tokenizer, dataset, *, batch_size: int = 8, limit: int 
     batches = prompt_batches(tokenizer, dataset, batch_size, limit)
     captured: dict[Any, torch.Tensor] = {}
 
+    post = [layout.post_attn_norm_params(l) for l in range(L)]  # Gemma2/3: a norm on the attention output
+
     def save(key):
         def hook(module, args):
             captured[key] = args[0].detach()
         return hook
 
+    def save_out(key):
+        def hook(module, args, output):
+            captured[key] = output.detach()
+        return hook
+
     handles = [layout.out_module(l).register_forward_pre_hook(save(l)) for l in range(L)]
+    handles += [layout.out_module(l).register_forward_hook(save_out(("o", l))) for l in range(L) if post[l] is not None]
     handles.append(model.get_submodule(layout.spec.final_norm).register_forward_pre_hook(save("final")))
     sums = {k: torch.zeros(L, H) for k in ("attn_target", "attn_others", "logit_diff", "mover_score")}
     n = 0
@@ -131,11 +142,13 @@ def mover_scores(editor, tokenizer, dataset, *, batch_size: int = 8, limit: int 
             for pb in batches:
                 out = pb.run(model, output_attentions=True)
                 rows = torch.arange(len(pb))
-                norm = _final_norm_linear(layout, captured["final"][rows, pb.last].float().cpu())
+                norm = _norm_linear(layout.final_norm_params(), captured["final"][rows, pb.last].float().cpu())
                 for l in range(L):
                     tgt, oth = pb.split_attention(out.attentions[l].cpu())  # [B, H]
                     z = captured[l][rows, pb.last].float().cpu().view(len(pb), H, dh)  # [B, H, dh]
-                    contrib = norm(torch.einsum("bhk,hkd->bhd", z, W_O[l]))  # [B, H, d]
+                    written = _norm_linear(post[l], captured[("o", l)][rows, pb.last].float().cpu()
+                                           if post[l] is not None else None)
+                    contrib = norm(written(torch.einsum("bhk,hkd->bhd", z, W_O[l])))  # [B, H, d]
                     diff = torch.zeros(len(pb), H)
                     for b in range(len(pb)):
                         cand = torch.tensor(pb.candidates[b])

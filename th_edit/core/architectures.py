@@ -40,6 +40,10 @@ class ArchSpec:
         unsupported_flags: config flags that make the model unsupported, with the reason.
         final_norm: path from the ``*ForCausalLM`` module to the norm before the unembedding (same kind as
             ``norm_kind``); used for direct logit attribution.
+        post_attn_norm: path, relative to a block, of a norm applied to the attention output before it is
+            added to the residual stream (Gemma2/Gemma3 "sandwich" norms; same kind as ``norm_kind``), or None.
+            Direct logit attribution linearises it like the final norm. (In Llama and Gemma 1 the module
+            called ``post_attention_layernorm`` is the pre-MLP norm, so they have None here.)
     """
 
     layers: str
@@ -57,6 +61,7 @@ class ArchSpec:
     norm_enabled_flag: str | None = None
     unsupported_flags: tuple[tuple[str, str], ...] = ()
     final_norm: str = "model.norm"
+    post_attn_norm: str | None = None
 
 
 _LLAMA = ArchSpec(
@@ -86,10 +91,10 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen3": ArchSpec(**{**_LLAMA.__dict__, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}),
     "smollm3": _LLAMA,
     "gemma": _GEMMA,
-    "gemma2": _GEMMA,
+    "gemma2": ArchSpec(**{**_GEMMA.__dict__, "post_attn_norm": "post_attention_layernorm"}),
     "gemma3_text": ArchSpec(
         **{**_GEMMA.__dict__, "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm",
-           "qk_norm_kind": "rmsnorm_plus_one"}
+           "qk_norm_kind": "rmsnorm_plus_one", "post_attn_norm": "post_attention_layernorm"}
     ),
     "opt": ArchSpec(
         layers="model.decoder.layers", attn_norm="self_attn_layer_norm", norm_kind="layernorm",

@@ -224,9 +224,18 @@ class AttentionLayout:
 
     def final_norm_params(self) -> tuple[str, torch.Tensor | None, torch.Tensor | None, float]:
         """``(kind, effective gain [d], bias [d], eps)`` of the norm before the unembedding."""
-        mod = self.model.get_submodule(self.spec.final_norm)
+        return self._norm_params(self.model.get_submodule(self.spec.final_norm))
+
+    def _norm_params(self, mod: nn.Module) -> tuple[str, torch.Tensor | None, torch.Tensor | None, float]:
         eps = float(next((getattr(mod, a) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(mod, a)), 1e-5))
         return self.spec.norm_kind, self._effective_gain(mod, self.spec.norm_kind), self._param(mod, "bias"), eps
+
+    def post_attn_norm_params(self, layer: int) -> tuple[str, torch.Tensor | None, torch.Tensor | None, float] | None:
+        """``(kind, effective gain [d], bias [d], eps)`` of the norm on ``layer``'s attention output before the
+        residual add (Gemma2/3), or None when the architecture has none."""
+        if self.spec.post_attn_norm is None:
+            return None
+        return self._norm_params(self.module(layer, self.spec.post_attn_norm))
 
     def qk_gains(self, layer: int, head: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Effective ``[d_h]`` gains of the per-head query and key norms, or ``(None, None)``."""
