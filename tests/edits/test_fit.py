@@ -258,3 +258,19 @@ def test_new_templates_and_pools():
         assert [w for w in row["items"] if f"the {w}" not in tail] == [row["target"]]
     with pytest.raises(InvalidArgumentError, match="pool name"):
         laundry_list(None, lengths=[3], n_per_length=4, items="nope")
+
+
+def test_top_heads_ranks_heads_by_the_edit_they_hold(task):
+    model, tok, ds = task
+    editor = ChannelEditor(model, tokenizer=tok)
+    r = fit_edit(editor, tok, ds["train"], ds["dev"], FitConfig(**{**FAST, "budget": 12}))
+    editor.reset()
+    # independent: from the applied edits' own per-component scales
+    mass = {}
+    for e in r.edits:
+        mass[(e.layer, e.head)] = mass.get((e.layer, e.head), 0.0) + sum(abs(torch.tensor(a).log().item()) for a in e.scales)
+    ranked = sorted(mass, key=lambda h: (-mass[h], h))
+    for n in (1, 2, len(mass), len(mass) + 3):
+        assert r.top_heads(n) == sorted(ranked[:n])
+    with pytest.raises(InvalidArgumentError, match="positive integer"):
+        r.top_heads(0)
