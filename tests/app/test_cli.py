@@ -136,13 +136,12 @@ def test_demo_runs_end_to_end_and_is_deterministic(capsys, model_dir, tmp_path):
     for section in ("## Accuracy", "## Guard metric", "## Channels found", "## Fitted edit",
                     "## Discovered vs random heads", "## Run"):
         assert section in report
-    carried = summaries[0]["edit_carried_by"]
-    if carried:  # the fitted edit restricted to discovered / random heads: a subset of its components each
-        assert "## Which heads carry the fitted edit" in report
-        for sub in carried.values():
-            assert 0 < sub["n_components"] <= summaries[0]["n_components"]
-    else:
-        assert "No discovered head was among the fitted heads" in report
+    carried = summaries[0]["edit_carried_by"]  # the fitted edit restricted to discovered / random heads
+    assert set(carried) == {"discovered", "random", "random_components"}
+    assert "## Which heads carry the fitted edit" in report and "heads holding most of it are" in report
+    for sub in carried.values():
+        assert 0 < sub["n_components"] <= summaries[0]["n_components"]
+    assert carried["random_components"]["n_components"] == carried["discovered"]["n_components"]
     for fig in ("accuracy_by_length.png", "accuracy_by_position.png", "heatmap_top_mover.png", "learned_scales.png"):
         assert (tmp_path / "d1" / fig).is_file()
     assert (tmp_path / "d1" / "edit_plan" / "edit_plan.json").is_file()

@@ -128,7 +128,7 @@ def run_demo(
                           findings=findings, guard=(fit.guard_before, fit.guard_after),
                           extra=_fit_section(fit, comparison, control_budget)
                           + _carried_section(carried, before.accuracy_by_length(), after.accuracy_by_length(),
-                                             fit.n_components, search_lengths),
+                                             fit, search_lengths),
                           meta={"model": model, "seed": seed, "lengths": list(lengths), "examples per length": n_per_length,
                                 "fit lengths": list(search_lengths), "stage times (s)": lap.timings, **_versions()})
     lap("report")
@@ -154,10 +154,15 @@ def _mean_at(acc: dict, lengths) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def _carried_section(carried, before: dict, after: dict, n_components: int, lengths) -> list[str]:
-    """Markdown lines: the fitted edit restricted to the discovered heads vs to as many random heads."""
+def _carried_section(carried, before: dict, after: dict, fit, lengths) -> list[str]:
+    """Markdown lines: the fitted edit restricted to the discovered heads vs to as many random heads, and the
+    heads that hold most of it."""
     if not carried:
         return ["(No discovered head was among the fitted heads: no restriction comparison.)", ""]
+    n_components = fit.n_components
+    mass = fit.components.assign(m=fit.components.log_scale.abs()).groupby(["layer", "head"]).m.sum()
+    top = fit.top_heads(len(carried["discovered"]["heads"]))
+    share = lambda heads: float(sum(mass.get(tuple(h), 0.0) for h in heads) / mass.sum())  # noqa: E731
     fmt = lambda d: ", ".join(f"{k}: {v:.2f}" for k, v in d.items())  # noqa: E731
     lines = ["## Which heads carry the fitted edit", "",
              "The fitted edit applied only in the discovered heads, only in as many randomly drawn fitted heads, and "
@@ -173,7 +178,9 @@ def _carried_section(carried, before: dict, after: dict, n_components: int, leng
                  if name == "random_components" else f"{name} heads only {c['heads']}")
         lines.append(f"| {label} | {c['n_components']} | {fmt(c['test_after'])} | "
                      f"{_mean_at(c['test_after'], lengths):.3f} |")
-    return lines + [""]
+    return lines + ["", f"The discovered heads hold {share(carried['discovered']['heads']):.0%} of the edit (sum of |log scale|); "
+                    f"the {len(top)} heads holding most of it are {', '.join(f'{l}.{h}' for l, h in top)} "
+                    f"({share(top):.0%}; `FitResult.top_heads`, a starting point for a sparse refit).", ""]
 
 
 def _fit_section(fit, comparison, control_budget: int) -> list[str]:
