@@ -45,3 +45,10 @@ def test_positional_subspace(tiny_dir, tmp_path, run_example):
 def test_ioi_channels(tiny_dir, run_example):
     out = run_example("ioi_channels.py", str(tiny_dir), "--n", "24", "--n-prompts", "6")
     assert "removing top inhibition channel" in out and "removing control" in out
+
+
+def test_sparse_fit(tiny_dir, tmp_path, run_example):
+    out = run_example("sparse_fit.py", str(tiny_dir), "--lengths", "3", "5", "--n", "16", "--wide-budget", "12",
+                      "--heads", "2", "--budget", "4", "--out", str(tmp_path / "p"))
+    assert "heads holding most of it:" in out and "those heads only" in out
+    assert (tmp_path / "p" / "edit_plan.json").is_file()
