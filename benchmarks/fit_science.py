@@ -286,6 +286,30 @@ def main() -> None:
         record("e_transfer_256", {"plan": str(plan_dir), "note": "the b_budget_256 edit, re-applied from its plan"},
                splits=("test", "transfer", "recall", "ioi"))
         editor.reset()
+    # outcomes of the budget-256 plan for runs recorded before per-prompt outcomes were stored: the plan is
+    # re-applied and each split evaluated again; the accuracies must equal the recorded ones
+    if "refresh_256_outcomes" in only and plan_dir.exists():
+        from th_edit.edits.plan import EditPlan
+
+        for e in EditPlan.load(plan_dir).edits:
+            editor.apply_edit(e)
+        layer = first_edited_layer(editor)
+        for name, splits in (("b_budget_256", ("test",)), ("e_transfer_256", ("test", "transfer", "recall", "ioi"))):
+            row = conds.get(name)
+            if row is None:
+                continue
+            for split in splits:
+                if f"{split}_outcomes" in row:
+                    continue
+                after = scorers[split].correct(layer)
+                again = scorers[split].by_length(baseline(split), after)
+                if abs(again["all"]["after"] - row[split]["all"]["after"]) > 1e-9:
+                    raise SystemExit(f"{name} {split}: re-applied plan gives {again['all']['after']}, "
+                                     f"recorded {row[split]['all']['after']}")
+                row[f"{split}_outcomes"] = "".join("1" if c else "0" for c in after)
+                logger.info("%s %s: outcomes stored (accuracy %.3f, as recorded)", name, split, again["all"]["after"])
+        save()
+        editor.reset()
     # (c) discovered heads vs random heads, budget 32
     findings = None
     if (want("c_discovered_32") or any(want(f"c_random_32_seed{s}") for s in range(3)) or want("d_whole_head")
