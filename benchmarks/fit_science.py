@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -112,6 +113,17 @@ class Scorer:
             idx = [i for i, m in enumerate(self.lengths) if m == n]
             res[str(n)] = paired([before[i] for i in idx], [after[i] for i in idx])
         return res
+
+
+def plan_head_mass(plan_dir: Path) -> tuple[Counter, Counter]:
+    """``(sum of |log scale|, number of components)`` per ``(layer, head)`` of a saved plan."""
+    from th_edit.edits.plan import EditPlan
+
+    mass, n_comp = Counter(), Counter()
+    for e in EditPlan.load(plan_dir).edits:
+        mass[(e.layer, e.head)] += sum(abs(math.log(a)) for a in e.scales)
+        n_comp[(e.layer, e.head)] += len(e.components)
+    return mass, n_comp
 
 
 def first_edited_layer(editor) -> int:
@@ -448,11 +460,7 @@ def main() -> None:
     # only), fitted at budget 32 exactly as (c). Does any choice of heads beat random ones at this budget?
     n_disc = len(heads_disc or results.get("findings", {}).get("discovered_heads", []))
     if want("h_fit_heads_32") and plan_dir.exists() and n_disc:
-        from th_edit.edits.plan import EditPlan
-
-        mass: dict = {}
-        for e in EditPlan.load(plan_dir).edits:
-            mass[(e.layer, e.head)] = mass.get((e.layer, e.head), 0.0) + sum(abs(math.log(a)) for a in e.scales)
+        mass, _ = plan_head_mass(plan_dir)
         heads = sorted(sorted(mass, key=lambda h: -mass[h])[:n_disc])
         t1 = time.perf_counter()
         r = fit_edit(editor, tok, train, dev, FitConfig(heads=heads, budget=32, **dense_cfg))

@@ -8,13 +8,12 @@ prompt by prompt (paired difference with a 95% interval and an exact McNemar tes
 """
 
 import json
-import math
 import sys
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fit_science import paired  # noqa: E402  (the same statistics as the runs)
+from fit_science import paired, plan_head_mass  # noqa: E402  (the same statistics as the runs)
 
 
 def fmt_ci(lo_hi) -> str:
@@ -66,13 +65,8 @@ def compare(path: str, a: str, b: str, split: str = "test") -> None:
 def mass(path: str, top: int = 12) -> None:
     """Where the budget-256 plan (``RESULTS.plan256``) sits: sum of |log scale| per head and per layer, and
     the share in the discovered heads of the results' findings."""
-    plan = json.loads((Path(path).with_suffix(".plan256") / "edit_plan.json").read_text())
     found = {tuple(h) for h in json.loads(open(path).read()).get("findings", {}).get("discovered_heads", [])}
-    per_head, n_comp = Counter(), Counter()
-    for e in plan["edits"]:
-        scales = e.get("alphas") or [e["alpha"]] * len(e["components"])
-        per_head[(e["layer"], e["head"])] += sum(abs(math.log(a)) for a in scales)
-        n_comp[(e["layer"], e["head"])] += len(e["components"])
+    per_head, n_comp = plan_head_mass(Path(path).with_suffix(".plan256"))
     total = sum(per_head.values())
     print(f"{len(per_head)} heads edited; share of sum |log scale| in the {len(found)} discovered heads: "
           f"{sum(per_head[h] for h in found) / total:.1%} ({sum(n_comp[h] for h in found)} components)")

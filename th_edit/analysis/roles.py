@@ -120,6 +120,7 @@ def mover_scores(editor, tokenizer, dataset, *, batch_size: int = 8, limit: int 
     batches = prompt_batches(tokenizer, dataset, batch_size, limit)
     captured: dict[Any, torch.Tensor] = {}
 
+    final = layout.final_norm_params()
     post = [layout.post_attn_norm_params(l) for l in range(L)]  # Gemma2/3: a norm on the attention output
 
     def save(key):
@@ -142,7 +143,7 @@ def mover_scores(editor, tokenizer, dataset, *, batch_size: int = 8, limit: int 
             for pb in batches:
                 out = pb.run(model, output_attentions=True)
                 rows = torch.arange(len(pb))
-                norm = _norm_linear(layout.final_norm_params(), captured["final"][rows, pb.last].float().cpu())
+                norm = _norm_linear(final, captured["final"][rows, pb.last].float().cpu())
                 for l in range(L):
                     tgt, oth = pb.split_attention(out.attentions[l].cpu())  # [B, H]
                     z = captured[l][rows, pb.last].float().cpu().view(len(pb), H, dh)  # [B, H, dh]

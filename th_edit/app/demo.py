@@ -160,7 +160,7 @@ def _carried_section(carried, before: dict, after: dict, fit, lengths) -> list[s
     if not carried:
         return ["(No discovered head was among the fitted heads: no restriction comparison.)", ""]
     n_components = fit.n_components
-    mass = fit.components.assign(m=fit.components.log_scale.abs()).groupby(["layer", "head"]).m.sum()
+    mass = fit.head_mass()
     top = fit.top_heads(len(carried["discovered"]["heads"]))
     share = lambda heads: float(sum(mass.get(tuple(h), 0.0) for h in heads) / mass.sum())  # noqa: E731
     fmt = lambda d: ", ".join(f"{k}: {v:.2f}" for k, v in d.items())  # noqa: E731

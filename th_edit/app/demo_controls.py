@@ -59,8 +59,9 @@ def heads_carrying_edit(editor, fit, discovered, test, *, seed: int, progress: b
     edits = editor.reset()[::-1]  # oldest first, as applied
     out: dict[str, Any] = {}
     try:
-        restricted = {name: [e for e in edits if (e.layer, e.head) in set(hs)] for name, hs in heads.items()}
-        outside = [e for e in edits if (e.layer, e.head) not in set(mine)]
+        keep_sets = {name: set(hs) for name, hs in heads.items()}
+        restricted = {name: [e for e in edits if (e.layer, e.head) in keep] for name, keep in keep_sets.items()}
+        outside = [e for e in edits if (e.layer, e.head) not in keep_sets["discovered"]]
         n_mine = sum(len(e.components) for e in restricted["discovered"])
         restricted["random_components"] = _random_components(editor, outside, n_mine, seed)
         heads["random_components"] = sorted({(e.layer, e.head) for e in restricted["random_components"]})

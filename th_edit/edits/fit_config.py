@@ -171,6 +171,11 @@ class FitResult:
     def n_components(self) -> int:
         return len(self.components)
 
+    def head_mass(self) -> pd.Series:
+        """Sum of ``|log_scale|`` over each head's changed components, indexed by ``(layer, head)``."""
+        c = self.components
+        return c.assign(m=c.log_scale.abs()).groupby(["layer", "head"]).m.sum()
+
     def top_heads(self, n: int) -> list[tuple[int, int]]:
         """The ``n`` heads holding most of the edit: largest sum of ``|log_scale|`` over their changed
         components (ties by layer, head), sorted by (layer, head). Built from train and dev only, so it can
@@ -184,9 +189,7 @@ class FitResult:
         """
         if not isinstance(n, int) or n < 1:
             raise InvalidArgumentError(f"top_heads(n={n!r}): n must be a positive integer.")
-        c = self.components
-        mass = c.assign(m=c.log_scale.abs()).groupby(["layer", "head"]).m.sum()
-        ranked = sorted(mass.items(), key=lambda kv: (-kv[1], kv[0]))
+        ranked = sorted(self.head_mass().items(), key=lambda kv: (-kv[1], kv[0]))
         return sorted((int(l), int(h)) for (l, h), _ in ranked[:n])
 
     def summary(self) -> dict[str, Any]:
