@@ -10,7 +10,6 @@ Every command runs under ``accelerate launch``; only the main process writes fil
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -23,10 +22,11 @@ from ..errors import (
     HubError, InvalidArgumentError, ModelFileError, ModelNotInstalledError, OffloadedWeightsError,
     OutputDirectoryError, PlanFormatError, PlanMismatchError, ThEditError, UnsupportedModelError,
 )
+from .parser import build_parser
 
 __all__ = ["main", "build_parser"]
 
-logger = logging.getLogger("th_edit")
+logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_UNEXPECTED, EXIT_USAGE, EXIT_MISMATCH, EXIT_IO = 0, 1, 2, 3, 4
 
@@ -46,105 +46,6 @@ class _Out:
     def result(self, payload: dict[str, Any]) -> None:
         if self.main and self.json:
             print(json.dumps(payload, default=str))
-
-
-def _model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
-    if positional:
-        p.add_argument("model", help="bundled name (smollm2, gemma3-270m), local directory or Hub id")
-    p.add_argument("--gguf-file", help="GGUF file inside MODEL to load (de-quantized to float32)")
-    p.add_argument("--revision", help="Hub revision of MODEL")
-    p.add_argument("--cache-dir", help="converted-model cache for bundled models")
-
-
-def _data_args(p: argparse.ArgumentParser, lengths=(3, 5, 8, 10, 15, 20), n=60) -> None:
-    p.add_argument("--lengths", type=int, nargs="+", default=list(lengths), help="list lengths (default %(default)s)")
-    p.add_argument("--n", type=int, default=n, help="examples per length, all splits together (default %(default)s)")
-    p.add_argument("--template", default="omitted",
-                   help="task template: omitted (default), omitted_packed, omitted_shopping, omitted_lent, recall "
-                        "or ioi (th_edit.data.TEMPLATES)")
-    p.add_argument("--items", default=None,
-                   help="item pool: household (default), toys or hardware (th_edit.data.ITEM_POOLS)")
-    p.add_argument("--batch-size", type=int, default=16)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="th-edit", description="Find and rescale inter-layer communication channels (Talking Heads) in "
-        "transformers language models.", epilog="Exit codes: 0 ok, 2 bad arguments, 3 model/plan mismatch, "
-        "4 Hub or file error, 1 unexpected.",
-    )
-    common = _Parser(add_help=False)
-    common.add_argument("--quiet", action="store_true", help="no progress bars or messages")
-    common.add_argument("--json", action="store_true", help="print one JSON object with the results")
-    common.add_argument("--seed", type=int, default=0, help="seed for data and baselines (default 0)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-
-    p = sub.add_parser("analyze", parents=[common], help="channel map and head roles as tables and PNG plots")
-    _model_args(p)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--modes", nargs="+", default=["q", "k", "v"], choices=["q", "k", "v"])
-    p.add_argument("--top", type=int, default=20, help="channels to list (default 20)")
-    p.add_argument("--memory-limit-mb", type=float, default=512.0,
-                   help="working memory of the channel map's blocks per process (default 512)")
-
-    p = sub.add_parser("find", parents=[common], help="ranked inhibition and duplicate-detection channels with evidence")
-    _model_args(p)
-    _data_args(p)
-    p.add_argument("--n-prompts", type=int, default=32, help="prompts for the data-based scores (default 32)")
-    p.add_argument("--out", help="write channels.csv here")
-
-    p = sub.add_parser("edit", parents=[common], help="apply a plan or search one, then save the edited model and plan")
-    _model_args(p)
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--plan", help="edit plan: directory or Hub repo id")
-    how.add_argument("--auto", action="store_true", help="find channels and search an edit on the dev split")
-    _data_args(p, n=120)
-    p.add_argument("--search-lengths", type=int, nargs="+", default=[5, 8, 10])
-    p.add_argument("--search", choices=["fit", "grid"], default="fit",
-                   help="--auto: learn per-component scales (fit, default) or the greedy single-component grid")
-    p.add_argument("--heads", default="all",
-                   help="--auto --search fit: 'all' (default, as fit_edit), 'upper' (layers >= L/2), 'discovered' "
-                        "(movers, inhibition and duplicate heads of find_channels) or L.H,L.H,...")
-    p.add_argument("--budget", type=int, default=256, help="--auto --search fit: most components changed")
-    p.add_argument("--adapter", action="store_true", help="also write a PEFT LoRA adapter to OUT/adapter")
-    p.add_argument("--out", required=True, help="directory for the edited model, its plan and card (never the "
-                   "source model's directory)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty directory th_edit did not write (only th_edit's files are replaced)")
-
-    p = sub.add_parser("eval", parents=[common], help="Laundry List accuracy by length and position (before/after a plan)")
-    _model_args(p)
-    _data_args(p)
-    p.add_argument("--plan", help="edit plan to compare against the base model")
-    p.add_argument("--split", default="test", choices=["train", "dev", "test"])
-    p.add_argument("--report", help="write report.md and figures into this directory")
-
-    p = sub.add_parser("push", parents=[common], help="push a saved edited model or plan (with its card) to the Hub")
-    p.add_argument("directory", help="a directory written by `th-edit edit` or ChannelEditor.save_pretrained/save_plan")
-    p.add_argument("repo_id", help="Hub repository id, e.g. me/gpt2-laundry")
-    p.add_argument("--token", help="Hub write token (default: the logged-in token)")
-    vis = p.add_mutually_exclusive_group()
-    vis.add_argument("--private", action="store_true", help="create the repository private (the default)")
-    vis.add_argument("--public", action="store_true", help="create the repository public")
-
-    p = sub.add_parser("demo", parents=[common], help="the whole story on a real model, with a report")
-    p.add_argument("--model", default="smollm2", help="bundled model or path (default smollm2)")
-    p.add_argument("--cache-dir", help="converted-model cache for bundled models")
-    p.add_argument("--out", default="th_edit_demo", help="output directory (default ./th_edit_demo)")
-    p.add_argument("--n", type=int, default=100, help="examples per list length, split 50/25/25 (default 100)")
-    p.add_argument("--lengths", type=int, nargs="+", default=[3, 5, 8, 10, 15, 20], help="list lengths (default %(default)s)")
-    p.add_argument("--search-lengths", type=int, nargs="+", default=[5, 8, 10],
-                   help="lengths of the dev prompts the edit is chosen on (default %(default)s)")
-    p.add_argument("--n-prompts", type=int, default=16, help="prompts for channel discovery (default 16)")
-    p.add_argument("--heads", default="upper",
-                   help="heads of the fitted edit: upper (every head of layers >= L/2; default), all, discovered or L.H,...")
-    p.add_argument("--budget", type=int, default=256, help="most components the fitted edit changes (default 256)")
-    p.add_argument("--control-budget", type=int, default=32,
-                   help="components of the discovered-vs-random heads comparison (default 32)")
-    p.add_argument("--compare-heads", action="store_true",
-                   help="also fit the discovered heads and as many random heads and compare them on test")
-    p.add_argument("--save-model", action="store_true", help="also save the edited model (HF format)")
-    return parser
 
 
 def _load(args):
@@ -338,13 +239,6 @@ def cmd_demo(args, out: _Out) -> dict[str, Any]:
 
 COMMANDS = {"analyze": cmd_analyze, "find": cmd_find, "edit": cmd_edit, "eval": cmd_eval, "push": cmd_push,
             "demo": cmd_demo}
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argparse parser whose usage errors raise :class:`InvalidArgumentError` (so ``--json`` reports them)."""
-
-    def error(self, message: str):
-        raise InvalidArgumentError(f"{message}. Run `{self.prog} --help` for the usage.")
 
 
 #: exception classes -> exit code, first match wins (the README's "Exit codes")
