@@ -28,7 +28,7 @@ from ..errors import PlanFormatError
 from ..utils.files import replace_files
 from . import plan_checks
 
-__all__ = ["Edit", "BaseModelIdentity", "EditPlan", "PLAN_JSON", "PLAN_TENSORS", "SCHEMA_VERSION"]
+__all__ = ["Edit", "BaseModelIdentity", "EditPlan", "PLAN_JSON", "PLAN_TENSORS", "SCHEMA_VERSION", "check_edit_factors"]
 
 PLAN_JSON = "edit_plan.json"
 PLAN_TENSORS = "edit_plan.safetensors"
@@ -55,7 +55,7 @@ class Edit:
         partial: set when the edit was applied but the model's dtype could not represent the change
             (more than 10% of it lost to rounding, e.g. ``alpha=1.0001`` in bfloat16); see ``EditLog.apply``.
         alphas: per-component scale factors, aligned with ``components`` (None: every component is
-            scaled by ``alpha``). Written by :func:`th_edit.fit.fit_edit`; plan schema version 2.
+            scaled by ``alpha``). Written by :func:`th_edit.edits.fit.fit_edit`; plan schema version 2.
     """
 
     layer: int
@@ -204,5 +204,29 @@ class EditPlan:
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanFormatError(f"{json_path} is incomplete or malformed: {exc!r}") from exc
         for edit in edits:
-            plan_checks.check_edit_factors(edit, str(json_path))
+            check_edit_factors(edit, str(json_path))
         return cls(base=base, edits=edits, th_edit_version=str(data.get("th_edit_version", "")))
+
+
+def check_edit_factors(edit: Edit, where: str) -> None:
+    """Shapes, dtypes, rank and finiteness of one edit's factors, and its components and singular values."""
+    k = len(edit.components)
+    problem = None
+    if edit.circuit not in ("ov", "qk"):
+        problem = f"circuit {edit.circuit!r} is not 'ov' or 'qk'"
+    elif k == 0 or len(set(edit.components)) != k or min(edit.components) < 0:
+        problem = f"components {list(edit.components)} must be distinct non-negative indices"
+    elif len(edit.singular_values) != k:
+        problem = f"{len(edit.singular_values)} singular values for {k} components"
+    else:
+        for name in ("left", "right"):
+            t = getattr(edit, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.ndim != 2 or t.shape[1] != k:
+                desc = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                problem = f"factor {name} is {desc}; expected float32 [n, {k}] (one column per component)"
+                break
+            if not torch.isfinite(t).all():
+                problem = f"factor {name} holds non-finite values"
+                break
+    if problem:
+        raise PlanFormatError(f"{where}: edit of layer {edit.layer} head {edit.head}: {problem}. {plan_checks.REMAKE_HINT}")
