@@ -63,6 +63,8 @@ class ChannelEditor:
         self.log = EditLog(self.layout)
         #: channel evidence and before/after evaluation for the model card
         self.card = CardData()
+        #: provenance records of fits (saved in plans while their edits are applied), with the edits they made
+        self._fits: list[tuple[list[Edit], dict[str, Any]]] = []
 
     # ----- geometry and state -------------------------------------------------------------------
     n_layers = property(lambda self: self.layout.n_layers, doc="number of blocks L")
@@ -209,6 +211,7 @@ class ChannelEditor:
             findings = self.find_channels(train, progress=cfg.progress)
         result = fit.fit_edit(self.layout, self.log, tokenizer, train, dev, cfg, test=test, folded=self.folded,
                               heads=self.resolve_heads(cfg.heads, findings=findings))
+        self._fits.append((result.edits, {"fit_config": cfg.to_dict()}))
         result.plan = self.export_plan()
         self.card = CardData(evidence=findings.evidence() if findings is not None else [], evaluation=result.evaluation)
         return result
@@ -230,8 +233,17 @@ class ChannelEditor:
         return head_fingerprint(self.layout, layer, head)
 
     def export_plan(self) -> EditPlan:
-        """The applied edits, in order, with the base model's identity."""
-        return checkpoints.export_plan(self.model, self.log)
+        """The applied edits, in order, with the base model's identity and, while a fit's edits are applied,
+        its settings (``plan.provenance["fit_config"]``)."""
+        return checkpoints.export_plan(self.model, self.log, provenance=self._provenance())
+
+    def _provenance(self) -> dict[str, Any]:
+        applied = {id(e) for e in self.log.edits}
+        record: dict[str, Any] = {}
+        for edits, fit_record in self._fits:
+            if edits and all(id(e) in applied for e in edits):
+                record.update(fit_record)
+        return record
 
     def save_plan(self, directory: str | os.PathLike) -> None:
         """Write :meth:`export_plan` to ``directory`` (JSON + safetensors, atomic; main process only)."""

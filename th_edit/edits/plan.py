@@ -6,7 +6,8 @@ factors of the weight change it wrote (``Delta = left @ right.T`` in the target'
 bit, independent of SVD numerics on another machine.
 
 An :class:`EditPlan` is the ordered list of edits plus the identity of the base model they were made
-on (name, revision and a SHA-256 fingerprint of each touched head's weights). On disk it is
+on (name, revision and a SHA-256 fingerprint of each touched head's weights), and optionally how they were
+made (``provenance``, e.g. the fit's settings). On disk it is
 ``edit_plan.json`` (schema-versioned, human-readable) plus ``edit_plan.safetensors`` (the factors).
 Loading never executes code or unpickles anything.
 """
@@ -130,6 +131,9 @@ class EditPlan:
     base: BaseModelIdentity
     edits: list[Edit]
     th_edit_version: str = ""
+    #: how the edits were made, JSON-serialisable (e.g. ``{"fit_config": FitConfig.to_dict()}`` for a fitted
+    #: edit); written as the JSON's ``"provenance"`` when not empty, outside ``tensors_sha256`` (informational)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         from .._version import __version__
@@ -143,6 +147,7 @@ class EditPlan:
                 {**e.describe(), "left": f"edit{i}.left", "right": f"edit{i}.right"}
                 for i, e in enumerate(self.edits)
             ],
+            **({"provenance": self.provenance} if self.provenance else {}),
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -205,7 +210,10 @@ class EditPlan:
             raise PlanFormatError(f"{json_path} is incomplete or malformed: {exc!r}") from exc
         for edit in edits:
             check_edit_factors(edit, str(json_path))
-        return cls(base=base, edits=edits, th_edit_version=str(data.get("th_edit_version", "")))
+        provenance = data.get("provenance") or {}
+        if not isinstance(provenance, dict):
+            raise PlanFormatError(f"{json_path}: 'provenance' must be a JSON object. {plan_checks.REMAKE_HINT}")
+        return cls(base=base, edits=edits, th_edit_version=str(data.get("th_edit_version", "")), provenance=provenance)
 
 
 def check_edit_factors(edit: Edit, where: str) -> None:

@@ -70,8 +70,9 @@ def check_consistent(layout: AttentionLayout, edit: Edit) -> None:
         )
 
 
-def export_plan(model: nn.Module, log: EditLog) -> EditPlan:
-    """The edits of ``log``, in order, with the identity of ``model``'s base weights."""
+def export_plan(model: nn.Module, log: EditLog, *, provenance: dict[str, Any] | None = None) -> EditPlan:
+    """The edits of ``log``, in order, with the identity of ``model``'s base weights and the ``provenance``
+    record (JSON-serialisable; see :attr:`EditPlan.provenance`)."""
     cfg = model.config
     touched = {f"{e.layer}.{e.head}" for e in log.edits}
     dtype = next(model.parameters()).dtype
@@ -80,7 +81,7 @@ def export_plan(model: nn.Module, log: EditLog) -> EditPlan:
         revision=getattr(cfg, "_commit_hash", None), dtype=str(dtype).replace("torch.", ""),
         fingerprints={k: v for k, v in sorted(log.fingerprints.items()) if k in touched},
     )
-    return EditPlan(base=base, edits=log.edits)
+    return EditPlan(base=base, edits=log.edits, provenance=dict(provenance or {}))
 
 
 def verify_plan(plan: EditPlan, layout: AttentionLayout) -> None:
