@@ -26,7 +26,8 @@ from th_edit.models import load_model
 
 
 def _step_seconds(problem, fit, layer: int, repeats: int = 3) -> float:
-    cache, train, _, _ = problem.data_from(layer)
+    data = problem.data_from(layer)
+    cache, train = data.cache, data.train
     times = []
     for r in range(repeats):
         b = train[r % len(train)]
@@ -49,7 +50,7 @@ def main() -> None:
     d = laundry_list(tok, lengths=[5, 8, 10], n_per_length=32, seed=11, fractions=(0.5, 0.5, 0.0))
     n_all = editor.n_layers * editor.n_heads * editor.d_head
     cfg = FitConfig(budget=n_all, k_fractions=(1.0,), steps=args.steps, progress=False)
-    res = fit_edit(editor, tok, d["train"], d["dev"], cfg)
+    res = fit_edit(editor.layout, editor.log, tok, d["train"], d["dev"], cfg, folded=editor.folded)
     editor.reset()
     out = {"torch_threads": torch.get_num_threads(), "dense_components": n_all, "steps": args.steps,
            "batch_size": cfg.batch_size, "timings": res.timings,
@@ -57,8 +58,8 @@ def main() -> None:
            "dense_dev_after": res.dev_after, "dense_dev_guard_change": res.guard_change}
     # layer cache speed-up for a fit of the heads of layers >= 18
     heads = [(l, h) for l in range(18, editor.n_layers) for h in range(editor.n_heads)]
-    problem = FitProblem(editor, tok, d["train"].to_list(), d["dev"].to_list(), cfg)
-    fit = ChannelFit(editor, heads, ("ov",), editor.folded)
+    problem = FitProblem(editor.model, editor.layout, tok, d["train"].to_list(), d["dev"].to_list(), cfg)
+    fit = ChannelFit(editor.layout, heads, ("ov",), editor.folded)
     full = _step_seconds(problem, fit, 0)
     cached = _step_seconds(problem, fit, 18)
     out.update(step_seconds_full=full, step_seconds_from_layer18=cached, layer_cache_speedup=full / cached)

@@ -25,7 +25,7 @@ import torch
 from th_edit import ChannelEditor
 from th_edit.data import ioi, laundry_list
 from th_edit.evaluate import guard_loss, wilson_interval
-from th_edit.edits.fit import FitConfig, fit_edit
+from th_edit.edits.fit import ChannelFit, FitConfig, fit_edit
 from th_edit.edits.fit_data import FitProblem, task_batches
 from th_edit.core.layer_cache import LayerCache
 from th_edit.models import load_model
@@ -126,7 +126,7 @@ def plan_head_mass(plan_dir: Path) -> tuple[Counter, Counter]:
     return mass, n_comp
 
 
-def first_edited_layer(editor) -> int:
+def first_edited_layer(editor: ChannelEditor) -> int:
     return min((e.layer for e in editor.edits), default=editor.n_layers - 1)
 
 
@@ -136,7 +136,7 @@ def lora_anchor(editor, tok, train, dev, layers, *, steps: int, lr: float, guard
     from peft import LoraConfig, get_peft_model
 
     cfg = FitConfig(progress=False)
-    problem = FitProblem(editor, tok, train.to_list(), dev.to_list(), cfg)
+    problem = FitProblem(editor.model, editor.layout, tok, train.to_list(), dev.to_list(), cfg)
     model = editor.model
     torch.manual_seed(seed)
     lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "o_proj"],
@@ -145,7 +145,8 @@ def lora_anchor(editor, tok, train, dev, layers, *, steps: int, lr: float, guard
     params = [p for p in peft_model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     opt = torch.optim.Adam(params, lr=lr)
-    cache, batches, _, guard = problem.data_from(0)
+    data = problem.data_from(0)
+    cache, batches, guard = data.cache, data.train, data.guard
     rng = random.Random(seed)
     order = []
     for step in range(steps):
@@ -166,7 +167,320 @@ def lora_anchor(editor, tok, train, dev, layers, *, steps: int, lr: float, guard
     return peft_model, n_params
 
 
-def main() -> None:
+def _outcomes(correct: list[bool]) -> str:
+    """Per-prompt outcomes as a string of 0/1 (stored for paired comparisons and resuming)."""
+    return "".join("1" if c else "0" for c in correct)
+
+
+class Science:
+    """One science run: the model, the splits, the unedited outcomes and the results file; one method per
+    condition (a) to (h), each skipped when it is already recorded or not in ``--only``."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.t0 = args, time.perf_counter()
+        self.out = Path(args.out or f"benchmarks/results/fit_science_{args.model}.json")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.results: dict = json.loads(self.out.read_text()) if self.out.exists() else {}
+        self.results.setdefault("model", args.model)
+        self.only = set(filter(None, args.only.split(",")))
+        self.model, self.tok = load_model(args.model)
+        self.editor = ChannelEditor(self.model, tokenizer=self.tok)
+        self._data(SETTINGS[args.model])
+        self.base_guard = guard_loss(self.model, self.tok)
+        self.results["guard_before"] = self.base_guard
+        self.base = self._baseline()
+        self.conds = self.results.setdefault("conditions", {})
+        self.dense_path = self.out.with_suffix(".dense.safetensors")
+        self.plan_dir = self.out.with_suffix(".plan256")
+        self.dense_cfg = dict(steps=args.steps, refit_steps=args.refit_steps, progress=False, seed=0,
+                              k_fractions=(1.0, 0.5), guard_weights=(args.guard_weight,))
+        self.dense, self.dense_info, self.findings, self.heads_disc = None, None, None, None
+
+    def _data(self, st: dict) -> None:
+        tok, n_test = self.tok, self.args.n_test
+        weak = self.weak = list(st["weak"])
+        per = st["n_train"] // len(weak)  # training prompts per length; 16 dev prompts per length
+        fitdata = laundry_list(tok, lengths=weak, n_per_length=per + 16, seed=11,
+                               fractions=(per / (per + 16), 16 / (per + 16), 0.0))
+        self.train, self.dev = fitdata["train"], fitdata["dev"]
+        test = laundry_list(tok, lengths=weak, n_per_length=n_test, seed=12, fractions=(0.0, 0.0, 1.0))["test"]
+        transfer = laundry_list(tok, lengths=weak, n_per_length=n_test, seed=13, template="omitted_packed",
+                                items="toys", fractions=(0.0, 0.0, 1.0))["test"]
+        recall = laundry_list(tok, lengths=[3, 5], n_per_length=100, seed=14, template="recall",
+                              fractions=(0.0, 0.0, 1.0))["test"]
+        ioi_test = ioi(tok, n=200, seed=15, fractions=(0.0, 0.0, 1.0))["test"]
+        self.results["data"] = {"train": len(self.train), "dev": len(self.dev), "test": len(test),
+                                "transfer": len(transfer), "recall": len(recall), "ioi": len(ioi_test),
+                                "weak_lengths": weak, "fit": "omitted template, household pool, seed 11",
+                                "test_seed": 12, "transfer_data": "omitted_packed template, toys pool, seed 13"}
+        self.scorers = {name: Scorer(self.editor, tok, split, name) for name, split in
+                        (("test", test), ("transfer", transfer), ("recall", recall), ("ioi", ioi_test))}
+
+    def _baseline(self) -> dict[str, list[bool]]:
+        """Unedited per-example outcomes, computed before any edit (kept in the results file to resume)."""
+        stored = self.results.setdefault("baseline_outcomes", {})
+        base: dict = {}
+        assert not self.editor.edits
+        for name, scorer in self.scorers.items():
+            if name in stored and len(stored[name]) == len(scorer.rows):
+                base[name] = [c == "1" for c in stored[name]]
+            else:
+                base[name] = scorer.correct(0)
+                stored[name] = _outcomes(base[name])
+                self.save()
+            logger.info("baseline %s: %.3f", name, sum(base[name]) / len(base[name]))
+        return base
+
+    # ----- bookkeeping ---------------------------------------------------------------------------
+    def want(self, name: str) -> bool:
+        return (not self.only or name in self.only) and name not in self.results.get("conditions", {})
+
+    def save(self) -> None:
+        self.out.write_text(json.dumps(self.results, indent=1, default=str) + "\n")
+
+    def record(self, name: str, extra: dict, splits=("test",)) -> None:
+        layer = first_edited_layer(self.editor)
+        row = dict(extra)
+        row["guard_after"] = guard_loss(self.model, self.tok)
+        row["guard_change"] = row["guard_after"] / self.base_guard - 1.0
+        for s in splits:
+            after = self.scorers[s].correct(layer) if self.editor.edits else self.scorers[s].correct(0)
+            row[s] = self.scorers[s].by_length(self.base[s], after)
+            row[f"{s}_outcomes"] = _outcomes(after)  # per prompt: paired comparisons
+        row["seconds_total"] = time.perf_counter() - self.t0
+        self.conds[name] = row
+        self.save()
+        g = row["test"]["all"]
+        logger.info("%s: test %.3f -> %.3f (gain %+.3f, p=%.2g), guard %+.2f%%", name, g["before"], g["after"],
+                    g["gain"], g["mcnemar"]["p"], 100 * row["guard_change"])
+
+    def fit(self, config: FitConfig, **kwargs):
+        """``fit_edit`` on the editor's explicit inputs; returns ``(result, info)``."""
+        t1 = time.perf_counter()
+        r = fit_edit(self.editor.layout, self.editor.log, self.tok, self.train, self.dev, config,
+                     folded=self.editor.folded, **kwargs)
+        info = {"n_components": r.n_components, "dev_before": r.dev_before, "dev_after": r.dev_after,
+                "dev_guard_change": r.guard_change, "timings": r.timings, "heads": r.heads,
+                "trials": r.trials.to_dict("records"),
+                "top_components": r.components.reindex(r.components.log_scale.abs().sort_values(ascending=False).index)
+                .head(20).to_dict("records"), "fit_seconds": time.perf_counter() - t1}
+        return r, info
+
+    def apply_plan256(self, heads=None) -> list:
+        """Apply the budget-256 plan's edits (only those of ``heads`` when given); returns them."""
+        from th_edit.edits.plan import EditPlan
+
+        keep = [e for e in EditPlan.load(self.plan_dir).edits if heads is None or (e.layer, e.head) in heads]
+        for e in keep:
+            self.editor.apply_edit(e)
+        return keep
+
+    # ----- conditions ----------------------------------------------------------------------------
+    def dense_all_fit(self) -> None:
+        """(a) the dense fit of all heads (reused by every budget of (b)); its dense log-scales are saved."""
+        if not self.want("a_dense_all") and self.dense_path.exists():
+            from types import SimpleNamespace
+
+            self.dense = SimpleNamespace(dense=_load_dense(self.dense_path))
+        elif self.want("a_dense_all") or any(self.want(f"b_budget_{b}") for b in (16, 64, 256, 1024)):
+            ed = self.editor
+            n_all = ed.n_layers * ed.n_heads * ed.d_head
+            self.dense, self.dense_info = self.fit(FitConfig(budget=n_all, **{**self.dense_cfg, "k_fractions": (1.0,)}))
+            _save_dense(self.dense.dense, self.dense_path)
+            ed.reset()
+
+    def budget_fit(self, budget: int) -> None:
+        """(b) one budget, reusing the dense fit; the budget-256 plan is kept for (e)."""
+        name = f"b_budget_{budget}"
+        if not self.want(name):
+            return
+        _, info = self.fit(FitConfig(budget=budget, **self.dense_cfg), dense_from=self.dense)
+        self.record(name, info)
+        if budget == 256:
+            self.editor.export_plan().save(self.plan_dir)
+        self.editor.reset()
+
+    def transfer_256(self) -> None:
+        """(e) transfer and spillover of the budget-256 edit (fitted on omitted + household only)."""
+        if self.want("e_transfer_256") and self.plan_dir.exists():
+            self.apply_plan256()
+            self.record("e_transfer_256", {"plan": str(self.plan_dir),
+                                           "note": "the b_budget_256 edit, re-applied from its plan"},
+                        splits=("test", "transfer", "recall", "ioi"))
+            self.editor.reset()
+
+    def refresh_256_outcomes(self) -> None:
+        """Outcomes of the budget-256 plan for runs recorded before per-prompt outcomes were stored: the plan is
+        re-applied and each split evaluated again; the accuracies must equal the recorded ones."""
+        if "refresh_256_outcomes" not in self.only or not self.plan_dir.exists():
+            return
+        self.apply_plan256()
+        layer = first_edited_layer(self.editor)
+        for name, splits in (("b_budget_256", ("test",)), ("e_transfer_256", ("test", "transfer", "recall", "ioi"))):
+            row = self.conds.get(name)
+            if row is None:
+                continue
+            for split in splits:
+                if f"{split}_outcomes" in row:
+                    continue
+                after = self.scorers[split].correct(layer)
+                again = self.scorers[split].by_length(self.base[split], after)
+                if abs(again["all"]["after"] - row[split]["all"]["after"]) > 1e-9:
+                    raise SystemExit(f"{name} {split}: re-applied plan gives {again['all']['after']}, "
+                                     f"recorded {row[split]['all']['after']}")
+                row[f"{split}_outcomes"] = _outcomes(after)
+                logger.info("%s %s: outcomes stored (accuracy %.3f, as recorded)", name, split, again["all"]["after"])
+        self.save()
+        self.editor.reset()
+
+    def find_heads(self) -> None:
+        """The discovered heads, for (c), (d), (g) and (h)."""
+        if (self.want("c_discovered_32") or any(self.want(f"c_random_32_seed{s}") for s in range(3))
+                or self.want("d_whole_head") or self.want("g_heads_of_256")):
+            t1 = time.perf_counter()
+            self.findings = self.editor.find_channels(self.train, progress=False)
+            self.results["findings"] = {"movers": self.findings.meta.get("movers"),
+                                        "inhibition_heads": self.findings.inhibition_heads,
+                                        "seconds": time.perf_counter() - t1}
+            self.save()
+        if self.findings is not None:
+            self.heads_disc = self.editor.resolve_heads("discovered", findings=self.findings)
+            self.results["findings"]["discovered_heads"] = self.heads_disc
+
+    def _random_heads(self, seed: int) -> list[tuple[int, int]]:
+        """As many heads as discovery found, drawn from layers >= 1 outside them (seed ``100 + seed``)."""
+        ed = self.editor
+        pool = [(l, h) for l in range(1, ed.n_layers) for h in range(ed.n_heads) if (l, h) not in self.heads_disc]
+        return sorted(random.Random(100 + seed).sample(pool, len(self.heads_disc)))
+
+    def discovered_vs_random_32(self) -> None:
+        """(c) discovered heads vs random heads, budget 32."""
+        if not self.heads_disc:
+            return
+        if self.want("c_discovered_32"):
+            _, info = self.fit(FitConfig(heads=self.heads_disc, budget=32, **self.dense_cfg))
+            self.record("c_discovered_32", info)
+            self.editor.reset()
+        for s in range(3):
+            name = f"c_random_32_seed{s}"
+            if self.want(name):
+                _, info = self.fit(FitConfig(heads=self._random_heads(s), budget=32, **self.dense_cfg))
+                self.record(name, info)
+                self.editor.reset()
+
+    def dense_all_record(self) -> None:
+        """(a) the dense fit itself, evaluated."""
+        if not (self.want("a_dense_all") and self.dense_info is not None):
+            return
+        ed = self.editor
+        full = ChannelFit(ed.layout, [(l, h) for l in range(ed.n_layers) for h in range(ed.n_heads)], ("ov",),
+                          ed.folded)
+        full.theta = torch.stack([self.dense.dense[(u.layer, u.head, u.circuit)] for u in full.units])
+        for e in full.edits():
+            ed.apply_edit(e)
+        self.record("a_dense_all", self.dense_info)
+        ed.reset()
+
+    def lora_r8(self) -> None:
+        """(f) LoRA anchor, rank 8, q_proj/o_proj of all layers (the layers the all-heads fit edits); the
+        learning rate is chosen on dev with the same guard rule as the channel fit (<= 1%, else the best dev)."""
+        if not self.want("f_lora_r8"):
+            return
+        args, ed, t1 = self.args, self.editor, time.perf_counter()
+        dev_scorer, lora_steps, trials = Scorer(ed, self.tok, self.dev, "dev"), 3 * args.steps, []
+        train_lora = lambda lr: lora_anchor(ed, self.tok, self.train, self.dev, range(ed.n_layers),  # noqa: E731
+                                            steps=lora_steps, lr=lr, guard_weight=args.guard_weight, seed=0)
+        for lr in (1e-3, 3e-3):
+            peft_model, n_params = train_lora(lr)
+            trials.append({"lr": lr, "dev_accuracy": sum(dev_scorer.correct(0)) / len(self.dev),
+                           "guard_change": guard_loss(self.model, self.tok) / self.base_guard - 1.0})
+            logger.info("lora lr %.0e: dev %.3f guard %+.2f%%", lr, trials[-1]["dev_accuracy"],
+                        100 * trials[-1]["guard_change"])
+            peft_model.unload()
+        best = max([t for t in trials if t["guard_change"] <= 0.01] or trials, key=lambda t: t["dev_accuracy"])
+        # retrain the chosen one (seeded: the same adapter) and evaluate it once on the test splits
+        peft_model, n_params = train_lora(best["lr"])
+        row = {"trainable_params": n_params,
+               "changed_weight_entries": 2 * ed.n_layers * ed.d_model * ed.n_heads * ed.d_head,
+               "fit_seconds": time.perf_counter() - t1, "steps": lora_steps, "lr": best["lr"], "trials": trials,
+               "guard_weight": args.guard_weight}
+        row["guard_after"] = guard_loss(self.model, self.tok)
+        row["guard_change"] = row["guard_after"] / self.base_guard - 1.0
+        for s in ("test", "transfer", "recall", "ioi"):
+            after = self.scorers[s].correct(0)
+            row[s] = self.scorers[s].by_length(self.base[s], after)
+            row[f"{s}_outcomes"] = _outcomes(after)
+        row["seconds_total"] = time.perf_counter() - self.t0
+        self.conds["f_lora_r8"] = row
+        self.save()
+        g = row["test"]["all"]
+        logger.info("f_lora_r8: test %.3f -> %.3f (gain %+.3f), guard %+.2f%%", g["before"], g["after"], g["gain"],
+                    100 * row["guard_change"])
+        peft_model.unload()
+
+    def whole_head(self) -> None:
+        """(d) whole-head scaling of the top inhibition heads (alpha chosen on dev)."""
+        if self.findings is None or not self.want("d_whole_head"):
+            return
+        ed, inh, trials = self.editor, list(self.findings.inhibition_heads), []
+        for alpha in (1.5, 2.0, 4.0):
+            for l, h in inh:
+                ed.scale_component(l, h, "ov", list(range(ed.d_head)), alpha)
+            # dev accuracy with the weights edited (no hooks)
+            sc = Scorer(ed, self.tok, self.dev, "dev")
+            dev_acc = sum(sc.correct(min(l for l, _ in inh))) / len(self.dev)
+            trials.append({"alpha": alpha, "dev_accuracy": dev_acc,
+                           "guard_change": guard_loss(self.model, self.tok) / self.base_guard - 1})
+            ed.reset()
+        best = max([t for t in trials if t["guard_change"] <= 0.01] or trials, key=lambda t: t["dev_accuracy"])
+        for l, h in inh:
+            ed.scale_component(l, h, "ov", list(range(ed.d_head)), best["alpha"])
+        self.record("d_whole_head", {"heads": inh, "alpha": best["alpha"], "trials": trials})
+        ed.reset()
+
+    def heads_of_256(self) -> None:
+        """(g) which heads carry the budget-256 edit: its components in the discovered heads alone, against its
+        components in as many random heads (the seeds of (c)); nothing is refitted, the test split is read
+        only for the table."""
+        if self.findings is None or not self.heads_disc or not self.plan_dir.exists() or not self.want("g_heads_of_256"):
+            return
+        subsets = {"discovered": self.heads_disc, **{f"random_seed{s}": self._random_heads(s) for s in range(3)}}
+        rows = {}
+        for name, heads in subsets.items():
+            keep = self.apply_plan256(set(map(tuple, heads)))
+            after = self.scorers["test"].correct(first_edited_layer(self.editor))
+            rows[name] = {"heads": heads, "n_components": sum(len(e.components) for e in keep),
+                          "guard_change": guard_loss(self.model, self.tok) / self.base_guard - 1.0,
+                          "test": self.scorers["test"].by_length(self.base["test"], after),
+                          "test_outcomes": _outcomes(after)}
+            logger.info("g_heads_of_256 %s: %d components, test gain %+.3f", name, rows[name]["n_components"],
+                        rows[name]["test"]["all"]["gain"])
+            self.editor.reset()
+        self.conds["g_heads_of_256"] = {"subsets": rows, "note": "the budget-256 edit restricted to the discovered "
+                                                                 "heads, and to as many random heads"}
+        self.save()
+
+    def fit_heads_32(self) -> None:
+        """(h) heads chosen by the fit itself: as many heads as discovery found, those holding most of the
+        budget-256 edit (sum of |log scale| over each head's components; that plan was chosen on train and dev
+        only), fitted at budget 32 exactly as (c). Does any choice of heads beat random ones at this budget?"""
+        n_disc = len(self.heads_disc or self.results.get("findings", {}).get("discovered_heads", []))
+        if not (self.want("h_fit_heads_32") and self.plan_dir.exists() and n_disc):
+            return
+        mass, _ = plan_head_mass(self.plan_dir)
+        heads = sorted(sorted(mass, key=lambda h: -mass[h])[:n_disc])
+        _, info = self.fit(FitConfig(heads=heads, budget=32, **self.dense_cfg))
+        info.update(selection="the heads of largest sum |log scale| in the budget-256 plan",
+                    head_mass={f"{l}.{h}": mass[(l, h)] for l, h in heads})
+        self.record("h_fit_heads_32", info)
+        self.editor.reset()
+
+    def finish(self) -> None:
+        self.results["seconds"] = time.perf_counter() - self.t0
+        self.save()
+
+
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--out", default=None)
@@ -175,302 +489,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--guard-weight", type=float, default=2.0)
     ap.add_argument("--refit-steps", type=int, default=10)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    out = Path(args.out or f"benchmarks/results/fit_science_{args.model}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    st = SETTINGS[args.model]
-    weak = list(st["weak"])
-    results: dict = json.loads(out.read_text()) if out.exists() else {}
-    results.setdefault("model", args.model)
-    only = set(filter(None, args.only.split(",")))
-
-    def want(name: str) -> bool:
-        return (not only or name in only) and name not in results.get("conditions", {})
-
-    def save() -> None:
-        out.write_text(json.dumps(results, indent=1, default=str) + "\n")
-
-    t0 = time.perf_counter()
-    model, tok = load_model(args.model)
-    editor = ChannelEditor(model, tokenizer=tok)
-    per = st["n_train"] // len(weak)  # training prompts per length; 16 dev prompts per length
-    fitdata = laundry_list(tok, lengths=weak, n_per_length=per + 16, seed=11,
-                           fractions=(per / (per + 16), 16 / (per + 16), 0.0))
-    train, dev = fitdata["train"], fitdata["dev"]
-    test = laundry_list(tok, lengths=weak, n_per_length=args.n_test, seed=12, fractions=(0.0, 0.0, 1.0))["test"]
-    transfer = laundry_list(tok, lengths=weak, n_per_length=args.n_test, seed=13, template="omitted_packed",
-                            items="toys", fractions=(0.0, 0.0, 1.0))["test"]
-    recall = laundry_list(tok, lengths=[3, 5], n_per_length=100, seed=14, template="recall", fractions=(0.0, 0.0, 1.0))["test"]
-    ioi_test = ioi(tok, n=200, seed=15, fractions=(0.0, 0.0, 1.0))["test"]
-    results["data"] = {"train": len(train), "dev": len(dev), "test": len(test), "transfer": len(transfer),
-                       "recall": len(recall), "ioi": len(ioi_test), "weak_lengths": weak,
-                       "fit": "omitted template, household pool, seed 11", "test_seed": 12,
-                       "transfer_data": "omitted_packed template, toys pool, seed 13"}
-    scorers = {"test": Scorer(editor, tok, test, "test"), "transfer": Scorer(editor, tok, transfer, "transfer"),
-               "recall": Scorer(editor, tok, recall, "recall"), "ioi": Scorer(editor, tok, ioi_test, "ioi")}
-    base_guard = guard_loss(model, tok)
-    results["guard_before"] = base_guard
-    # unedited per-example outcomes, computed before any edit (kept in the results file to resume)
-    stored = results.setdefault("baseline_outcomes", {})
-    base: dict = {}
-    assert not editor.edits
-    for name in scorers:
-        if name in stored and len(stored[name]) == len(scorers[name].rows):
-            base[name] = [c == "1" for c in stored[name]]
-        else:
-            base[name] = scorers[name].correct(0)
-            stored[name] = "".join("1" if c else "0" for c in base[name])
-            save()
-        logger.info("baseline %s: %.3f", name, sum(base[name]) / len(base[name]))
-
-    def baseline(name: str) -> list[bool]:
-        return base[name]
-
-    dense_path = out.with_suffix(".dense.safetensors")
-
-    conds = results.setdefault("conditions", {})
-
-    def record(name: str, extra: dict, splits=("test",)) -> None:
-        layer = first_edited_layer(editor)
-        row = dict(extra)
-        row["guard_after"] = guard_loss(model, tok)
-        row["guard_change"] = row["guard_after"] / base_guard - 1.0
-        for s in splits:
-            before = baseline(s)
-            after = scorers[s].correct(layer) if editor.edits else scorers[s].correct(0)
-            row[s] = scorers[s].by_length(before, after)
-            row[f"{s}_outcomes"] = "".join("1" if c else "0" for c in after)  # per prompt: paired comparisons
-        row["seconds_total"] = time.perf_counter() - t0
-        conds[name] = row
-        save()
-        g = row["test"]["all"]
-        logger.info("%s: test %.3f -> %.3f (gain %+.3f, p=%.2g), guard %+.2f%%", name, g["before"], g["after"],
-                    g["gain"], g["mcnemar"]["p"], 100 * row["guard_change"])
-
-    def fit_info(r) -> dict:
-        return {"n_components": r.n_components, "dev_before": r.dev_before, "dev_after": r.dev_after,
-                "dev_guard_change": r.guard_change, "timings": r.timings, "heads": r.heads,
-                "trials": r.trials.to_dict("records"),
-                "top_components": r.components.reindex(r.components.log_scale.abs().sort_values(ascending=False).index)
-                .head(20).to_dict("records")}
-
-    steps = args.steps
-    dense_cfg = dict(steps=steps, refit_steps=args.refit_steps, progress=False, seed=0, k_fractions=(1.0, 0.5),
-                     guard_weights=(args.guard_weight,))
-    # (a) dense, all heads
-    dense, dense_info = None, None
-    if not want("a_dense_all") and dense_path.exists():
-        from types import SimpleNamespace
-
-        dense = SimpleNamespace(dense=_load_dense(dense_path))
-    elif want("a_dense_all") or any(want(f"b_budget_{b}") for b in (16, 64, 256, 1024)):
-        t1 = time.perf_counter()
-        n_all = editor.n_layers * editor.n_heads * editor.d_head
-        dense = fit_edit(editor, tok, train, dev, FitConfig(budget=n_all, **{**dense_cfg, "k_fractions": (1.0,)}))
-        _save_dense(dense.dense, dense_path)
-        info = fit_info(dense)
-        info["fit_seconds"] = time.perf_counter() - t1
-        dense_info = info
-        editor.reset()
-    def budget_fit(budget: int) -> None:
-        """(b) one budget, reusing the dense fit; the budget-256 plan is kept for (e)."""
-        name = f"b_budget_{budget}"
-        if not want(name):
-            return
-        t1 = time.perf_counter()
-        r = fit_edit(editor, tok, train, dev, FitConfig(budget=budget, **dense_cfg), dense_from=dense)
-        info = fit_info(r)
-        info["fit_seconds"] = time.perf_counter() - t1
-        record(name, info)
-        if budget == 256:
-            editor.export_plan().save(out.with_suffix(".plan256"))
-        editor.reset()
-
-    budget_fit(256)
-    # (e) transfer and spillover of the budget-256 edit (fitted on omitted + household only)
-    plan_dir = out.with_suffix(".plan256")
-    if want("e_transfer_256") and plan_dir.exists():
-        from th_edit.edits.plan import EditPlan
-
-        for e in EditPlan.load(plan_dir).edits:
-            editor.apply_edit(e)
-        record("e_transfer_256", {"plan": str(plan_dir), "note": "the b_budget_256 edit, re-applied from its plan"},
-               splits=("test", "transfer", "recall", "ioi"))
-        editor.reset()
-    # outcomes of the budget-256 plan for runs recorded before per-prompt outcomes were stored: the plan is
-    # re-applied and each split evaluated again; the accuracies must equal the recorded ones
-    if "refresh_256_outcomes" in only and plan_dir.exists():
-        from th_edit.edits.plan import EditPlan
-
-        for e in EditPlan.load(plan_dir).edits:
-            editor.apply_edit(e)
-        layer = first_edited_layer(editor)
-        for name, splits in (("b_budget_256", ("test",)), ("e_transfer_256", ("test", "transfer", "recall", "ioi"))):
-            row = conds.get(name)
-            if row is None:
-                continue
-            for split in splits:
-                if f"{split}_outcomes" in row:
-                    continue
-                after = scorers[split].correct(layer)
-                again = scorers[split].by_length(baseline(split), after)
-                if abs(again["all"]["after"] - row[split]["all"]["after"]) > 1e-9:
-                    raise SystemExit(f"{name} {split}: re-applied plan gives {again['all']['after']}, "
-                                     f"recorded {row[split]['all']['after']}")
-                row[f"{split}_outcomes"] = "".join("1" if c else "0" for c in after)
-                logger.info("%s %s: outcomes stored (accuracy %.3f, as recorded)", name, split, again["all"]["after"])
-        save()
-        editor.reset()
-    # (c) discovered heads vs random heads, budget 32
-    findings = None
-    if (want("c_discovered_32") or any(want(f"c_random_32_seed{s}") for s in range(3)) or want("d_whole_head")
-            or want("g_heads_of_256")):
-        t1 = time.perf_counter()
-        findings = editor.find_channels(train, progress=False)
-        results["findings"] = {"movers": findings.meta.get("movers"), "inhibition_heads": findings.inhibition_heads,
-                               "seconds": time.perf_counter() - t1}
-        save()
-    heads_disc = None
-    if findings is not None:
-        from th_edit.edits.fit import resolve_heads
-
-        heads_disc = resolve_heads(editor, "discovered", findings=findings)
-        results["findings"]["discovered_heads"] = heads_disc
-    if heads_disc and want("c_discovered_32"):
-        t1 = time.perf_counter()
-        r = fit_edit(editor, tok, train, dev, FitConfig(heads=heads_disc, budget=32, **dense_cfg))
-        info = fit_info(r)
-        info["fit_seconds"] = time.perf_counter() - t1
-        record("c_discovered_32", info)
-        editor.reset()
-    if heads_disc:
-        all_heads = [(l, h) for l in range(1, editor.n_layers) for h in range(editor.n_heads)]
-        for s in range(3):
-            name = f"c_random_32_seed{s}"
-            if not want(name):
-                continue
-            heads = sorted(random.Random(100 + s).sample([h for h in all_heads if h not in heads_disc], len(heads_disc)))
-            t1 = time.perf_counter()
-            r = fit_edit(editor, tok, train, dev, FitConfig(heads=heads, budget=32, **dense_cfg))
-            info = fit_info(r)
-            info["fit_seconds"] = time.perf_counter() - t1
-            record(name, info)
-            editor.reset()
-    # (a) the dense fit itself, evaluated
-    if want("a_dense_all") and dense_info is not None:
-        from th_edit.edits.fit import ChannelFit
-
-        full = ChannelFit(editor, [(l, h) for l in range(editor.n_layers) for h in range(editor.n_heads)], ("ov",),
-                          editor.folded)
-        full.theta = torch.stack([dense.dense[(u.layer, u.head, u.circuit)] for u in full.units])
-        for e in full.edits():
-            editor.apply_edit(e)
-        record("a_dense_all", dense_info)
-        editor.reset()
-    # (f) LoRA anchor, rank 8, q_proj/o_proj of all layers (the layers the all-heads fit edits); the
-    # learning rate is chosen on dev with the same guard rule as the channel fit (<= 1%, else the best dev)
-    if want("f_lora_r8"):
-        t1 = time.perf_counter()
-        dev_scorer = Scorer(editor, tok, dev, "dev")
-        lora_steps = 3 * steps
-        trials = []
-        for lr in (1e-3, 3e-3):
-            peft_model, n_params = lora_anchor(editor, tok, train, dev, range(editor.n_layers), steps=lora_steps,
-                                               lr=lr, guard_weight=args.guard_weight, seed=0)
-            trials.append({"lr": lr, "dev_accuracy": sum(dev_scorer.correct(0)) / len(dev),
-                           "guard_change": guard_loss(model, tok) / base_guard - 1.0})
-            logger.info("lora lr %.0e: dev %.3f guard %+.2f%%", lr, trials[-1]["dev_accuracy"],
-                        100 * trials[-1]["guard_change"])
-            peft_model.unload()
-        ok = [t for t in trials if t["guard_change"] <= 0.01] or trials
-        best = max(ok, key=lambda t: t["dev_accuracy"])
-        # retrain the chosen one (seeded: the same adapter) and evaluate it once on the test splits
-        peft_model, n_params = lora_anchor(editor, tok, train, dev, range(editor.n_layers), steps=lora_steps,
-                                           lr=best["lr"], guard_weight=args.guard_weight, seed=0)
-        row = {"trainable_params": n_params,
-               "changed_weight_entries": 2 * editor.n_layers * editor.d_model * editor.n_heads * editor.d_head,
-               "fit_seconds": time.perf_counter() - t1, "steps": lora_steps, "lr": best["lr"], "trials": trials,
-               "guard_weight": args.guard_weight}
-        row["guard_after"] = guard_loss(model, tok)
-        row["guard_change"] = row["guard_after"] / base_guard - 1.0
-        for s in ("test", "transfer", "recall", "ioi"):
-            after = scorers[s].correct(0)
-            row[s] = scorers[s].by_length(baseline(s), after)
-            row[f"{s}_outcomes"] = "".join("1" if c else "0" for c in after)
-        row["seconds_total"] = time.perf_counter() - t0
-        conds["f_lora_r8"] = row
-        save()
-        g = row["test"]["all"]
-        logger.info("f_lora_r8: test %.3f -> %.3f (gain %+.3f), guard %+.2f%%", g["before"], g["after"], g["gain"],
-                    100 * row["guard_change"])
-        peft_model.unload()
-    # (b) the other budgets
+    run = Science(args)
+    run.dense_all_fit()
+    run.budget_fit(256)
+    run.transfer_256()
+    run.refresh_256_outcomes()
+    run.find_heads()
+    run.discovered_vs_random_32()
+    run.dense_all_record()
+    run.lora_r8()
     for budget in (64, 16, 1024):
-        budget_fit(budget)
-    # (d) whole-head scaling of the top inhibition heads (alpha chosen on dev)
-    if findings is not None and want("d_whole_head"):
-        inh = list(findings.inhibition_heads)
-        trials = []
-        for alpha in (1.5, 2.0, 4.0):
-            for l, h in inh:
-                editor.scale_component(l, h, "ov", list(range(editor.d_head)), alpha)
-            # dev accuracy with the weights edited (no hooks)
-            sc = Scorer(editor, tok, dev, "dev")
-            dev_acc = sum(sc.correct(min(l for l, _ in inh))) / len(dev)
-            trials.append({"alpha": alpha, "dev_accuracy": dev_acc, "guard_change": guard_loss(model, tok) / base_guard - 1})
-            editor.reset()
-        ok = [t for t in trials if t["guard_change"] <= 0.01] or trials
-        best = max(ok, key=lambda t: t["dev_accuracy"])
-        for l, h in inh:
-            editor.scale_component(l, h, "ov", list(range(editor.d_head)), best["alpha"])
-        record("d_whole_head", {"heads": inh, "alpha": best["alpha"], "trials": trials})
-        editor.reset()
-    # (g) which heads carry the budget-256 edit: its components in the discovered heads alone, against its
-    # components in as many random heads (the seeds of (c)); nothing is refitted, the test split is read
-    # only for the table
-    if findings is not None and heads_disc and plan_dir.exists() and want("g_heads_of_256"):
-        from th_edit.edits.plan import EditPlan
-
-        plan_edits = EditPlan.load(plan_dir).edits
-        all_heads = [(l, h) for l in range(1, editor.n_layers) for h in range(editor.n_heads)]
-        subsets = {"discovered": heads_disc}
-        for s in range(3):
-            subsets[f"random_seed{s}"] = sorted(
-                random.Random(100 + s).sample([h for h in all_heads if h not in heads_disc], len(heads_disc)))
-        rows = {}
-        for name, heads in subsets.items():
-            keep = [e for e in plan_edits if (e.layer, e.head) in set(map(tuple, heads))]
-            for e in keep:
-                editor.apply_edit(e)
-            layer = first_edited_layer(editor)
-            after = scorers["test"].correct(layer)
-            rows[name] = {"heads": heads, "n_components": sum(len(e.components) for e in keep),
-                          "guard_change": guard_loss(model, tok) / base_guard - 1.0,
-                          "test": scorers["test"].by_length(baseline("test"), after),
-                          "test_outcomes": "".join("1" if c else "0" for c in after)}
-            logger.info("g_heads_of_256 %s: %d components, test gain %+.3f", name, rows[name]["n_components"],
-                        rows[name]["test"]["all"]["gain"])
-            editor.reset()
-        conds["g_heads_of_256"] = {"subsets": rows, "note": "the budget-256 edit restricted to the discovered "
-                                                            "heads, and to as many random heads"}
-        save()
-    # (h) heads chosen by the fit itself: as many heads as discovery found, those holding most of the
-    # budget-256 edit (sum of |log scale| over each head's components; that plan was chosen on train and dev
-    # only), fitted at budget 32 exactly as (c). Does any choice of heads beat random ones at this budget?
-    n_disc = len(heads_disc or results.get("findings", {}).get("discovered_heads", []))
-    if want("h_fit_heads_32") and plan_dir.exists() and n_disc:
-        mass, _ = plan_head_mass(plan_dir)
-        heads = sorted(sorted(mass, key=lambda h: -mass[h])[:n_disc])
-        t1 = time.perf_counter()
-        r = fit_edit(editor, tok, train, dev, FitConfig(heads=heads, budget=32, **dense_cfg))
-        info = fit_info(r)
-        info.update(fit_seconds=time.perf_counter() - t1, selection="the heads of largest sum |log scale| in the "
-                    "budget-256 plan", head_mass={f"{l}.{h}": mass[(l, h)] for l, h in heads})
-        record("h_fit_heads_32", info)
-        editor.reset()
-    results["seconds"] = time.perf_counter() - t0
-    save()
+        run.budget_fit(budget)
+    run.whole_head()
+    run.heads_of_256()
+    run.fit_heads_32()
+    run.finish()
 
 
 if __name__ == "__main__":

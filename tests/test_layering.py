@@ -100,3 +100,111 @@ def test_the_checker_catches_an_upward_import(tmp_path):
     (pkg / "app" / "cli.py").write_text("from ..core.maths import f\n")
     assert upward_imports(pkg, "th_edit") == ["th_edit.core.maths -> th_edit.app (core imports app)",
                                               "th_edit.core.maths -> th_edit.app.cli (core imports app)"]
+
+
+# ----- the facade is not passed down --------------------------------------------------------------
+#: layers whose functions take explicit inputs (layout, edit log, model, tokenizer...), never an editor
+NO_EDITOR_LAYERS = ("utils", "core", "tasks", "edits", "sharing")
+
+
+def _arguments(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[ast.arg]:
+    a = fn.args
+    return [*a.posonlyargs, *a.args, *a.kwonlyargs, *([a.vararg] if a.vararg else []), *([a.kwarg] if a.kwarg else [])]
+
+
+def editor_parameters(root: Path, package: str, layers=LAYERS) -> list[str]:
+    """``"module:function(editor: annotation)"`` for every parameter named like an editor below the facade
+    that breaks the rule: none under utils/core/tasks/edits/sharing, typed ``HeadEditor`` under analysis."""
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        me = module_name(root, path, package)
+        layer = layers[layer_of(me, layers)][0]
+        if layer not in (*NO_EDITOR_LAYERS, "analysis"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for arg in _arguments(node):
+                if arg.arg not in ("editor", "editor_or_model", "editor_cls"):
+                    continue
+                annotation = ast.unparse(arg.annotation) if arg.annotation is not None else None
+                if layer == "analysis" and arg.arg == "editor" and annotation in ("HeadEditor", "'HeadEditor'"):
+                    continue
+                bad.append(f"{me}:{node.name}({arg.arg}: {annotation})")
+    return bad
+
+
+def test_no_editor_is_passed_below_the_facade():
+    root = Path(th_edit.__file__).parent
+    assert editor_parameters(root, "th_edit") == []
+
+
+def test_the_checker_catches_an_editor_parameter(tmp_path):
+    pkg = tmp_path / "th_edit"
+    for sub in ("edits", "analysis"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "edits" / "fit.py").write_text("def fit(editor, tokenizer):\n    pass\n")
+    (pkg / "analysis" / "roles.py").write_text(
+        "def a(editor: HeadEditor):\n    pass\n\ndef b(editor):\n    pass\n\nclass C:\n    def m(self, *, editor=None):\n        pass\n")
+    assert editor_parameters(pkg, "th_edit") == ["th_edit.analysis.roles:b(editor: None)",
+                                                 "th_edit.analysis.roles:m(editor: None)",
+                                                 "th_edit.edits.fit:fit(editor: None)"]
+
+
+# ----- no import circle inside a layer ------------------------------------------------------------
+def import_cycles(root: Path, package: str) -> list[list[str]]:
+    """Every import circle among the package's modules (module-level and lazy imports alike; a module
+    importing its own package's ``__init__`` is not counted), each as a list of modules, smallest first."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(root.rglob("*.py")):
+        me = module_name(root, path, package)
+        graph[me] = {t for t in imports_of(root, path, package) if t != me and not me.startswith(t + ".")}
+    for targets in graph.values():
+        targets &= set(graph)
+    cycles, index, low, stack, on_stack, counter = [], {}, {}, [], set(), [0]
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(cycles)
+
+
+def test_no_import_circle():
+    root = Path(th_edit.__file__).parent
+    assert import_cycles(root, "th_edit") == []
+
+
+def test_the_checker_catches_a_circle(tmp_path):
+    pkg = tmp_path / "th_edit"
+    (pkg / "edits").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "edits" / "__init__.py").write_text("")
+    (pkg / "edits" / "plan.py").write_text("from . import plan_checks\n")
+    (pkg / "edits" / "plan_checks.py").write_text("def f():\n    from .scale import make_edit  # lazy\n")
+    (pkg / "edits" / "scale.py").write_text("from .plan import Edit\n")
+    (pkg / "edits" / "steering.py").write_text("from .scale import make_edit\n")
+    assert import_cycles(pkg, "th_edit") == [["th_edit.edits.plan", "th_edit.edits.plan_checks", "th_edit.edits.scale"]]

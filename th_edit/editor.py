@@ -25,7 +25,7 @@ from .edits import fit, steering
 from .edits.plan import Edit, EditPlan
 from .edits.scale import EditLog, head_fingerprint, make_edit
 from .errors import InvalidArgumentError
-from .sharing import adapters, checkpoints
+from .sharing import adapters, checkpoints, lora
 from .sharing.cards import CardData, model_card
 
 __all__ = ["ChannelEditor"]
@@ -63,6 +63,8 @@ class ChannelEditor:
         self.log = EditLog(self.layout)
         #: channel evidence and before/after evaluation for the model card
         self.card = CardData()
+        #: provenance records of fits (saved in plans while their edits are applied), with the edits they made
+        self._fits: list[tuple[list[Edit], dict[str, Any]]] = []
 
     # ----- geometry and state -------------------------------------------------------------------
     n_layers = property(lambda self: self.layout.n_layers, doc="number of blocks L")
@@ -124,7 +126,7 @@ class ChannelEditor:
         >>> editor.channel_map(progress=False, baseline_samples=4).head_scores("q").shape
         torch.Size([3, 4, 3, 4])
         """
-        cfg = composition.config_from(composition.ChannelMapConfig, config, modes=tuple(modes), **settings)
+        cfg = composition.ChannelMapConfig.merged(config, modes=tuple(modes), **settings)
         return composition.channel_map(self.layout, cfg, folded=self._folded(folded), senders=senders,
                                        receivers=receivers, layers=layers, device=device, progress=progress)
 
@@ -177,15 +179,17 @@ class ChannelEditor:
                       channel_map=None, progress: bool = True, **settings: Any) -> discovery.ChannelFindings:
         """Ranked inhibition and duplicate-detection channels with weight-based and causal evidence; see
         :func:`th_edit.analysis.discovery.find_channels` (``settings`` override ``config`` fields)."""
-        return discovery.find_channels(self, self._tokenizer(tokenizer), dataset, config, channel_map=channel_map,
-                                       progress=progress, **settings)
+        cfg = discovery.DiscoveryConfig.merged(config, **settings)
+        return discovery.find_channels(self, self._tokenizer(tokenizer), dataset, cfg, channel_map=channel_map,
+                                       progress=progress)
 
     def search_edit(self, dev, test, findings, config: edit_search.EditSearchConfig | None = None, *,
                     tokenizer: Any = None, candidates=None, progress: bool = True, **settings: Any) -> edit_search.EditSearch:
         """Grid-search single-component rescalings on ``dev``, report ``test``; the chosen edits stay
         applied and the card records the evidence. See :func:`th_edit.analysis.edit_search.search_edit`."""
-        result = edit_search.search_edit(self, self._tokenizer(tokenizer), dev, test, findings, config,
-                                         candidates=candidates, progress=progress, **settings)
+        cfg = edit_search.EditSearchConfig.merged(config, **settings)
+        result = edit_search.search_edit(self, self._tokenizer(tokenizer), dev, test, findings, cfg,
+                                         candidates=candidates, progress=progress)
         self.card = CardData(evidence=result.evidence, evaluation=result.evaluation)
         return result
 
@@ -202,13 +206,20 @@ class ChannelEditor:
         """
         tokenizer = self._tokenizer(tokenizer)
         given = {"heads": heads, "circuits": None if circuits is None else tuple(circuits), "budget": budget}
-        base = config.to_dict() if config is not None else {}
-        cfg = fit.FitConfig.from_dict({**base, **{k: v for k, v in given.items() if v is not None}, **settings})
+        cfg = (config or fit.FitConfig()).with_overrides(**{k: v for k, v in given.items() if v is not None}, **settings)
         if cfg.heads == "discovered" and findings is None:
             findings = self.find_channels(train, progress=cfg.progress)
-        result = fit.fit_edit(self, tokenizer, train, dev, cfg, test=test, findings=findings)
-        self.card = CardData(evidence=findings.evidence() if findings is not None else [], evaluation=self.card.evaluation)
+        result = fit.fit_edit(self.layout, self.log, tokenizer, train, dev, cfg, test=test, folded=self.folded,
+                              heads=self.resolve_heads(cfg.heads, findings=findings))
+        self._fits.append((result.edits, {"fit_config": cfg.to_dict()}))
+        result.plan = self.export_plan()
+        self.card = CardData(evidence=findings.evidence() if findings is not None else [], evaluation=result.evaluation)
         return result
+
+    def resolve_heads(self, heads: Any = "all", *, findings: discovery.ChannelFindings | None = None) -> list[tuple[int, int]]:
+        """The ``(layer, head)`` pairs a head spec names (``"all"``, ``"upper"``, ``"discovered"`` with
+        ``findings``, or pairs); see :func:`th_edit.edits.fit.resolve_heads`."""
+        return fit.resolve_heads(self.layout, heads, findings)
 
     def _tokenizer(self, tokenizer: Any) -> Any:
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
@@ -222,8 +233,17 @@ class ChannelEditor:
         return head_fingerprint(self.layout, layer, head)
 
     def export_plan(self) -> EditPlan:
-        """The applied edits, in order, with the base model's identity."""
-        return checkpoints.export_plan(self.model, self.log)
+        """The applied edits, in order, with the base model's identity and, while a fit's edits are applied,
+        its settings (``plan.provenance["fit_config"]``)."""
+        return checkpoints.export_plan(self.model, self.log, provenance=self._provenance())
+
+    def _provenance(self) -> dict[str, Any]:
+        applied = {id(e) for e in self.log.edits}
+        record: dict[str, Any] = {}
+        for edits, fit_record in self._fits:
+            if edits and all(id(e) in applied for e in edits):
+                record.update(fit_record)
+        return record
 
     def save_plan(self, directory: str | os.PathLike) -> None:
         """Write :meth:`export_plan` to ``directory`` (JSON + safetensors, atomic; main process only)."""
@@ -275,20 +295,28 @@ class ChannelEditor:
         return checkpoints.push_plan(self.export_plan(), repo_id, token=token, private=private, commit_message=commit_message)
 
     # ----- PEFT LoRA adapters -------------------------------------------------------------------
-    def save_adapter(self, directory: str | os.PathLike, **kwargs: Any) -> Path:
-        """Write the applied edits as an exact peft LoRA adapter (plus th_edit's plan and a card); any
-        peft user loads it with ``PeftModel.from_pretrained``. See :func:`th_edit.sharing.adapters.save_adapter`."""
-        return adapters.save_adapter(self, directory, **kwargs)
+    def save_adapter(self, directory: str | os.PathLike, *, edits: EditPlan | Sequence[Edit] | None = None,
+                     **kwargs: Any) -> Path:
+        """Write the applied edits (or ``edits``) as an exact peft LoRA adapter (plus th_edit's plan and a card);
+        any peft user loads it with ``PeftModel.from_pretrained``. See :func:`th_edit.sharing.adapters.save_adapter`."""
+        return adapters.save_adapter(self.layout, directory, plan=self._adapter_plan(edits), card=self.card, **kwargs)
 
     def push_adapter_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
-                            **kwargs: Any):
+                            edits: EditPlan | Sequence[Edit] | None = None, **kwargs: Any) -> Any:
         """Save as :meth:`save_adapter` does and upload it to ``repo_id`` in one commit (``CommitInfo``)."""
-        return adapters.push_adapter_to_hub(self, repo_id, token=token, private=private, **kwargs)
+        return adapters.push_adapter_to_hub(self.layout, repo_id, plan=self._adapter_plan(edits), card=self.card,
+                                            token=token, private=private, **kwargs)
+
+    def _adapter_plan(self, edits: EditPlan | Sequence[Edit] | None) -> EditPlan:
+        return lora.plan_of(self.export_plan(), self.layout, edits)
 
     @classmethod
     def from_adapter(cls, model: nn.Module, source: str | os.PathLike, *, verify: bool = True,
                      revision: str | None = None, token: str | None = None, **kwargs: Any) -> "ChannelEditor":
         """A new editor on ``model`` with a th_edit LoRA adapter (directory or repo id) applied as exact,
-        undoable edits; an adapter made on another base is refused (fingerprints)."""
-        return adapters.editor_from_adapter(model, source, verify=verify, revision=revision, token=token,
-                                            editor_cls=cls, **kwargs)
+        undoable edits; an adapter made on another base is refused (fingerprints). See
+        :func:`th_edit.sharing.adapters.load_adapter_edits`."""
+        editor = cls(model, **kwargs)
+        plan = adapters.load_adapter_edits(editor.layout, source, verify=verify, revision=revision, token=token)
+        editor.apply_plan(plan, verify=False)  # verified by load_adapter_edits
+        return editor

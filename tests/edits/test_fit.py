@@ -38,7 +38,7 @@ def test_hooks_equal_applied_edits(arch, circuits):
     editor = ChannelEditor(model)
     snap = _snapshot(model)
     heads = [(0, 1), (1, 0), (1, 3), (2, 2)]
-    fit = ChannelFit(editor, heads, circuits, folded=True)
+    fit = ChannelFit(editor.layout, heads, circuits, folded=True)
     g = torch.Generator().manual_seed(0)
     fit.theta = torch.randn(fit.theta.shape, generator=g) * 0.7
     fit.keep_top(10)
@@ -59,7 +59,7 @@ def test_per_component_edit_matches_scale_component():
     """A fitted edit with equal scales is the same change as scale_component with that alpha."""
     model = make_model("llama", seed=4)
     editor = ChannelEditor(model)
-    fit = ChannelFit(editor, [(1, 2)], ("ov",), folded=True)
+    fit = ChannelFit(editor.layout, [(1, 2)], ("ov",), folded=True)
     fit.mask.zero_()
     fit.mask[0, [1, 4]] = 1.0
     fit.theta = fit.mask * torch.log(torch.tensor(2.5))
@@ -74,7 +74,7 @@ def test_plan_round_trip_bit_for_bit(tmp_path, task):
     model, tok, ds = task
     editor = ChannelEditor(model, tokenizer=tok)
     snap = _snapshot(model)
-    result = fit_edit(editor, tok, ds["train"], ds["dev"], FitConfig(**FAST))
+    result = fit_edit(editor.layout, editor.log, tok, ds["train"], ds["dev"], FitConfig(**FAST))
     assert result.edits and all(e.alphas is not None for e in result.edits)
     edited = _snapshot(model)
     editor.export_plan().save(tmp_path / "plan")
@@ -112,9 +112,9 @@ def test_fit_is_deterministic_and_within_budget(task):
     outs = []
     for _ in range(2):
         editor = ChannelEditor(model, tokenizer=tok)
-        r = fit_edit(editor, tok, ds["train"], ds["dev"], FitConfig(**FAST), test=ds["test"])
+        r = fit_edit(editor.layout, editor.log, tok, ds["train"], ds["dev"], FitConfig(**FAST), test=ds["test"])
         assert r.n_components <= 6 and r.test_before is not None and r.test_after is not None
-        assert {"before", "after", "note"} <= set(editor.evaluation)
+        assert {"before", "after", "note"} <= set(r.evaluation)
         assert r.trials.chosen.sum() == 1
         outs.append([(e.layer, e.head, e.components, e.alphas, e.left, e.right) for e in r.edits])
         editor.reset()
@@ -135,7 +135,7 @@ def test_cached_layers_are_not_run(task):
         h0 = editor.layout.module(0, editor.layout.spec.o).register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
         h2 = editor.layout.module(2, editor.layout.spec.o).register_forward_hook(lambda *a: calls.__setitem__("top", calls["top"] + 1))
         try:
-            fit = fit_edit(editor, tok, ds["train"], ds["dev"],
+            fit = fit_edit(editor.layout, editor.log, tok, ds["train"], ds["dev"],
                            FitConfig(**{**FAST, "heads": [(2, 0), (2, 3)], "steps": steps, "refit_steps": 2}))
         finally:
             h0.remove()
@@ -171,7 +171,7 @@ def test_bad_input_raises_and_leaves_model(task, make_bad, match):
     bad = make_bad(ds)
     train, dev = bad.pop("train", ds["train"]), bad.pop("dev", ds["dev"])
     with pytest.raises(InvalidArgumentError, match=match):
-        fit_edit(editor, tok, train, dev, FitConfig(**{**FAST, **bad}))
+        fit_edit(editor.layout, editor.log, tok, train, dev, FitConfig(**{**FAST, **bad}))
     assert _same(model, snap) and not editor.edits
 
 
@@ -184,7 +184,7 @@ def test_non_finite_loss_restores(task, monkeypatch):
     orig = fit_mod.FitProblem.candidate_logits
     monkeypatch.setattr(fit_mod.FitProblem, "candidate_logits", lambda self, c, b: orig(self, c, b) * float("nan"))
     with pytest.raises(FitError, match="non-finite"):
-        fit_edit(editor, tok, ds["train"], ds["dev"], FitConfig(**FAST))
+        fit_edit(editor.layout, editor.log, tok, ds["train"], ds["dev"], FitConfig(**FAST))
     assert _same(model, snap) and not editor.edits
     assert all(p.requires_grad for p in model.parameters())  # the flags are restored
 
@@ -201,25 +201,25 @@ def test_ctrl_c_restores(task, monkeypatch, where):
             raise KeyboardInterrupt
         monkeypatch.setattr(fit_mod, "_train", boom)
     else:
-        real, calls = editor.apply_edit, {"n": 0}
+        real, calls = editor.log.apply, {"n": 0}
 
         def apply(e):
             calls["n"] += 1
             if calls["n"] == 2:
                 raise KeyboardInterrupt
             real(e)
-        monkeypatch.setattr(editor, "apply_edit", apply)
+        monkeypatch.setattr(editor.log, "apply", apply)
     with pytest.raises(FitInterruptedError) as info:
-        fit_edit(editor, tok, ds["train"], ds["dev"], FitConfig(**{**FAST, "heads": [(0, 0), (1, 1), (2, 2)]}))
+        fit_edit(editor.layout, editor.log, tok, ds["train"], ds["dev"], FitConfig(**{**FAST, "heads": [(0, 0), (1, 1), (2, 2)]}))
     assert isinstance(info.value, KeyboardInterrupt)
     assert _same(model, snap) and not editor.edits
 
 
 def test_resolve_heads_all_and_list():
     editor = ChannelEditor(make_model("llama"))
-    assert len(resolve_heads(editor, "all")) == editor.n_layers * editor.n_heads
-    assert resolve_heads(editor, [(2, 1), (0, 3), (2, 1)]) == [(0, 3), (2, 1)]
-    upper = resolve_heads(editor, "upper")
+    assert len(resolve_heads(editor.layout, "all")) == editor.n_layers * editor.n_heads
+    assert resolve_heads(editor.layout, [(2, 1), (0, 3), (2, 1)]) == [(0, 3), (2, 1)]
+    upper = resolve_heads(editor.layout, "upper")
     assert upper == [(l, h) for l in range(editor.n_layers // 2, editor.n_layers) for h in range(editor.n_heads)]
 
 
@@ -231,10 +231,10 @@ def test_guard_through_the_cache_equals_guard_loss(task):
 
     model, tok, ds = task
     editor = ChannelEditor(model, tokenizer=tok)
-    problem = FitProblem(editor, tok, split_rows(ds["train"], "train"), split_rows(ds["dev"], "dev"), FitConfig())
+    problem = FitProblem(model, editor.layout, tok, split_rows(ds["train"], "train"), split_rows(ds["dev"], "dev"), FitConfig())
     base = problem.guard(None, layer=1)
     assert base == pytest.approx(guard_loss(model, tok), rel=1e-6)
-    fit = ChannelFit(editor, [(1, 0), (2, 1)], ("ov",), folded=True)
+    fit = ChannelFit(editor.layout, [(1, 0), (2, 1)], ("ov",), folded=True)
     fit.theta = torch.randn(fit.theta.shape, generator=torch.Generator().manual_seed(5)) * 0.8
     assert fit.first_layer() == 1
     got = problem.guard(fit)
@@ -263,7 +263,7 @@ def test_new_templates_and_pools():
 def test_top_heads_ranks_heads_by_the_edit_they_hold(task):
     model, tok, ds = task
     editor = ChannelEditor(model, tokenizer=tok)
-    r = fit_edit(editor, tok, ds["train"], ds["dev"], FitConfig(**{**FAST, "budget": 12}))
+    r = fit_edit(editor.layout, editor.log, tok, ds["train"], ds["dev"], FitConfig(**{**FAST, "budget": 12}))
     editor.reset()
     # independent: from the applied edits' own per-component scales
     mass = {}

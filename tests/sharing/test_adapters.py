@@ -21,6 +21,7 @@ from th_edit.sharing.adapters import (
     load_adapter_edits, push_adapter_to_hub, save_adapter,
 )
 from th_edit.core.architectures import ARCHITECTURES
+from th_edit.core.layout import AttentionLayout
 from th_edit.errors import AdapterError, MissingDependencyError
 from th_edit.utils.files import MANIFEST
 from tiny_models import ARCHS, input_ids, make_model
@@ -37,6 +38,11 @@ def _edit(editor):
     editor.scale_component(0, 0, "qk", 0, 2.0)
     editor.scale_component(0, 1, "ov", 1, 3.0)
     return editor
+
+
+def _save(editor, directory, **kwargs):
+    """sharing.adapters.save_adapter on the editor's explicit inputs (as ChannelEditor.save_adapter calls it)."""
+    return save_adapter(editor.layout, directory, plan=editor.export_plan(), card=editor.card, **kwargs)
 
 
 def _logits(model):
@@ -67,7 +73,7 @@ def _check_peft_roundtrip(arch, editor, folder, **kw):
 
     model = _peft(arch, folder, **kw)
     tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-    assert tensors.keys() == adapter_state(editor)[1].keys()
+    assert tensors.keys() == adapter_state(editor.layout, editor.export_plan())[1].keys()
     for key, value in tensors.items():  # every tensor reached its module (peft only warns on missing keys)
         name = key.removeprefix("base_model.model.").replace(".weight", ".default.weight")
         assert torch.equal(model.base_model.model.get_submodule(name.rsplit(".", 1)[0]).weight, value), key
@@ -90,7 +96,7 @@ def _check_peft_roundtrip(arch, editor, folder, **kw):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_adapter_of_every_architecture_is_exact_in_plain_peft(arch, tmp_path):
     editor = _edit(ChannelEditor(make_model(arch)))
-    save_adapter(editor, tmp_path / "adapter")
+    _save(editor, tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == sorted([*ADAPTER_FILES, "README.md", MANIFEST])
     config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
     spec = ARCHITECTURES[arch]
@@ -108,7 +114,7 @@ def test_adapter_of_every_architecture_is_exact_in_plain_peft(arch, tmp_path):
 def test_fused_qkv_adapter_leaves_key_and_value_rows_bit_identical(arch, tmp_path):
     editor = ChannelEditor(make_model(arch))
     editor.scale_component(1, 2, "qk", [0, 1, 2], 3.0)
-    save_adapter(editor, tmp_path / "a")
+    _save(editor, tmp_path / "a")
     base = make_model(arch)
     L = editor.layout
     before = [L.proj_weight(1, h, kind).clone() for h in range(L.n_heads) for kind in "kv"]
@@ -141,12 +147,12 @@ def test_learned_edit_with_many_components_per_layer_round_trips(tmp_path):
         editor.apply_edit(Edit(layer=layer, head=head, circuit=circuit, components=tuple(range(k)), alpha=1.3,
                                folded=True, singular_values=(1.0,) * k,
                                left=torch.randn(rows, k, generator=g) * 0.1, right=torch.randn(cols, k, generator=g) * 0.1))
-    modules = adapter_modules(editor)
+    modules = adapter_modules(editor.layout, editor.edits)
     assert {n: m.rank for n, m in modules.items()} == {
         "model.layers.1.self_attn.o_proj": dh + 1, "model.layers.1.self_attn.q_proj": 5,
         "model.layers.2.self_attn.o_proj": 7, "model.layers.2.self_attn.q_proj": 4,
     }
-    save_adapter(editor, tmp_path / "a")
+    _save(editor, tmp_path / "a")
     logit_err, weight_err = _check_peft_roundtrip(arch, editor, tmp_path / "a")
     print(f"learned edit: logits {logit_err:.2e}, merged weights {weight_err:.2e}")
     # and back into th_edit: the exact edits, in order, bit-identical weights
@@ -163,7 +169,7 @@ def test_rank_patterns_do_not_leak_between_layers(tmp_path):
     editor.scale_component(1, 0, "ov", [0, 1, 2], 0.0)
     editor.scale_component(11, 1, "ov", 0, 2.0)
     editor.scale_component(10, 2, "ov", [0, 1], 2.0)
-    save_adapter(editor, tmp_path / "a")
+    _save(editor, tmp_path / "a")
     model = _peft("llama", tmp_path / "a", **kw)
     ranks = {l: model.base_model.model.model.layers[l].self_attn.o_proj.r["default"] for l in (1, 10, 11)}
     assert ranks == {1: 3, 10: 2, 11: 1}
@@ -173,7 +179,7 @@ def test_rank_patterns_do_not_leak_between_layers(tmp_path):
 def test_transformers_load_adapter_reads_it_too(tmp_path):
     """transformers' own PEFT integration (``model.load_adapter``) is another plain consumer."""
     editor = _edit(ChannelEditor(make_model("mistral")))
-    save_adapter(editor, tmp_path / "a")
+    _save(editor, tmp_path / "a")
     model = make_model("mistral")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -183,23 +189,23 @@ def test_transformers_load_adapter_reads_it_too(tmp_path):
 
 def test_from_adapter_round_trip_and_plans_are_interchangeable(tmp_path):
     editor = _edit(ChannelEditor(make_model("qwen3")))
-    save_adapter(editor, tmp_path / "a")
+    _save(editor, tmp_path / "a")
     again = ChannelEditor.from_adapter(make_model("qwen3"), tmp_path / "a")
     assert [e.describe() for e in again.edits] == [e.describe() for e in editor.edits]
     assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), editor.model.state_dict().values()))
     again.reset()
     assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), make_model("qwen3").state_dict().values()))
     # the adapter directory is also an edit plan, and a plan re-exports to the same adapter
-    plan = load_adapter_edits(make_model("qwen3"), tmp_path / "a")
+    plan = load_adapter_edits(AttentionLayout(make_model("qwen3")), tmp_path / "a")
     assert isinstance(plan, EditPlan) and len(plan.edits) == len(editor.edits)
     via_plan = ChannelEditor.from_plan(make_model("qwen3"), tmp_path / "a")
-    save_adapter(via_plan, tmp_path / "b")
+    _save(via_plan, tmp_path / "b")
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 def test_adapter_of_model_a_is_refused_on_model_b(tmp_path):
-    save_adapter(_edit(ChannelEditor(make_model("llama", seed=0))), tmp_path / "a")
+    _save(_edit(ChannelEditor(make_model("llama", seed=0))), tmp_path / "a")
     other = make_model("llama", seed=9)
     before = _state(other)
     with pytest.raises(PlanMismatchError, match="differs from the plan's base model"):
@@ -220,7 +226,7 @@ def test_plain_lora_adapter_is_refused_as_not_written_by_th_edit(tmp_path):
 
 
 def test_adapter_changed_after_th_edit_wrote_it_is_refused(tmp_path):
-    save_adapter(_edit(ChannelEditor(make_model("llama"))), tmp_path / "a")
+    _save(_edit(ChannelEditor(make_model("llama"))), tmp_path / "a")
     path = tmp_path / "a" / ADAPTER_WEIGHTS
     tensors = load_file(str(path))
     key = sorted(k for k in tensors if "lora_B" in k)[0]
@@ -232,12 +238,12 @@ def test_adapter_changed_after_th_edit_wrote_it_is_refused(tmp_path):
 
 def test_dtype_and_uniform_rank_options(tmp_path):
     editor = _edit(ChannelEditor(make_model("llama")))
-    save_adapter(editor, tmp_path / "u", uniform_rank=True)
+    _save(editor, tmp_path / "u", uniform_rank=True)
     config = json.loads((tmp_path / "u" / ADAPTER_CONFIG).read_text())
     assert config["r"] == config["lora_alpha"] == 3 and set(config["rank_pattern"].values()) == {3}
     _check_peft_roundtrip("llama", editor, tmp_path / "u")
     assert ChannelEditor.from_adapter(make_model("llama"), tmp_path / "u").edits
-    save_adapter(editor, tmp_path / "h", dtype=torch.bfloat16)
+    _save(editor, tmp_path / "h", dtype=torch.bfloat16)
     assert all(t.dtype == torch.bfloat16 for t in load_file(str(tmp_path / "h" / ADAPTER_WEIGHTS)).values())
     assert _max_err(_logits(_peft("llama", tmp_path / "h")), _logits(editor.model)) < 0.05  # bf16 factors: approximate
     again = ChannelEditor.from_adapter(make_model("llama"), tmp_path / "h")  # the plan keeps exact fp32 factors
@@ -246,7 +252,7 @@ def test_dtype_and_uniform_rank_options(tmp_path):
 
 def test_refusals_are_typed_and_name_the_reason(tmp_path):
     with pytest.raises(AdapterError, match="no edits"):
-        save_adapter(ChannelEditor(make_model("llama")), tmp_path / "empty")
+        _save(ChannelEditor(make_model("llama")), tmp_path / "empty")
 
     class WrappedLinear(torch.nn.Linear):  # a Linear subclass peft may not treat as a plain Linear
         pass
@@ -259,16 +265,16 @@ def test_refusals_are_typed_and_name_the_reason(tmp_path):
     editor = ChannelEditor(model)
     editor.scale_component(1, 0, "ov", 0, 0.0)
     with pytest.raises(AdapterError, match="WrappedLinear, not a plain Linear"):
-        save_adapter(editor, tmp_path / "q")
+        _save(editor, tmp_path / "q")
     assert not (tmp_path / "q").exists()
 
 
 def test_peft_absent_is_a_clear_typed_error(tmp_path, monkeypatch):
     editor = _edit(ChannelEditor(make_model("llama")))
-    save_adapter(editor, tmp_path / "a")
+    _save(editor, tmp_path / "a")
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'th_edit\[peft\]'") as info:
-        save_adapter(editor, tmp_path / "b")
+        _save(editor, tmp_path / "b")
     assert isinstance(info.value, ImportError)
     assert not (tmp_path / "b").exists()
     # reading a th_edit adapter back needs no peft
@@ -280,7 +286,7 @@ def test_push_through_the_hub_and_load_with_plain_peft(hub, tmp_path):
     editor.model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M"
     editor.evidence = [dict(sender="0.1[0]", receiver="1.2[0]", mode="q", score=0.12, baseline=0.01, cosine=0.7)]
     editor.evaluation = {"before": {3: 0.5, 10: 0.1}, "after": {3: 0.55, 10: 0.3}}
-    info = push_adapter_to_hub(editor, "alice/tiny-adapter", token=hub.token)
+    info = editor.push_adapter_to_hub("alice/tiny-adapter", token=hub.token)
     repo = hub.repos[("model", "alice/tiny-adapter")]
     assert info.oid == repo.commits[-1][0]
     assert set(repo.commits[-1][1]) == {*ADAPTER_FILES, "README.md", MANIFEST}
@@ -303,7 +309,7 @@ def test_push_through_the_hub_and_load_with_plain_peft(hub, tmp_path):
     again = ChannelEditor.from_adapter(make_model("llama"), "alice/tiny-adapter")
     assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), editor.model.state_dict().values()))
     n = len(repo.commits)
-    push_adapter_to_hub(editor, "alice/tiny-adapter", token=hub.token)
+    editor.push_adapter_to_hub("alice/tiny-adapter", token=hub.token)
     assert len(repo.commits) == n
 
 
@@ -311,7 +317,7 @@ def test_cli_push_of_an_adapter_directory(hub, tmp_path, capsys):
     from th_edit.app.cli import main
 
     editor = _edit(ChannelEditor(make_model("gpt2")))
-    save_adapter(editor, tmp_path / "a", repo_id="alice/cli-adapter")
+    _save(editor, tmp_path / "a", repo_id="alice/cli-adapter")
     assert main(["push", str(tmp_path / "a"), "alice/cli-adapter", "--token", hub.token, "--quiet", "--public"]) == 0
     files = hub.repos[("model", "alice/cli-adapter")].commits[-1][1]
     assert set(files) == {*ADAPTER_FILES, "README.md", MANIFEST}
@@ -328,7 +334,7 @@ def test_typical_adapter_is_small(tmp_path):
     editor = ChannelEditor(make_model("llama", **geometry))
     for layer, head in [(3, 1), (3, 5), (4, 2), (5, 8)]:
         editor.scale_component(layer, head, "ov", [0, 1], 4.0)
-    save_adapter(editor, tmp_path / "a")
+    _save(editor, tmp_path / "a")
     weights = (tmp_path / "a" / ADAPTER_WEIGHTS).stat().st_size
     total = sum(p.stat().st_size for p in (tmp_path / "a").iterdir())
     print(f"SmolLM2-shaped adapter: weights {weights / 1024:.1f} KB, all files {total / 1024:.1f} KB")

@@ -7,7 +7,7 @@ of :mod:`th_edit.analysis.channels`. Settings that a user passes around and reco
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -16,6 +16,7 @@ from ..core.circuits import MODES, check_mode, receiver_side, select_heads, svd,
 from ..core.layout import AttentionLayout
 from ..errors import InvalidArgumentError
 from ..utils.progress import progress_bar
+from ..utils.settings import Settings
 from .channels import ChannelMap, compute_channel_map, pair_composition
 
 __all__ = ["ChannelMapConfig", "channel_map", "head_composition", "config_from"]
@@ -25,7 +26,7 @@ _MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
-class ChannelMapConfig:
+class ChannelMapConfig(Settings):
     """Settings of a channel map (recorded in ``ChannelMap.meta``).
 
     Attributes:
@@ -49,6 +50,10 @@ class ChannelMapConfig:
     matmul_dtype: str = field(default="float32", metadata={"help": "GEMM input dtype: float32 or bfloat16"})
 
     def __post_init__(self) -> None:
+        self.modes = tuple(self.modes)
+        super().__post_init__()
+
+    def validate(self) -> None:
         self.modes = tuple(check_mode(m) for m in self.modes)
         if not self.modes:
             raise InvalidArgumentError("modes is empty: pick at least one of 'q', 'k', 'v'.")
@@ -60,25 +65,11 @@ class ChannelMapConfig:
         if self.matmul_dtype not in _MATMUL_DTYPES:
             raise InvalidArgumentError(f"matmul_dtype={self.matmul_dtype!r} is not one of {sorted(_MATMUL_DTYPES)}.")
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready settings."""
-        d = asdict(self)
-        d["modes"] = list(self.modes)
-        return d
-
-
-def config_from(cls, config: Any = None, **overrides: Any):
-    """``config`` (an instance of the dataclass ``cls``, or None for its defaults) with ``overrides``
-    applied; an unknown override raises :class:`InvalidArgumentError` naming the known fields."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise InvalidArgumentError(f"unknown {cls.__name__} setting(s) {unknown}; known: {sorted(known)}.")
-    if config is None:
-        return cls(**overrides)
-    if not isinstance(config, cls):
-        raise InvalidArgumentError(f"config must be a {cls.__name__}, got {type(config).__name__}.")
-    return cls(**{**asdict(config), **overrides}) if overrides else config
+def config_from(cls: type, config: Any = None, **overrides: Any):
+    """``config`` (an instance of the settings class ``cls``, or None for its defaults) with ``overrides``
+    applied (:meth:`th_edit.utils.settings.Settings.merged`); an unknown override raises
+    :class:`InvalidArgumentError` naming the known fields."""
+    return cls.merged(config, **overrides)
 
 
 def channel_map(

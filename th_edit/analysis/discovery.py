@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import pandas as pd
@@ -29,7 +29,7 @@ import torch
 from ..errors import InvalidArgumentError
 from ..tasks.batching import prompt_batches
 from ..utils.progress import progress_bar
-from .composition import config_from
+from ..utils.settings import Settings
 from .protocol import HeadEditor
 from .roles import inhibition_score, mover_scores, prompt_cache, receiver_gap, sequence_roles
 
@@ -100,7 +100,7 @@ def _component_rows(cmap, mode: str, senders, receivers, kind: str) -> list[dict
 
 
 @dataclass
-class DiscoveryConfig:
+class DiscoveryConfig(Settings):
     """Settings of :func:`find_channels` (recorded in ``ChannelFindings.meta["config"]``).
 
     Attributes:
@@ -123,16 +123,13 @@ class DiscoveryConfig:
     batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
     seed: int = field(default=0, metadata={"help": "seed of roles, controls and baselines"})
 
-    def __post_init__(self) -> None:
-        bad = {k: v for k, v in asdict(self).items() if k != "seed" and (not isinstance(v, int) or v < (0 if k == "n_control" else 1))}
+    def validate(self) -> None:
+        bad = {k: v for k, v in self.to_dict().items() if k != "seed" and (not isinstance(v, int) or v < (0 if k == "n_control" else 1))}
         if bad:
             raise InvalidArgumentError(f"DiscoveryConfig {bad}: counts must be positive integers (n_control may be 0).")
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-
-def _measure(editor, batches, movers, base_gap, rows: list[dict[str, Any]], desc: str, progress: bool) -> None:
+def _measure(editor: HeadEditor, batches, movers, base_gap, rows: list[dict[str, Any]], desc: str, progress: bool) -> None:
     """Fill each row's causal ``inhibition_score`` (the sender component removed).
 
     Rows are measured in order of sender layer through one :class:`~th_edit.core.layer_cache.LayerCache`
@@ -216,7 +213,7 @@ def find_channels(
     Returns:
         :class:`ChannelFindings`.
     """
-    cfg = config_from(DiscoveryConfig, config, **overrides)
+    cfg = DiscoveryConfig.merged(config, **overrides)
     t0 = time.perf_counter()
     roles = sequence_roles(editor.model, seed=cfg.seed)
     movers = mover_scores(editor, tokenizer, dataset, batch_size=cfg.batch_size, limit=cfg.n_prompts, progress=progress)

@@ -11,7 +11,7 @@ stays behind ``th-edit edit --auto --search grid``.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import pandas as pd
@@ -20,7 +20,7 @@ from ..core.layer_cache import reuse_lower_layers
 from ..errors import InvalidArgumentError
 from ..tasks.evaluate import EvalResult, evaluate, guard_loss
 from ..utils.progress import progress_bar
-from .composition import config_from
+from ..utils.settings import Settings
 from .discovery import ChannelFindings
 from .protocol import HeadEditor
 
@@ -30,7 +30,7 @@ Candidate = tuple[int, int, str, int]  # layer, head, circuit, component
 
 
 @dataclass
-class EditSearchConfig:
+class EditSearchConfig(Settings):
     """Settings of :func:`search_edit` (recorded in ``EditSearch.meta["config"]``).
 
     Attributes:
@@ -51,13 +51,11 @@ class EditSearchConfig:
 
     def __post_init__(self) -> None:
         self.alphas = tuple(float(a) for a in self.alphas)
+        super().__post_init__()
+
+    def validate(self) -> None:
         if not self.alphas or self.max_edits < 1 or self.batch_size < 1 or self.n_ov < 0 or self.n_qk < 0:
             raise InvalidArgumentError(f"{self}: need alphas, max_edits >= 1, batch_size >= 1, n_ov/n_qk >= 0.")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["alphas"] = list(self.alphas)
-        return d
 
 
 @dataclass
@@ -158,7 +156,7 @@ def search_edit(
     own ``(layer, head, circuit, component)`` list instead of the ones derived from ``findings``.
     ``overrides`` replace fields of ``config`` (an :class:`EditSearchConfig`).
     """
-    cfg = config_from(EditSearchConfig, config, **overrides)
+    cfg = EditSearchConfig.merged(config, **overrides)
     t0 = time.perf_counter()
     start_edits = len(editor.edits)
     dev_eval = lambda: evaluate(editor.model, tokenizer, dev, batch_size=cfg.batch_size, progress=False)  # noqa: E731

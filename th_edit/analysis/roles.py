@@ -36,6 +36,7 @@ from ..core.layer_cache import LayerCache
 from ..errors import InvalidArgumentError
 from ..tasks.batching import PromptBatch, accepts_logits_to_keep, eager_attention, input_device, prompt_batches
 from ..utils.progress import progress_bar
+from .protocol import HeadEditor
 
 __all__ = [
     "repeated_tokens", "sequence_scores", "sequence_roles", "mover_scores", "receiver_gap", "prompt_cache", "inhibition_score",
@@ -109,7 +110,7 @@ def _norm_linear(params, x_last: torch.Tensor):
     return apply
 
 
-def mover_scores(editor, tokenizer, dataset, *, batch_size: int = 8, limit: int | None = 64,
+def mover_scores(editor: HeadEditor, tokenizer, dataset, *, batch_size: int = 8, limit: int | None = 64,
                  progress: bool = True) -> pd.DataFrame:
     """Per head: ``attn_target``, ``attn_others``, ``logit_diff`` and ``mover_score`` (see the module
     docstring), averaged over up to ``limit`` prompts. One row per (layer, head), sorted by mover_score."""
@@ -197,7 +198,7 @@ def receiver_gap(model, batches: list[PromptBatch], receivers: Sequence[tuple[in
     return total / n
 
 
-def prompt_cache(editor, batches: list[PromptBatch], first_layer: int) -> LayerCache:
+def prompt_cache(editor: HeadEditor, batches: list[PromptBatch], first_layer: int) -> LayerCache:
     """A :class:`LayerCache` of the prompt ``batches`` from ``first_layer`` (for :func:`receiver_gap`)."""
     cache = LayerCache(editor.model, editor.layout, first_layer)
     device = input_device(editor.model)
@@ -206,7 +207,7 @@ def prompt_cache(editor, batches: list[PromptBatch], first_layer: int) -> LayerC
     return cache
 
 
-def inhibition_score(editor, batches: list[PromptBatch], sender: tuple[int, int, int | Sequence[int]],
+def inhibition_score(editor: HeadEditor, batches: list[PromptBatch], sender: tuple[int, int, int | Sequence[int]],
                      receivers: Sequence[tuple[int, int]], *, base_gap: torch.Tensor | None = None,
                      cache: LayerCache | None = None) -> torch.Tensor:
     """Inhibition score ``[R]`` of sender OV component(s) ``(layer, head, component)`` on each receiver

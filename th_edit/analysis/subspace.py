@@ -26,11 +26,12 @@ from ..errors import InvalidArgumentError
 from ..tasks.evaluate import EvalResult, evaluate
 from ..core.circuits import check_components
 from ..tasks.batching import eager_attention, prompt_batches, rows as dataset_rows
+from .protocol import HeadEditor
 
 __all__ = ["PositionalSubspace", "head_final_outputs", "fit_positional_subspace", "traverse", "search_steering"]
 
 
-def head_final_outputs(editor, tokenizer, dataset, layer: int, head: int, *, batch_size: int = 8,
+def head_final_outputs(editor: HeadEditor, tokenizer, dataset, layer: int, head: int, *, batch_size: int = 8,
                        limit: int | None = None) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """Head ``(layer, head)``'s output ``z W_O[h]`` at each prompt's final token: ``[N, d]`` float32, and the rows."""
     rows = dataset_rows(dataset)
@@ -81,7 +82,7 @@ def _nearest_centroid_accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y[test]).float().mean())
 
 
-def fit_positional_subspace(editor, tokenizer, dataset, layer: int, head: int, components: Sequence[int], *,
+def fit_positional_subspace(editor: HeadEditor, tokenizer, dataset, layer: int, head: int, components: Sequence[int], *,
                             n_dims: int = 3, batch_size: int = 8, limit: int | None = None) -> PositionalSubspace:
     """Fit the subspace on ``dataset`` (see the module docstring); ``n_dims`` <= len(components)."""
     comps = list(check_components(list(components), editor.d_head))
@@ -107,7 +108,7 @@ def fit_positional_subspace(editor, tokenizer, dataset, layer: int, head: int, c
                               explained=(S[:n_dims] ** 2) / (S ** 2).sum(), decodability=pd.DataFrame(decod))
 
 
-def traverse(editor, tokenizer, rows: Sequence[dict[str, Any]], subspace: PositionalSubspace,
+def traverse(editor: HeadEditor, tokenizer, rows: Sequence[dict[str, Any]], subspace: PositionalSubspace,
              mover: tuple[int, int], *, grid: int = 7, span: float = 1.5, batch_size: int = 8) -> pd.DataFrame:
     """For each point of a ``grid x grid`` lattice over the first two coordinates (``span`` times their
     observed range around the mean), steer the head there at the final position and record, per prompt, the
@@ -151,7 +152,7 @@ class SteeringSearch:
     test_steered: EvalResult
 
 
-def search_steering(editor, tokenizer, dev, test, layer: int, head: int, components: Sequence[int], *,
+def search_steering(editor: HeadEditor, tokenizer, dev, test, layer: int, head: int, components: Sequence[int], *,
                     alphas: Sequence[float] = (0.0, 0.5, 2.0, 4.0, 8.0), batch_size: int = 16) -> SteeringSearch:
     """Pick the steering scale of ``components`` (final position only) with the best dev accuracy (then
     logit difference), then evaluate test with and without it. Left padding keeps the final token last."""

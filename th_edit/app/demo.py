@@ -17,10 +17,9 @@ import torch
 
 from ..core.layer_cache import reuse_lower_layers
 from ..editor import ChannelEditor
-from ..edits.fit import resolve_heads
+from ..edits.fit import FitResult
 from ..sharing.models import load_model
-from ..tasks.data import laundry_list
-from ..tasks.evaluate import evaluate
+from ..tasks.data import Rows, laundry_list
 from .demo_controls import heads_carrying_edit, refit_on_heads
 from .plots import plot_learned_scales
 from .report import write_report
@@ -80,48 +79,22 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     lap = _Laps()
-    say(f"loading {model} ...")
-    lm, tokenizer = load_model(model, cache_dir=cache_dir)
-    editor = ChannelEditor(lm, tokenizer=tokenizer)
-    lap("load")
-    data = laundry_list(tokenizer, lengths=lengths, n_per_length=n_per_length, seed=seed)
+    editor, data = _load(model, cache_dir, lengths, n_per_length, seed, lap, say)
     weak = set(search_lengths)
     train, dev, test_weak = (data[s].filter(lambda r: r["list_length"] in weak) for s in ("train", "dev", "test"))
     lap("data")
-    say("channel map (Q, K, V composition of every head component) ...")
-    cmap = editor.channel_map(modes=("q", "k", "v"), progress=progress, seed=seed, baseline_samples=32)
-    cmap.to_csv(str(out / "channel_map_top_pairs.csv"))
-    lap("channel_map")
-    say("finding inhibition and duplicate-detection channels ...")
-    findings = editor.find_channels(data["train"], n_prompts=n_prompts, seed=seed, channel_map=cmap, progress=progress)
-    findings.channels.to_csv(out / "channels.csv", index=False)
-    lap("find_channels")
+    cmap, findings = _discover(editor, data["train"], out, n_prompts=n_prompts, seed=seed, progress=progress,
+                               lap=lap, say=say)
     comparison = {}
     if compare_heads:
         say(f"discovered heads {findings.heads()} vs as many random heads, {control_budget} components each ...")
         comparison = refit_on_heads(editor, train, dev, test_weak, findings.heads(), budget=control_budget,
                                     seed=seed, progress=progress)
         lap("discovered_vs_random")
-    first = min(l for l, _ in resolve_heads(editor, heads, findings=findings))
-    # the edit changes layers >= first only: the test split's lower layers run once for before and after
-    with reuse_lower_layers(editor.model, editor.layout, first) as reuse:
-        before = evaluate(editor.model, tokenizer, data["test"], progress=progress, desc="test (before)")
-        say(f"fitting the edit: heads={heads}, budget {budget}, chosen on dev ...")
-        with reuse.paused():
-            fit = editor.fit_edit(train, dev, heads=heads, budget=budget, findings=findings, seed=seed,
-                                  progress=progress, **_MAIN_FIT)
-        after = evaluate(editor.model, tokenizer, data["test"], progress=progress, desc="test (after)")
-        lap("fit_and_test")
-        say("the fitted edit restricted to the discovered heads vs to as many random fitted heads ...")
-        carried = heads_carrying_edit(editor, fit, findings.heads(), data["test"], seed=seed, progress=progress)
-        lap("heads_carrying_edit")
-    editor.evaluation = {"before": before.accuracy_by_length(), "after": after.accuracy_by_length(),
-                         "note": "Laundry List accuracy on the test split (never used for a choice)."}
-    editor.save_plan(out / "edit_plan")
-    if save_model:
-        editor.save_pretrained(out / "edited_model", overwrite=True)
-    fit.components.to_csv(out / "fitted_components.csv", index=False)
-    plot_learned_scales(fit.components, editor.n_layers, editor.n_heads, out / "learned_scales.png")
+    fit, carried = _fit_and_controls(editor, train, dev, data["test"], findings, heads=heads, budget=budget,
+                                     seed=seed, progress=progress, lap=lap, say=say)
+    before, after = fit.test_results["before"], fit.test_results["after"]
+    _write_outputs(editor, fit, out, save_model)
     summary = _summary(model, seed, fit, before, after, findings, comparison, lap.timings)
     summary["edit_carried_by"] = carried
     report = write_report(out, title=f"th_edit demo: {model}", before=before, after=after, channel_map=cmap,
@@ -135,6 +108,56 @@ def run_demo(
     summary.update(timings=lap.timings, report=str(report))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return DemoResult(report=report, summary=summary, timings=lap.timings)
+
+
+def _load(model: str, cache_dir: str | None, lengths: Sequence[int], n_per_length: int, seed: int, lap: _Laps,
+          say: Callable[[str], None]) -> tuple[ChannelEditor, Any]:
+    """The editor on the loaded model (with its tokenizer) and the Laundry List splits at every length."""
+    say(f"loading {model} ...")
+    lm, tokenizer = load_model(model, cache_dir=cache_dir)
+    editor = ChannelEditor(lm, tokenizer=tokenizer)
+    lap("load")
+    return editor, laundry_list(tokenizer, lengths=lengths, n_per_length=n_per_length, seed=seed)
+
+
+def _discover(editor: ChannelEditor, train: Rows, out: Path, *, n_prompts: int, seed: int, progress: bool,
+              lap: _Laps, say: Callable[[str], None]) -> tuple[Any, Any]:
+    """The channel map and the channel findings on ``train`` (both also written as CSV)."""
+    say("channel map (Q, K, V composition of every head component) ...")
+    cmap = editor.channel_map(modes=("q", "k", "v"), progress=progress, seed=seed, baseline_samples=32)
+    cmap.to_csv(str(out / "channel_map_top_pairs.csv"))
+    lap("channel_map")
+    say("finding inhibition and duplicate-detection channels ...")
+    findings = editor.find_channels(train, n_prompts=n_prompts, seed=seed, channel_map=cmap, progress=progress)
+    findings.channels.to_csv(out / "channels.csv", index=False)
+    lap("find_channels")
+    return cmap, findings
+
+
+def _fit_and_controls(editor: ChannelEditor, train: Rows, dev: Rows, test: Rows, findings: Any, *, heads: Any,
+                      budget: int, seed: int, progress: bool, lap: _Laps,
+                      say: Callable[[str], None]) -> tuple[FitResult, dict[str, Any]]:
+    """The fitted edit (applied; the test split evaluated before and after by the fit, which records the card's
+    evaluation) and which heads carry it."""
+    say(f"fitting the edit: heads={heads}, budget {budget}, chosen on dev ...")
+    fit = editor.fit_edit(train, dev, heads=heads, budget=budget, findings=findings, test=test, seed=seed,
+                          progress=progress, **_MAIN_FIT)
+    lap("fit_and_test")
+    say("the fitted edit restricted to the discovered heads vs to as many random fitted heads ...")
+    # the restrictions change layers >= the first fitted one only: the test split's lower layers run once
+    with reuse_lower_layers(editor.model, editor.layout, min(l for l, _ in fit.heads)):
+        carried = heads_carrying_edit(editor, fit, findings.heads(), test, seed=seed, progress=progress)
+    lap("heads_carrying_edit")
+    return fit, carried
+
+
+def _write_outputs(editor: ChannelEditor, fit: FitResult, out: Path, save_model: bool) -> None:
+    """The edit plan, the edited model (``save_model``), the fitted components and their figure."""
+    editor.save_plan(out / "edit_plan")
+    if save_model:
+        editor.save_pretrained(out / "edited_model", overwrite=True)
+    fit.components.to_csv(out / "fitted_components.csv", index=False)
+    plot_learned_scales(fit.components, editor.n_layers, editor.n_heads, out / "learned_scales.png")
 
 
 def _summary(model, seed, fit, before, after, findings, comparison, timings) -> dict[str, Any]:

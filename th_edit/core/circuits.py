@@ -25,7 +25,7 @@ from .layout import AttentionLayout
 __all__ = [
     "CIRCUITS", "MODES", "SVDResult", "HeadWeights", "head_weights", "stacked_factors", "circuit_factors", "svd",
     "svd_all", "select_heads", "svd_of_heads", "receiver_side", "check_circuit", "check_mode", "check_components",
-    "check_alpha",
+    "check_alpha", "edit_factors",
 ]
 
 CIRCUITS = ("ov", "qk")
@@ -184,6 +184,25 @@ def circuit_factors(
     layout.check(layer, head)
     A, B = stacked_factors(layout, circuit, folded=folded, layers=[layer])
     return A[0, head], B[0, head]
+
+
+def edit_factors(
+    layout: AttentionLayout, layer: int, head: int, circuit: str, A: torch.Tensor, B: torch.Tensor,
+    U_sel: torch.Tensor, coeff: torch.Tensor, V_sel: torch.Tensor, *, folded: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(left, right)`` of the weight change that adds ``sum_i coeff_i u_i v_i^T`` to one head's
+    circuit, ``Delta = left @ right.T`` in the target's row form: ``W_O[h]`` for OV (``left [d_h, k]``,
+    ``right [d, k]``), ``W_Q[h]`` for QK (``left [d, k]``, ``right [d_h, k]``).
+
+    ``A, B [d, d_h]`` are the head's circuit factors (``circuit = A @ B.T``, folded as ``folded`` says),
+    ``U_sel, V_sel [d, k]`` the selected singular vectors and ``coeff [k]`` their changes
+    (``(alpha_i - 1) * s_i``). The one path from circuit factors to edit factors: :func:`make_edit`, the
+    fit's hooks and the fit's edits all use it (see :func:`linalg.ov_edit_factors` / :func:`linalg.qk_edit_factors`).
+    """
+    if check_circuit(circuit) == "ov":
+        return linalg.ov_edit_factors(A, U_sel, coeff, V_sel)
+    w = head_weights(layout, layer, head)
+    return linalg.qk_edit_factors(w.W_Q, A, B, U_sel, coeff, V_sel, q_gain=w.q_gain if folded else None)
 
 
 def svd(layout: AttentionLayout, layer: int, head: int, circuit: str = "ov", *, folded: bool = True) -> SVDResult:

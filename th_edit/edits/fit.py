@@ -1,35 +1,38 @@
 """Fit an edit of communication channels: one learnable log-scale per singular component.
 
-The greedy :func:`th_edit.discovery.search_edit` tries a handful of components at a few fixed scales.
+The greedy :func:`th_edit.analysis.edit_search.search_edit` tries a handful of components at a few fixed scales.
 :func:`fit_edit` instead learns a scale ``alpha_i = exp(theta_i)`` for every singular component of the
 chosen heads' circuits (OV by default, QK optional), by gradient descent on
 
     loss = CE(target among the listed items, at the answer position)
-           + guard_weight * KL(unedited || edited) on neutral text   (the guard, th_edit.guard_text)
+           + guard_weight * KL(unedited || edited) on neutral text   (the guard, th_edit.tasks.guard_text)
            + l1_weight * sum_i |theta_i|,
 
 then keeps the ``k`` largest ``|theta_i|`` (``k`` up to ``budget``), refits only those, and picks ``k`` and
 the term weights on ``dev`` (the best dev accuracy whose guard change stays within
 ``max_guard_change``; a candidate over it is also tried with its log-scales shrunk by each factor of
-``guard_shrink``, until one is within). The result is applied as ordinary :class:`th_edit.plan.Edit` s, one per head and
+``guard_shrink``, until one is within). The result is applied as ordinary :class:`th_edit.edits.plan.Edit` s, one per head and
 circuit with per-component ``alphas``, so undo/reset, plans, ``from_plan`` and model cards work unchanged.
 
 Exactness. ``scale_component`` changes the OV circuit by ``(alpha - 1) s_i u_i v_i^T`` and writes it into
-``W_O[h]`` as ``pinv(W_V^f) u_i (alpha - 1) s_i v_i^T`` (:func:`th_edit.linalg.ov_edit_factors`). With all
+``W_O[h]`` as ``pinv(W_V^f) u_i (alpha - 1) s_i v_i^T`` (:func:`th_edit.core.linalg.ov_edit_factors`). With all
 components at once the change is ``P diag(exp(theta) - 1) V^T``, ``P = pinv(W_V^f) U diag(S)``,
 precomputed per head: differentiable in ``theta`` and exact. During fitting it is added by a forward
 hook on the output projection (``x_h @ Delta W_O[h]`` for each fitted head ``h``), so the model's
 parameters are never written and keep ``requires_grad=False``. QK likewise through ``W_Q[h]``
-(:func:`th_edit.linalg.qk_edit_factors`, a hook on the query projection). Key/value weights, shared
+(:func:`th_edit.core.linalg.qk_edit_factors`, a hook on the query projection). Key/value weights, shared
 under grouped-query attention, are never touched.
 
 Speed. Layers below the lowest fitted layer compute the same thing on every step: their output is
-cached once per batch (:mod:`th_edit.layer_cache`) and neither run again nor differentiated. Only the
+cached once per batch (:mod:`th_edit.core.layer_cache`) and neither run again nor differentiated. Only the
 answer position's logits are computed for the task loss (``logits_to_keep``).
 
->>> result = fit_edit(editor, tokenizer, data["train"], data["dev"], FitConfig(budget=256))  # doctest: +SKIP
+The facade :meth:`th_edit.ChannelEditor.fit_edit` resolves the settings and heads, calls :func:`fit_edit`
+and records the card and the plan; called directly, the fit takes only explicit inputs:
+
+>>> result = fit_edit(editor.layout, editor.log, tokenizer, data["train"], data["dev"],
+...                   FitConfig(budget=256))                                                # doctest: +SKIP
 >>> result.dev_before, result.dev_after, result.guard_change                               # doctest: +SKIP
->>> editor.export_plan().save("plan")                                                       # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -38,33 +41,42 @@ import logging
 import math
 import random
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pandas as pd
 import torch
 
+from ..core.layer_cache import reuse_lower_layers
+from ..core.layout import AttentionLayout
 from ..errors import FitError, FitInterruptedError, InvalidArgumentError
-from ..tasks.evaluate import evaluate
+from ..tasks.data import Rows
+from ..tasks.evaluate import EvalResult, evaluate
 from ..utils.progress import progress_bar
 from .fit_config import FitConfig, FitResult
 from .fit_data import FitProblem, split_rows
+from .scale import EditLog
 from .reparam import ChannelFit
 
-__all__ = ["FitConfig", "FitResult", "fit_edit", "resolve_heads", "ChannelFit"]
+__all__ = ["FitConfig", "FitResult", "Candidate", "fit_edit", "resolve_heads", "ChannelFit"]
 
 logger = logging.getLogger(__name__)
 
 
 # ----- heads --------------------------------------------------------------------------------------
-def resolve_heads(editor, spec: Any, *, findings=None, tokenizer=None, train=None) -> list[tuple[int, int]]:
-    """The ``(layer, head)`` list of a head spec: ``"all"``, ``"upper"`` (every head of layers
-    ``>= n_layers // 2``: cheaper to fit, the layer cache skips the lower half), ``"discovered"`` or
-    explicit pairs."""
+_HEAD_SPEC = "use 'all', 'upper', 'discovered' or a list of (layer, head) pairs"
+
+
+def resolve_heads(layout: AttentionLayout, spec: Any, findings: Any = None) -> list[tuple[int, int]]:
+    """The sorted ``(layer, head)`` list of a head spec: ``"all"``, ``"upper"`` (every head of layers
+    ``>= n_layers // 2``: cheaper to fit, the layer cache skips the lower half), ``"discovered"`` (the heads
+    of ``findings``, a :class:`~th_edit.analysis.discovery.ChannelFindings`) or explicit pairs. Pure: reads
+    only the layout's geometry."""
     if isinstance(spec, str):
         if spec in ("all", "upper"):
-            first = editor.n_layers // 2 if spec == "upper" else 0
-            return [(l, h) for l in range(first, editor.n_layers) for h in range(editor.n_heads)]
+            first = layout.n_layers // 2 if spec == "upper" else 0
+            return [(l, h) for l in range(first, layout.n_layers) for h in range(layout.n_heads)]
         if spec == "discovered":
             if findings is None:
                 raise InvalidArgumentError(
@@ -72,19 +84,15 @@ def resolve_heads(editor, spec: Any, *, findings=None, tokenizer=None, train=Non
                     "or call ChannelEditor.fit_edit, which finds them on the train split."
                 )
             return findings.heads()
-        raise InvalidArgumentError(
-            f"heads={spec!r} is not a head spec: use 'all', 'upper', 'discovered' or a list of (layer, head) pairs."
-        )
+        raise InvalidArgumentError(f"heads={spec!r} is not a head spec: {_HEAD_SPEC}.")
     try:
         heads = sorted({(int(l), int(h)) for l, h in spec})
     except (TypeError, ValueError) as exc:
-        raise InvalidArgumentError(
-            f"heads={spec!r} is not a head spec: use 'all', 'upper', 'discovered' or a list of (layer, head) pairs."
-        ) from exc
+        raise InvalidArgumentError(f"heads={spec!r} is not a head spec: {_HEAD_SPEC}.") from exc
     if not heads:
         raise InvalidArgumentError("heads=[] names no head: give at least one (layer, head) pair.")
     for l, h in heads:
-        editor.layout.check(l, h)
+        layout.check(l, h)
     return heads
 
 
@@ -92,7 +100,8 @@ def _train(problem: FitProblem, fit: ChannelFit, steps: int, guard_weight: float
            seed: int, bar, phase: str, lr: float) -> list[float]:
     """Adam on ``fit.theta`` (active entries) for ``steps`` steps; returns the losses."""
     cfg = problem.config
-    cache, train, _, guard = problem.data_from(fit.first_layer())
+    data = problem.data_from(fit.first_layer())
+    cache, train, guard = data.cache, data.train, data.guard
     theta = fit.theta.clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
     order: list[int] = []
@@ -136,7 +145,8 @@ def _train(problem: FitProblem, fit: ChannelFit, steps: int, guard_weight: float
 def _attribution(problem: FitProblem, fit: ChannelFit) -> torch.Tensor:
     """``|theta * dCE/dtheta|`` summed over ``attribution_prompts`` training prompts (seeded batches), at
     the current log-scales."""
-    cache, train, _, _ = problem.data_from(fit.first_layer())
+    data = problem.data_from(fit.first_layer())
+    cache, train = data.cache, data.train
     theta = fit.theta.clone().requires_grad_(True)
     total = torch.zeros_like(fit.theta)
     order = list(range(len(train)))
@@ -155,14 +165,13 @@ def _k_values(config: FitConfig, n_total: int) -> list[int]:
     return sorted(ks, reverse=True)
 
 
-def _check(train_rows, dev_rows, config: FitConfig) -> None:
+def _check(train_rows: list[dict[str, Any]], dev_rows: list[dict[str, Any]]) -> None:
     if len(train_rows) < 2:
         raise InvalidArgumentError(
             f"the train split has {len(train_rows)} example(s); fitting needs at least 2 (use 16 or more)."
         )
     if len(dev_rows) < 1:
         raise InvalidArgumentError("the dev split is empty; k and the term weights are chosen on dev, so give some.")
-    config.validate()
 
 
 def _check_dense_from(dense_from: FitResult | None, heads, circuits) -> None:
@@ -186,6 +195,23 @@ def _timed(timings: dict[str, float], key: str) -> Iterator[None]:
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t
 
 
+@dataclass
+class Candidate:
+    """One dev trial of :class:`_Search`: its ranking ``key`` ``(within the guard, dev accuracy or minus the
+    guard change, minus its component count)`` (larger is better), the scales tried (``fit``), their dev
+    accuracy by length, their guard loss and the trial's row index in ``trials``."""
+
+    key: tuple[bool, float, int]
+    fit: ChannelFit
+    dev: dict[str, float]
+    guard: float
+    trial: int
+
+    @property
+    def within_guard(self) -> bool:
+        return self.key[0]
+
+
 class _Search:
     """The dev-selected search of :func:`fit_edit`: for each term-weight setting, a dense fit (or the
     one of ``dense_from``), then for each ``k`` a prune-and-refit tried on dev, shrunk while the guard is
@@ -200,7 +226,7 @@ class _Search:
         self.ks = _k_values(config, self.n_total)
         self.trials: list[dict[str, Any]] = []
         self.dense: dict[tuple[int, int, str], torch.Tensor] = {}
-        self.best: tuple | None = None  # (key, candidate, dev accuracy, guard, trial index)
+        self.best: Candidate | None = None
 
     def total_steps(self) -> int:
         c = self.config
@@ -257,8 +283,8 @@ class _Search:
             bar.set_postfix_str(f"k={cand.n_active} x{shrink:g} dev_acc={acc['all']:.3f} guard={change:+.2%}")
             ok = change <= self.config.max_guard_change
             key = (ok, acc["all"] if ok else -change, -cand.n_active)
-            if self.best is None or key > self.best[0]:
-                self.best = (key, cand.copy(), acc, guard, len(self.trials) - 1)
+            if self.best is None or key > self.best.key:
+                self.best = Candidate(key, cand.copy(), acc, guard, len(self.trials) - 1)
             if ok:
                 return
 
@@ -273,8 +299,8 @@ def _fit_data(train_rows, dev_rows) -> dict[str, Any]:
 
 
 def _evaluation_record(result: FitResult, config: FitConfig, test_given: bool) -> dict[str, Any]:
-    """``editor.evaluation`` for the model card: test accuracy by length when a test split was given,
-    else dev accuracy."""
+    """The model card's evaluation record (:attr:`FitResult.evaluation`): test accuracy by length when a test
+    split was given, else dev accuracy."""
     fd, heads = result.fit_data, result.heads
     if test_given:
         split = "test"
@@ -294,100 +320,153 @@ def _evaluation_record(result: FitResult, config: FitConfig, test_given: bool) -
     return {"before": before, "after": after, "note": note}
 
 
-def _state_fingerprint(model) -> list[tuple[str, bool]]:
-    return [(n, p.requires_grad) for n, p in model.named_parameters()]
+def _grad_flags(model: torch.nn.Module) -> list[bool]:
+    """``requires_grad`` of every parameter, in ``model.parameters()`` order."""
+    return [p.requires_grad for p in model.parameters()]
 
 
-def fit_edit(editor, tokenizer, train, dev, config: FitConfig | None = None, *, test=None, findings=None,
-             dense_from: FitResult | None = None, **overrides: Any) -> FitResult:
-    """Fit per-component scales on ``train``, choose ``k`` and the term weights on ``dev``, apply the edit.
-
-    Args:
-        editor: a :class:`th_edit.ChannelEditor`; the chosen edits are applied to it (``editor.reset()``
-            or ``undo()`` removes them).
-        tokenizer: the model's tokenizer.
-        train, dev: Laundry List splits (rows with ``prompt``, ``items``, ``target``; see :mod:`th_edit.data`).
-        config: a :class:`FitConfig`; keyword ``overrides`` replace its fields (``budget=64``...).
-        test: optional split evaluated once, before and after, for the report and the model card
-            (never used to choose anything).
-        findings: :class:`th_edit.analysis.discovery.ChannelFindings` for ``heads="discovered"``
-            (:meth:`th_edit.ChannelEditor.fit_edit` finds them on ``train`` when omitted).
-        dense_from: a previous :class:`FitResult` on the same heads and circuits whose dense fit is
-            reused (its log-scales start every setting's prune-and-refit; the dense phase is skipped),
-            e.g. to try several budgets without refitting the dense model.
-
-    Returns:
-        :class:`FitResult`; ``editor.evaluation`` is filled for the model card.
-
-    Raises:
-        InvalidArgumentError: bad splits, budget, circuits or head spec (nothing changed).
-        FitError: the loss became non-finite (nothing changed).
-        FitInterruptedError: Ctrl-C while fitting (nothing changed; also a ``KeyboardInterrupt``).
-    """
-    config = FitConfig() if config is None else config
-    if overrides:
-        config = FitConfig.from_dict({**config.to_dict(), **overrides})
-    train_rows, dev_rows = split_rows(train, "train"), split_rows(dev, "dev")
-    _check(train_rows, dev_rows, config)
-    heads = resolve_heads(editor, config.heads, findings=findings, tokenizer=tokenizer, train=train)
-    _check_dense_from(dense_from, heads, config.circuits)
-    folded = editor.folded if config.folded is None else bool(config.folded)
-    model = editor.model
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    grad_flags = _state_fingerprint(model)
-    was_training = model.training
-    n_applied = 0
-    test_before = None
+@contextmanager
+def _frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block every parameter has ``requires_grad=False`` and the model is in eval mode; both are
+    restored on exit, also on an error or Ctrl-C."""
+    flags, was_training = _grad_flags(model), model.training
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
-        if test is not None:
-            test_before = evaluate(model, tokenizer, test, progress=False).accuracy_by_length()
-        torch.manual_seed(config.seed)
-        with _timed(timings, "setup"):
-            problem = FitProblem(editor, tokenizer, train_rows, dev_rows, config)
-            base = ChannelFit(editor, heads, config.circuits, folded)
-            dev_before = problem.dev_accuracy(None, layer=base.first_layer())  # the cache the dense fit uses
-            guard_before = problem.guard(None, layer=base.first_layer())
-        search = _Search(problem, base, config, guard_before, timings)
-        with progress_bar(total=search.total_steps(), desc="fitting channel scales", enabled=config.progress) as bar:
-            search.run(bar, dense_from)
-        (within_guard, *_), chosen, dev_after, guard_after, ti = search.best
-        search.trials[ti]["chosen"] = True
-        if not within_guard:
-            logger.warning("no dev candidate kept the guard change within %.2g; chose the one with the smallest "
-                           "guard change (%+.2f%%)", config.max_guard_change, 100 * (guard_after / guard_before - 1.0))
-        edits = chosen.edits()
-        for e in edits:
-            editor.apply_edit(e)
-            n_applied += 1
-    except KeyboardInterrupt as exc:
-        for _ in range(n_applied):
-            editor.undo()
-        raise FitInterruptedError("fitting was interrupted; the model was left exactly as it was.") from exc
-    except BaseException:
-        for _ in range(n_applied):
-            editor.undo()
-        raise
+        yield
     finally:
-        for (name, flag), (_, p) in zip(grad_flags, model.named_parameters()):
+        for flag, p in zip(flags, model.parameters()):
             p.requires_grad_(flag)
         model.train(was_training)
-    timings["total_fit"] = time.perf_counter() - t0
-    test_after = None
-    if test is not None:
-        test_after = evaluate(model, tokenizer, test, progress=False).accuracy_by_length()
+
+
+@contextmanager
+def _all_or_nothing(log: EditLog) -> Iterator[None]:
+    """Edits applied through ``log`` inside the block are undone, newest first, if it raises (the model is
+    then bit-identical to before); Ctrl-C becomes :class:`FitInterruptedError` (still a KeyboardInterrupt)."""
+    n_before = len(log)
+    try:
+        yield
+    except BaseException as exc:
+        while len(log) > n_before:
+            log.undo()
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, FitInterruptedError):
+            raise FitInterruptedError("fitting was interrupted; the model was left exactly as it was.") from exc
+        raise
+
+
+def _apply_or_roll_back(log: EditLog, edits: list) -> None:
+    """Apply ``edits`` through ``log``; if one fails, the ones already written are undone."""
+    with _all_or_nothing(log):
+        for e in edits:
+            log.apply(e)
+
+
+@contextmanager
+def _test_split_reuse(model: torch.nn.Module, layout: AttentionLayout, first: int, test: Rows | None):
+    """Reuse of the layers below ``first`` between the test evaluations before and after the fit (the edit
+    changes layers ``>= first`` only); None when there is no test split."""
+    if test is None:
+        yield None
+        return
+    with reuse_lower_layers(model, layout, first) as reuse:
+        yield reuse
+
+
+def _evaluate_test(model, tokenizer, test: Rows | None, config: FitConfig, when: str) -> EvalResult | None:
+    if test is None:
+        return None
+    return evaluate(model, tokenizer, test, progress=config.progress, desc=f"test ({when})")
+
+
+def _search(problem: FitProblem, base: ChannelFit, config: FitConfig, dense_from: FitResult | None,
+            timings: dict[str, float]) -> tuple[_Search, dict[str, float]]:
+    """Run the dev-selected search; returns it (with the chosen :class:`Candidate` marked) and the dev
+    accuracy before the fit."""
+    torch.manual_seed(config.seed)
+    with _timed(timings, "setup"):
+        dev_before = problem.dev_accuracy(None, layer=base.first_layer())  # the cache the dense fit uses
+        guard_before = problem.guard(None, layer=base.first_layer())
+    search = _Search(problem, base, config, guard_before, timings)
+    with progress_bar(total=search.total_steps(), desc="fitting channel scales", enabled=config.progress) as bar:
+        search.run(bar, dense_from)
+    best = search.best
+    search.trials[best.trial]["chosen"] = True
+    if not best.within_guard:
+        logger.warning("no dev candidate kept the guard change within %.2g; chose the one with the smallest "
+                       "guard change (%+.2f%%)", config.max_guard_change, 100 * (best.guard / guard_before - 1.0))
+    return search, dev_before
+
+
+def _result(search: _Search, edits: list, dev_before: dict[str, float], config: FitConfig, heads: list,
+            fit_data: dict[str, Any], timings: dict[str, float], tests: dict[str, EvalResult | None]) -> FitResult:
+    """The :class:`FitResult` of a finished search, with the model card's evaluation record."""
+    best = search.best
+    by_length = {k: ({str(n): v for n, v in r.accuracy_by_length().items()} if r is not None else None)
+                 for k, r in tests.items()}
     result = FitResult(
-        edits=edits, components=chosen.component_table(), dev_before=dev_before, dev_after=dev_after,
-        guard_before=guard_before, guard_after=guard_after, trials=pd.DataFrame(search.trials), dense=search.dense,
-        config=config, fit_data=_fit_data(train_rows, dev_rows), timings=timings, heads=heads,
-        test_before={str(k): v for k, v in test_before.items()} if test_before else None,
-        test_after={str(k): v for k, v in test_after.items()} if test_after else None,
+        edits=edits, components=best.fit.component_table(), dev_before=dev_before, dev_after=best.dev,
+        guard_before=search.guard_before, guard_after=best.guard, trials=pd.DataFrame(search.trials),
+        dense=search.dense, config=config, fit_data=fit_data, timings=timings, heads=heads,
+        test_before=by_length["before"] or None, test_after=by_length["after"] or None,
+        test_results=tests if tests["before"] is not None else None,
     )
-    result.plan = editor.export_plan()
-    editor.evaluation = _evaluation_record(result, config, test is not None)
+    result.evaluation = _evaluation_record(result, config, tests["before"] is not None)
+    return result
+
+
+def fit_edit(layout: AttentionLayout, log: EditLog, tokenizer: Any, train: Rows, dev: Rows,
+             config: FitConfig | None = None, *, heads: Any = None, test: Rows | None = None,
+             dense_from: FitResult | None = None, folded: bool = True) -> FitResult:
+    """Fit per-component scales on ``train``, choose ``k`` and the term weights on ``dev``, apply the edit.
+
+    Args:
+        layout: the model's :class:`AttentionLayout` (``layout.model`` is fitted).
+        log: the model's :class:`EditLog`; the chosen edits are applied through it (``log.reset()`` or
+            ``undo()`` removes them).
+        tokenizer: the model's tokenizer.
+        train, dev: Laundry List splits (rows with ``prompt``, ``items``, ``target``; see :mod:`th_edit.data`).
+        config: a :class:`FitConfig` (validated when built; :meth:`FitConfig.with_overrides` changes fields).
+        heads: ``(layer, head)`` pairs or a head spec (see :func:`resolve_heads`); default ``config.heads``
+            (``"discovered"`` needs resolving first: ``resolve_heads(layout, "discovered", findings)``).
+        test: optional split evaluated once, before and after, for the report and the model card
+            (never used to choose anything).
+        dense_from: a previous :class:`FitResult` on the same heads and circuits whose dense fit is
+            reused (its log-scales start every setting's prune-and-refit; the dense phase is skipped),
+            e.g. to try several budgets without refitting the dense model.
+        folded: the circuits' folding when ``config.folded`` is None.
+
+    Returns:
+        :class:`FitResult`, with :attr:`FitResult.evaluation` for the model card (the caller records it).
+
+    Raises:
+        InvalidArgumentError: bad splits, budget, circuits or head spec (nothing changed).
+        FitError: the loss became non-finite (nothing changed).
+        FitInterruptedError: Ctrl-C anywhere, the test evaluations included (nothing changed, the
+            ``requires_grad`` flags restored; also a ``KeyboardInterrupt``).
+    """
+    config = FitConfig() if config is None else config
+    train_rows, dev_rows = split_rows(train, "train"), split_rows(dev, "dev")
+    _check(train_rows, dev_rows)
+    heads = resolve_heads(layout, config.heads if heads is None else heads)
+    _check_dense_from(dense_from, heads, config.circuits)
+    folded = bool(folded) if config.folded is None else bool(config.folded)
+    model, timings = layout.model, {}
+    first = min(l for l, _ in heads)
+    with _all_or_nothing(log), _test_split_reuse(model, layout, first, test) as reuse:
+        test_before = _evaluate_test(model, tokenizer, test, config, "before")
+        t0 = time.perf_counter()
+        with reuse.paused() if reuse is not None else nullcontext(), _frozen_parameters(model):
+            problem = FitProblem(model, layout, tokenizer, train_rows, dev_rows, config)
+            search, dev_before = _search(problem, ChannelFit(layout, heads, config.circuits, folded), config,
+                                         dense_from, timings)
+            edits = search.best.fit.edits()
+            _apply_or_roll_back(log, edits)
+        timings["total_fit"] = time.perf_counter() - t0
+        test_after = _evaluate_test(model, tokenizer, test, config, "after")
+    result = _result(search, edits, dev_before, config, heads, _fit_data(train_rows, dev_rows), timings,
+                     {"before": test_before, "after": test_after})
     logger.info("fitted %d components in %.1f s: dev %.3f -> %.3f, guard %+.2f%%", result.n_components,
-                timings["total_fit"], dev_before["all"], dev_after["all"], 100 * result.guard_change)
+                timings["total_fit"], dev_before["all"], result.dev_after["all"], 100 * result.guard_change)
     return result

@@ -1,132 +1,157 @@
-"""Settings and results of :func:`th_edit.edits.fit.fit_edit` (JSON round trip, recorded in plans and cards)."""
+"""Settings and results of :func:`th_edit.edits.fit.fit_edit`.
+
+The :class:`FitConfig` round-trips through JSON and is saved beside the plan (``provenance["fit_config"]``
+of the plan that :meth:`th_edit.ChannelEditor.fit_edit` records); the card gets the fit's evaluation record.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+import numbers
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import torch
 
 from ..errors import InvalidArgumentError
+from ..utils.settings import Settings
 from .plan import Edit
 
 __all__ = ["FitConfig", "FitResult"]
 
 
-@dataclass
-class FitConfig:
-    """Settings of :func:`fit_edit` (every field has a default; JSON round trip with
-    :meth:`to_dict` / :meth:`from_dict`)."""
+def _help(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
 
-    heads: Any = "all"
-    """``"all"``, ``"upper"`` (every head of layers ``>= n_layers // 2``), ``"discovered"`` (mover,
-    inhibition and duplicate heads of ``find_channels``) or a list of ``(layer, head)`` pairs."""
-    circuits: tuple[str, ...] = ("ov",)
-    """Circuits whose components get a scale: ``("ov",)``, ``("qk",)`` or both."""
-    budget: int = 256
-    """Most components the final edit may change."""
-    k_fractions: tuple[float, ...] = (1.0, 0.5, 0.25)
-    """Numbers of kept components tried on dev, as fractions of ``budget``."""
-    guard_weights: tuple[float, ...] = (1.0,)
-    """Weights of the guard KL term tried on dev."""
-    l1_weights: tuple[float, ...] = (1e-4,)
-    """Weights of the L1 penalty on the log-scales (summed over components) tried on dev."""
-    steps: int = 12
-    """Adam steps of the dense fit (every component of the chosen heads)."""
-    refit_steps: int = 10
-    """Adam steps of each refit of the kept components."""
-    rounds: int = 1
-    """Prune-and-refit rounds: each keeps 4x fewer components than the last, ending at ``k``."""
-    lr: float = 0.05
-    """Adam learning rate of the dense fit (Adam moves every log-scale by about ``lr`` per step, so keep it
-    small when thousands of components are fitted at once)."""
-    refit_lr: float = 0.1
-    """Adam learning rate of the refits of the kept components."""
-    batch_size: int = 8
-    """Training prompts per step (cycled through ``train`` in a seeded order)."""
-    guard_tokens: int = 32
-    """Tokens of each guard paragraph used in the KL term while fitting."""
-    guard_texts_per_step: int = 4
-    """Guard paragraphs per step (rotating through all of them)."""
-    rank_by: str = "attribution"
-    """How the kept components are chosen from the dense fit: ``"attribution"`` (``|theta * dCE/dtheta|`` at
-    the dense solution over the training set: the first-order task-loss increase of resetting the
-    component), ``"effect"`` (``|alpha - 1| * s``, the size of the change) or ``"log_scale"`` (``|theta|``;
-    Adam moves every log-scale by about the same amount, so this ranks poorly after a short fit)."""
-    attribution_prompts: int = 64
-    """Training prompts (whole batches, in a seeded order) over which the attribution ranking is summed."""
-    max_log_scale: float = 3.0
-    """Bound on ``|theta|`` (scales between ``exp(-3)`` and ``exp(3)``)."""
-    max_guard_change: float = 0.01
-    """Largest relative guard-loss increase a dev candidate may have to be chosen."""
-    guard_shrink: tuple[float, ...] = (0.75, 0.5)
-    """Factors a candidate's log-scales are shrunk by, in turn, while its guard change exceeds
-    ``max_guard_change`` (each tried on dev; ``()`` turns this off)."""
-    folded: bool | None = None
-    """Components of the folded (norm folded in) or raw circuits; None: the editor's default."""
-    seed: int = 0
-    """Seed of the training order (the fit is deterministic for a seed)."""
-    cache_bytes: int = 1 << 30
-    """Memory bound of the layer cache; batches beyond it are recomputed."""
-    progress: bool = True
-    """Show a progress bar (loss, train and dev accuracy)."""
+
+_HEAD_SPECS = ("all", "upper", "discovered")
+
+
+@dataclass
+class FitConfig(Settings):
+    """Settings of :func:`fit_edit`: every field has a default and a ``help`` text; validated when built
+    (:class:`~th_edit.errors.InvalidArgumentError` naming the field); JSON round trip with :meth:`to_dict` /
+    :meth:`from_dict`; saved in the plan's ``provenance["fit_config"]`` by :meth:`th_edit.ChannelEditor.fit_edit`.
+
+    >>> FitConfig(budget=0)
+    Traceback (most recent call last):
+    ...
+    th_edit.errors.InvalidArgumentError: budget=0 must be an integer >= 1 (components to keep).
+    """
+
+    heads: Any = _help("all", "'all', 'upper' (every head of layers >= n_layers // 2), 'discovered' (mover, "
+                              "inhibition and duplicate heads of find_channels) or a list of (layer, head) pairs")
+    circuits: tuple[str, ...] = _help(("ov",), "circuits whose components get a scale: ('ov',), ('qk',) or both")
+    budget: int = _help(256, "most components the final edit may change")
+    k_fractions: tuple[float, ...] = _help((1.0, 0.5, 0.25), "numbers of kept components tried on dev, as "
+                                                             "fractions of budget (each in (0, 1])")
+    guard_weights: tuple[float, ...] = _help((1.0,), "weights of the guard KL term tried on dev (>= 0)")
+    l1_weights: tuple[float, ...] = _help((1e-4,), "weights of the L1 penalty on the log-scales (summed over "
+                                                   "components) tried on dev (>= 0)")
+    steps: int = _help(12, "Adam steps of the dense fit (every component of the chosen heads)")
+    refit_steps: int = _help(10, "Adam steps of each refit of the kept components (0: none)")
+    rounds: int = _help(1, "prune-and-refit rounds: each keeps 4x fewer components than the last, ending at k")
+    lr: float = _help(0.05, "Adam learning rate of the dense fit (Adam moves every log-scale by about lr per "
+                            "step, so keep it small when thousands of components are fitted at once)")
+    refit_lr: float = _help(0.1, "Adam learning rate of the refits of the kept components")
+    batch_size: int = _help(8, "training prompts per step (cycled through train in a seeded order)")
+    guard_tokens: int = _help(32, "tokens of each guard paragraph used in the KL term while fitting")
+    guard_texts_per_step: int = _help(4, "guard paragraphs per step (rotating through all of them)")
+    rank_by: str = _help("attribution", "how the kept components are chosen from the dense fit: 'attribution' "
+                         "(|theta * dCE/dtheta| at the dense solution over the training set: the first-order "
+                         "task-loss increase of resetting the component), 'effect' (|alpha - 1| * s, the size of "
+                         "the change) or 'log_scale' (|theta|; Adam moves every log-scale by about the same "
+                         "amount, so this ranks poorly after a short fit)")
+    attribution_prompts: int = _help(64, "training prompts (whole batches, in a seeded order) over which the "
+                                         "attribution ranking is summed")
+    max_log_scale: float = _help(3.0, "bound on |theta| (> 0; 3 allows scales between exp(-3) and exp(3))")
+    max_guard_change: float = _help(0.01, "largest relative guard-loss increase a dev candidate may have to be "
+                                          "chosen (finite, >= 0)")
+    guard_shrink: tuple[float, ...] = _help((0.75, 0.5), "factors a candidate's log-scales are shrunk by, in turn, "
+                                            "while its guard change exceeds max_guard_change (each in (0, 1); () "
+                                            "turns this off)")
+    folded: bool | None = _help(None, "components of the folded (norm folded in) or raw circuits; None: the "
+                                      "editor's default")
+    seed: int = _help(0, "seed of the training order (the fit is deterministic for a seed)")
+    cache_bytes: int = _help(1 << 30, "memory bound of the layer cache; batches beyond it are recomputed")
+    progress: bool = _help(True, "show a progress bar (loss, train and dev accuracy)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.heads, (list, tuple)) and all(isinstance(h, (list, tuple)) for h in self.heads):
+            self.heads = [tuple(h) for h in self.heads]
+        for name in ("circuits", "k_fractions", "guard_weights", "l1_weights", "guard_shrink"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, tuple(value))
+        super().__post_init__()
 
     def validate(self) -> None:
-        """Raise :class:`th_edit.errors.InvalidArgumentError` naming the first bad field (called by
-        :func:`fit_edit` before anything is changed).
-
-        >>> FitConfig(budget=0).validate()
-        Traceback (most recent call last):
-        ...
-        th_edit.errors.InvalidArgumentError: budget=0 must be an integer >= 1 (components to keep).
-        """
+        """Raise :class:`th_edit.errors.InvalidArgumentError` naming the first bad field and the fix (runs
+        when the config is built and on every :meth:`with_overrides`)."""
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise InvalidArgumentError(f"budget={self.budget!r} must be an integer >= 1 (components to keep).")
-        if not self.circuits:
-            raise InvalidArgumentError("circuits=() names no circuit: use ('ov',), ('qk',) or both.")
+        self._check_heads()
+        if not isinstance(self.circuits, tuple) or not self.circuits:
+            raise InvalidArgumentError(f"circuits={self.circuits!r} names no circuit: use ('ov',), ('qk',) or both.")
         for c in self.circuits:
             if c not in ("ov", "qk"):
                 raise InvalidArgumentError(f"circuit {c!r} is not one of ('ov', 'qk').")
         for name in ("steps", "refit_steps", "rounds", "batch_size", "guard_tokens", "guard_texts_per_step",
-                     "attribution_prompts"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "refit_steps" else 1):
-                raise InvalidArgumentError(f"FitConfig.{name}={v!r} must be a positive integer.")
-        for name in ("lr", "refit_lr"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise InvalidArgumentError(f"FitConfig.{name}={v!r} must be a positive finite number.")
+                     "attribution_prompts", "cache_bytes"):
+            _check_int(name, getattr(self, name), 0 if name in ("refit_steps", "cache_bytes") else 1)
+        _check_int("seed", self.seed, None)
+        for name in ("lr", "refit_lr", "max_log_scale"):
+            _check_number(name, getattr(self, name), "a positive finite number", lambda v: v > 0)
+        _check_number("max_guard_change", self.max_guard_change, "a finite number >= 0 (0.01 = 1% worse)",
+                      lambda v: v >= 0)
+        _check_values("k_fractions", self.k_fractions, "in (0, 1]", lambda v: 0 < v <= 1)
+        _check_values("guard_weights", self.guard_weights, "finite and >= 0", lambda v: v >= 0)
+        _check_values("l1_weights", self.l1_weights, "finite and >= 0", lambda v: v >= 0)
+        _check_values("guard_shrink", self.guard_shrink, "in (0, 1)", lambda v: 0 < v < 1, empty_ok=True)
         if self.rank_by not in ("attribution", "effect", "log_scale"):
             raise InvalidArgumentError(
                 f"FitConfig.rank_by={self.rank_by!r} must be 'attribution', 'effect' or 'log_scale'.")
-        if any(not (isinstance(f, (int, float)) and 0 < f < 1) for f in self.guard_shrink):
-            raise InvalidArgumentError(f"FitConfig.guard_shrink={self.guard_shrink!r}: each factor must lie in (0, 1).")
-        if not self.k_fractions or not self.guard_weights or not self.l1_weights:
-            raise InvalidArgumentError("k_fractions, guard_weights and l1_weights each need at least one value.")
+        for name in ("folded", "progress"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "folded" and value is None):
+                raise InvalidArgumentError(f"FitConfig.{name}={value!r} must be True or False"
+                                           + (" (or None: the editor's default)." if name == "folded" else "."))
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if isinstance(d["heads"], (list, tuple)):
-            d["heads"] = [list(h) for h in d["heads"]]
-        for k in ("circuits", "k_fractions", "guard_weights", "l1_weights", "guard_shrink"):
-            d[k] = list(d[k])
-        return d
+    def _check_heads(self) -> None:
+        if isinstance(self.heads, str):
+            if self.heads not in _HEAD_SPECS:
+                raise InvalidArgumentError(f"heads={self.heads!r} is not a head spec: use 'all', 'upper', "
+                                           "'discovered' or a list of (layer, head) pairs.")
+            return
+        if not isinstance(self.heads, (list, tuple)) or not all(
+                isinstance(h, tuple) and len(h) == 2 and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in h)
+                for h in self.heads):
+            raise InvalidArgumentError(f"heads={self.heads!r} is not a head spec: use 'all', 'upper', "
+                                       "'discovered' or a list of (layer, head) pairs.")
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FitConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise InvalidArgumentError(f"unknown FitConfig fields {sorted(unknown)}; known: {sorted(known)}.")
-        d = dict(data)
-        if isinstance(d.get("heads"), list):
-            d["heads"] = [tuple(int(x) for x in h) for h in d["heads"]]
-        for k in ("circuits", "k_fractions", "guard_weights", "l1_weights", "guard_shrink"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
+
+def _check_int(name: str, value: Any, least: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+        need = "an integer" if least is None else ("a positive integer" if least == 1 else f"an integer >= {least}")
+        raise InvalidArgumentError(f"FitConfig.{name}={value!r} must be {need}.")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_number(name: str, value: Any, need: str, ok) -> None:
+    if not (_is_number(value) and ok(value)):
+        raise InvalidArgumentError(f"FitConfig.{name}={value!r} must be {need}.")
+
+
+def _check_values(name: str, values: Any, need: str, ok, *, empty_ok: bool = False) -> None:
+    if not isinstance(values, tuple) or (not values and not empty_ok):
+        raise InvalidArgumentError(f"FitConfig.{name}={values!r} needs at least one value, each {need}.")
+    for v in values:
+        if not (_is_number(v) and ok(v)):
+            raise InvalidArgumentError(f"FitConfig.{name}={values!r}: {v!r} is not {need}; each value must be.")
 
 
 @dataclass
@@ -144,6 +169,11 @@ class FitResult:
         dense: the dense fit's log-scales per unit, ``{(layer, head, circuit): tensor [d_h]}``.
         config: the :class:`FitConfig`. fit_data: description of the training data.
         timings: seconds per phase. heads: the fitted heads.
+        plan: the editor's :class:`~th_edit.edits.plan.EditPlan` after the fit (set by
+            :meth:`th_edit.ChannelEditor.fit_edit`, which records it).
+        evaluation: the model card's evaluation record (``before``, ``after`` accuracy by list length and a
+            ``note``): test accuracy when a test split was given, else dev accuracy.
+        test_results: ``{"before": EvalResult, "after": EvalResult}`` of the test split (when given).
     """
 
     edits: list[Edit]
@@ -161,6 +191,8 @@ class FitResult:
     test_before: dict[str, float] | None = None
     test_after: dict[str, float] | None = None
     plan: Any = None
+    evaluation: dict[str, Any] | None = None
+    test_results: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def guard_change(self) -> float:

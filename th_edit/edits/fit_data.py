@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..core.layer_cache import LayerCache
+from ..core.layout import AttentionLayout
 from ..errors import InvalidArgumentError
 from ..tasks.batching import accepts_logits_to_keep, input_device, pad_sequences, pad_token_id, plan_batches
 from ..tasks.batching import rows as dataset_rows
-from ..tasks.data import first_token
+from ..tasks.data import Rows, first_token
 from ..tasks.evaluate import guard_loss
 from ..tasks.guard_text import GUARD_TEXTS
 from .fit_config import FitConfig
 from .reparam import ChannelFit
 
-__all__ = ["TaskBatch", "split_rows", "task_batches", "FitProblem", "NullContext"]
+__all__ = ["TaskBatch", "CachedSplits", "split_rows", "task_batches", "FitProblem"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +38,22 @@ class TaskBatch:
     rows: list[int]  # example indices
 
 
-def split_rows(dataset, what: str) -> list[dict[str, Any]]:
+@dataclass
+class CachedSplits:
+    """The fit's batches held in one :class:`LayerCache` from a first layer (see :meth:`FitProblem.data_from`).
+
+    Attributes:
+        cache: the layer cache; train, dev: task batches (indices into it); guard: cache indices of the
+        guard batches (``guard_texts_per_step`` paragraphs each, cut to ``guard_tokens``).
+    """
+
+    cache: LayerCache
+    train: list[TaskBatch]
+    dev: list[TaskBatch]
+    guard: list[int]
+
+
+def split_rows(dataset: Rows, what: str) -> list[dict[str, Any]]:
     rows = dataset_rows(dataset)
     missing = {"prompt", "items", "target"} - set(rows[0]) if rows else set()
     if missing:
@@ -72,15 +90,15 @@ def task_batches(cache: LayerCache, tokenizer, rows, batch_size: int, device) ->
 class FitProblem:
     """Training, dev and guard data prepared for one model (tokenised, cached from a first layer)."""
 
-    def __init__(self, editor, tokenizer, train_rows, dev_rows, config: FitConfig) -> None:
-        self.editor, self.tokenizer, self.config = editor, tokenizer, config
-        self.model = editor.model
+    def __init__(self, model: nn.Module, layout: AttentionLayout, tokenizer: Any, train_rows: list[dict[str, Any]],
+                 dev_rows: list[dict[str, Any]], config: FitConfig) -> None:
+        self.model, self.layout, self.tokenizer, self.config = model, layout, tokenizer, config
         self.device = input_device(self.model)
         self.keep = accepts_logits_to_keep(self.model)
         self.train_rows, self.dev_rows = train_rows, dev_rows
         ids = [tokenizer(t)["input_ids"][: config.guard_tokens] for t in GUARD_TEXTS]
         self.guard_ids, self.guard_mask = pad_sequences(ids, pad_token_id(tokenizer), "right")
-        self._caches: dict[int, tuple[LayerCache, list[TaskBatch], list[TaskBatch], list[int]]] = {}
+        self._caches: dict[int, CachedSplits] = {}
         self._full_guard: dict[int, list[int]] = {}
         self.guard_full_ids = [tokenizer(t)["input_ids"] for t in GUARD_TEXTS]
         with torch.no_grad():
@@ -89,10 +107,10 @@ class FitProblem:
             self.guard_ref = out.logits[:, :-1].float().log_softmax(-1).cpu()  # [G, T-1, V]
         self.guard_valid = (self.guard_mask[:, 1:] * self.guard_mask[:, :-1]).bool()
 
-    def data_from(self, layer: int):
-        """(cache, train batches, dev batches, guard batch indices) cached from ``layer``."""
+    def data_from(self, layer: int) -> CachedSplits:
+        """The train, dev and guard batches in a layer cache from ``layer`` (the three most recent kept)."""
         if layer not in self._caches:
-            cache = LayerCache(self.model, self.editor.layout, layer, max_bytes=self.config.cache_bytes)
+            cache = LayerCache(self.model, self.layout, layer, max_bytes=self.config.cache_bytes)
             train = task_batches(cache, self.tokenizer, self.train_rows, self.config.batch_size, self.device)
             dev = task_batches(cache, self.tokenizer, self.dev_rows, 32, self.device)
             g = self.config.guard_texts_per_step
@@ -106,7 +124,7 @@ class FitProblem:
             while len(self._caches) >= 3:  # keep the three most recent caches (memory)
                 self._full_guard.pop(next(iter(self._caches)), None)
                 self._caches.pop(next(iter(self._caches)))
-            self._caches[layer] = (cache, train, dev, guard)
+            self._caches[layer] = CachedSplits(cache, train, dev, guard)
         return self._caches[layer]
 
     def candidate_logits(self, cache: LayerCache, b: TaskBatch) -> torch.Tensor:
@@ -133,13 +151,12 @@ class FitProblem:
         if fit is not None:
             layer = fit.first_layer()
         elif layer is None:
-            layer = self.editor.n_layers - 1
-        cache, _, dev, _ = self.data_from(layer)
+            layer = self.layout.n_layers - 1
+        data = self.data_from(layer)
         correct, lengths = [], []
-        ctx = fit.hooks() if fit is not None else NullContext()
-        with ctx:
-            for b in dev:
-                cl = self.candidate_logits(cache, b)
+        with fit.hooks() if fit is not None else nullcontext():
+            for b in data.dev:
+                cl = self.candidate_logits(data.cache, b)
                 correct.append(cl.argmax(1) == b.target)
                 lengths.append(b.lengths)
         correct, lengths = torch.cat(correct), torch.cat(lengths)
@@ -157,22 +174,13 @@ class FitProblem:
             layer = fit.first_layer()
         elif layer is None:
             return guard_loss(self.model, self.tokenizer)
-        cache = self.data_from(layer)[0]
+        cache = self.data_from(layer).cache
         total, count = 0.0, 0
-        with fit.hooks() if fit is not None else NullContext():
+        with fit.hooks() if fit is not None else nullcontext():
             for index, ids in zip(self._full_guard[layer], self.guard_full_ids):
                 logits = cache.forward(index).logits[0, :-1].float()
                 target = torch.tensor(ids[1:], device=logits.device)
                 total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
                 count += len(ids) - 1
         return total / count
-
-
-class NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
-
 

@@ -6,7 +6,8 @@ factors of the weight change it wrote (``Delta = left @ right.T`` in the target'
 bit, independent of SVD numerics on another machine.
 
 An :class:`EditPlan` is the ordered list of edits plus the identity of the base model they were made
-on (name, revision and a SHA-256 fingerprint of each touched head's weights). On disk it is
+on (name, revision and a SHA-256 fingerprint of each touched head's weights), and optionally how they were
+made (``provenance``, e.g. the fit's settings). On disk it is
 ``edit_plan.json`` (schema-versioned, human-readable) plus ``edit_plan.safetensors`` (the factors).
 Loading never executes code or unpickles anything.
 """
@@ -28,7 +29,7 @@ from ..errors import PlanFormatError
 from ..utils.files import replace_files
 from . import plan_checks
 
-__all__ = ["Edit", "BaseModelIdentity", "EditPlan", "PLAN_JSON", "PLAN_TENSORS", "SCHEMA_VERSION"]
+__all__ = ["Edit", "BaseModelIdentity", "EditPlan", "PLAN_JSON", "PLAN_TENSORS", "SCHEMA_VERSION", "check_edit_factors"]
 
 PLAN_JSON = "edit_plan.json"
 PLAN_TENSORS = "edit_plan.safetensors"
@@ -55,7 +56,7 @@ class Edit:
         partial: set when the edit was applied but the model's dtype could not represent the change
             (more than 10% of it lost to rounding, e.g. ``alpha=1.0001`` in bfloat16); see ``EditLog.apply``.
         alphas: per-component scale factors, aligned with ``components`` (None: every component is
-            scaled by ``alpha``). Written by :func:`th_edit.fit.fit_edit`; plan schema version 2.
+            scaled by ``alpha``). Written by :func:`th_edit.edits.fit.fit_edit`; plan schema version 2.
     """
 
     layer: int
@@ -130,6 +131,9 @@ class EditPlan:
     base: BaseModelIdentity
     edits: list[Edit]
     th_edit_version: str = ""
+    #: how the edits were made, JSON-serialisable (e.g. ``{"fit_config": FitConfig.to_dict()}`` for a fitted
+    #: edit); written as the JSON's ``"provenance"`` when not empty, outside ``tensors_sha256`` (informational)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         from .._version import __version__
@@ -143,6 +147,7 @@ class EditPlan:
                 {**e.describe(), "left": f"edit{i}.left", "right": f"edit{i}.right"}
                 for i, e in enumerate(self.edits)
             ],
+            **({"provenance": self.provenance} if self.provenance else {}),
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -204,5 +209,32 @@ class EditPlan:
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanFormatError(f"{json_path} is incomplete or malformed: {exc!r}") from exc
         for edit in edits:
-            plan_checks.check_edit_factors(edit, str(json_path))
-        return cls(base=base, edits=edits, th_edit_version=str(data.get("th_edit_version", "")))
+            check_edit_factors(edit, str(json_path))
+        provenance = data.get("provenance") or {}
+        if not isinstance(provenance, dict):
+            raise PlanFormatError(f"{json_path}: 'provenance' must be a JSON object. {plan_checks.REMAKE_HINT}")
+        return cls(base=base, edits=edits, th_edit_version=str(data.get("th_edit_version", "")), provenance=provenance)
+
+
+def check_edit_factors(edit: Edit, where: str) -> None:
+    """Shapes, dtypes, rank and finiteness of one edit's factors, and its components and singular values."""
+    k = len(edit.components)
+    problem = None
+    if edit.circuit not in ("ov", "qk"):
+        problem = f"circuit {edit.circuit!r} is not 'ov' or 'qk'"
+    elif k == 0 or len(set(edit.components)) != k or min(edit.components) < 0:
+        problem = f"components {list(edit.components)} must be distinct non-negative indices"
+    elif len(edit.singular_values) != k:
+        problem = f"{len(edit.singular_values)} singular values for {k} components"
+    else:
+        for name in ("left", "right"):
+            t = getattr(edit, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.ndim != 2 or t.shape[1] != k:
+                desc = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                problem = f"factor {name} is {desc}; expected float32 [n, {k}] (one column per component)"
+                break
+            if not torch.isfinite(t).all():
+                problem = f"factor {name} holds non-finite values"
+                break
+    if problem:
+        raise PlanFormatError(f"{where}: edit of layer {edit.layer} head {edit.head}: {problem}. {plan_checks.REMAKE_HINT}")

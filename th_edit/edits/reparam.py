@@ -14,6 +14,8 @@ import pandas as pd
 import torch
 
 from ..core import linalg
+from ..core.circuits import edit_factors, stacked_factors
+from ..core.layout import AttentionLayout
 from .plan import Edit
 
 __all__ = ["FitUnit", "ChannelFit", "FitHooks"]
@@ -46,25 +48,22 @@ class ChannelFit:
     ``alpha = exp(theta)`` were written into its weights; nothing is written.
     """
 
-    def __init__(self, editor, heads: list[tuple[int, int]], circuits: Sequence[str], folded: bool) -> None:
-        self.editor, self.folded = editor, folded
+    def __init__(self, layout: AttentionLayout, heads: list[tuple[int, int]], circuits: Sequence[str],
+                 folded: bool) -> None:
+        self.layout, self.folded = layout, folded
         self.units: list[FitUnit] = []
         layers = sorted({l for l, _ in heads})
         for circuit in circuits:
-            # one batched factored SVD per circuit over the layers involved (as editor.svd, per head)
-            A_all, B_all = editor.stacked_factors(circuit, folded=folded, layers=layers)
+            # one batched factored SVD per circuit over the layers involved (as circuits.svd, per head)
+            A_all, B_all = stacked_factors(layout, circuit, folded=folded, layers=layers)
             U_all, S_all, V_all = linalg.factored_svd(A_all, B_all)
             for layer, head in heads:
                 li = layers.index(layer)
                 A, B = A_all[li, head], B_all[li, head]
                 U, S, V = U_all[li, head], S_all[li, head], V_all[li, head]
-                if circuit == "ov":
-                    left, right = linalg.ov_edit_factors(A, U, S, V)
-                else:
-                    w = editor.head_weights(layer, head)
-                    left, right = linalg.qk_edit_factors(w.W_Q, A, B, U, S, V, q_gain=w.q_gain if folded else None)
+                left, right = edit_factors(layout, layer, head, circuit, A, B, U, S, V, folded=folded)
                 self.units.append(FitUnit(layer, head, circuit, S, left, right, U, V, A, B))
-        r = editor.d_head
+        r = layout.d_head
         self.theta = torch.zeros(len(self.units), r, dtype=torch.float32)
         self.mask = torch.ones(len(self.units), r, dtype=torch.float32)
 
@@ -81,7 +80,7 @@ class ChannelFit:
 
     def first_layer(self) -> int:
         active = [u.layer for u, m in zip(self.units, self.mask) if m.any()]
-        return min(active) if active else self.editor.n_layers - 1
+        return min(active) if active else self.layout.n_layers - 1
 
     def effect(self) -> torch.Tensor:
         """``[n_units, r]`` size of each component's change of its circuit, ``|exp(theta) - 1| * s``
@@ -119,7 +118,8 @@ class ChannelFit:
 
     def edits(self) -> list[Edit]:
         """The fitted change as ordinary :class:`Edit` s (one per unit with active components), with
-        the factors :meth:`ChannelEditor.scale_component` would compute for these scales."""
+        the factors :func:`th_edit.edits.scale.make_edit` computes for these scales (one path:
+        :func:`th_edit.core.circuits.edit_factors`)."""
         out = []
         for i, u in enumerate(self.units):
             idx = torch.nonzero(self.mask[i]).flatten()
@@ -127,12 +127,8 @@ class ChannelFit:
                 continue
             alphas = torch.exp(self.theta[i, idx].double())
             coeff = (alphas - 1.0) * u.S[idx].double()
-            if u.circuit == "ov":
-                left, right = linalg.ov_edit_factors(u.A, u.U[:, idx], coeff, u.V[:, idx])
-            else:
-                w = self.editor.head_weights(u.layer, u.head)
-                left, right = linalg.qk_edit_factors(w.W_Q, u.A, u.B, u.U[:, idx], coeff, u.V[:, idx],
-                                                     q_gain=w.q_gain if self.folded else None)
+            left, right = edit_factors(self.layout, u.layer, u.head, u.circuit, u.A, u.B, u.U[:, idx], coeff,
+                                       u.V[:, idx], folded=self.folded)
             out.append(Edit(
                 layer=u.layer, head=u.head, circuit=u.circuit, components=tuple(int(c) for c in idx.tolist()),
                 alpha=1.0, folded=self.folded, singular_values=tuple(float(s) for s in u.S[idx].tolist()),
@@ -155,7 +151,7 @@ class FitHooks:
         self.fit, self.theta, self.handles = fit, theta, []
 
     def __enter__(self):
-        fit, L = self.fit, self.fit.editor.layout
+        fit, L = self.fit, self.fit.layout
         dh, H = L.d_head, L.n_heads
         for (layer, circuit), idx in fit._hook_groups(self.theta).items():
             units = [fit.units[i] for i in idx]

@@ -16,7 +16,9 @@ import logging
 import torch
 
 from ..core import linalg
-from ..core.circuits import SVDResult, check_alpha, check_circuit, check_components, circuit_factors, head_weights
+from ..core.circuits import (
+    SVDResult, check_alpha, check_circuit, check_components, circuit_factors, edit_factors, head_weights,
+)
 from ..core.layout import AttentionLayout
 from ..errors import InvalidArgumentError, NothingToUndoError
 from .plan import Edit
@@ -81,12 +83,7 @@ def make_edit(
     idx = torch.tensor(components, device=U.device)
     factor = torch.tensor(scales, dtype=S.dtype, device=S.device) - 1.0 if scales is not None else alpha - 1.0
     coeff = factor * S[idx]
-    if circuit == "ov":
-        left, right = linalg.ov_edit_factors(A, U[:, idx], coeff, V[:, idx])
-    else:
-        w = head_weights(layout, layer, head)
-        q_gain = w.q_gain if folded else None
-        left, right = linalg.qk_edit_factors(w.W_Q, A, B, U[:, idx], coeff, V[:, idx], q_gain=q_gain)
+    left, right = edit_factors(layout, layer, head, circuit, A, B, U[:, idx], coeff, V[:, idx], folded=folded)
     if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
         raise InvalidArgumentError(
             f"the edit of layer {layer} head {head} {circuit} is not finite (a q-norm gain is ~0?); "

@@ -46,23 +46,23 @@ from typing import Any
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors.torch import save_file
-from torch import nn
 
-from ..edits.plan import PLAN_JSON, Edit, EditPlan
+from ..core.layout import AttentionLayout
+from ..edits.plan import PLAN_JSON, EditPlan
 from ..errors import AdapterError, PlanFormatError
 from ..utils.distributed import is_main_process, wait_for_everyone
 from ..utils.files import atomic_directory
 from . import hub
-from .cards import base_model_meta, card_fields, template_text
+from .cards import CardData, base_model_meta, card_fields, template_text
 from .checkpoints import verify_plan
 from .lora import (
-    ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, LORA_KEY, AdapterModule, adapter_modules, adapter_state, layout_of,
-    module_factors, pad_rank, plan_of, require_editor, require_peft, state_of,
+    ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, LORA_KEY, AdapterModule, adapter_modules, adapter_state,
+    module_factors, pad_rank, require_peft, state_of,
 )
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FILES", "AdapterModule", "require_peft", "adapter_modules",
-    "adapter_state", "save_adapter", "push_adapter_to_hub", "load_adapter_edits", "editor_from_adapter",
+    "adapter_state", "save_adapter", "push_adapter_to_hub", "load_adapter_edits",
     "adapter_card", "is_adapter_dir",
 ]
 
@@ -118,10 +118,11 @@ def adapter_card(
 
 
 def save_adapter(
-    editor: Any,
+    layout: AttentionLayout,
     directory: str | os.PathLike,
     *,
-    edits: EditPlan | Sequence[Edit] | None = None,
+    plan: EditPlan,
+    card: CardData | None = None,
     dtype: torch.dtype = torch.float32,
     repo_id: str | None = None,
     base_model_name_or_path: str | None = None,
@@ -133,19 +134,19 @@ def save_adapter(
     Files: ``adapter_config.json`` + ``adapter_model.safetensors`` (what ``PeftModel.from_pretrained``
     reads), ``edit_plan.json`` + ``edit_plan.safetensors`` (th_edit's exact edits and the base model's
     fingerprints, for :func:`load_adapter_edits` and ``ChannelEditor.from_plan``) and ``README.md``
-    (``library_name: peft``, ``base_model``, the edits, the editor's ``evidence`` and ``evaluation``).
-    Only the main process writes under Accelerate. Arguments as in :func:`adapter_state`.
+    (``library_name: peft``, ``base_model``, the edits, the ``card``'s evidence and evaluation).
+    Only the main process writes under Accelerate. ``layout``: the model's :class:`AttentionLayout`;
+    ``plan``: the edits (e.g. ``editor.export_plan()``); other arguments as in :func:`adapter_state`.
 
     Raises:
         MissingDependencyError: peft is not installed.
         AdapterError: nothing to write, or the model's projections are not plain Linear/Conv1D modules.
     """
-    editor = require_editor(editor)
-    plan = plan_of(editor, edits)
+    card = card or CardData()
     name = base_model_name_or_path if base_model_name_or_path is not None else plan.base.name_or_path
     if name != plan.base.name_or_path:
         plan = dataclasses.replace(plan, base=dataclasses.replace(plan.base, name_or_path=name))
-    config, tensors, modules = state_of(editor, plan, dtype, None, uniform_rank)
+    config, tensors, modules = state_of(layout, plan, dtype, None, uniform_rank)
     directory = Path(directory)
     if is_main_process():
         with atomic_directory(directory) as staging:
@@ -154,8 +155,8 @@ def save_adapter(
             (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             plan.save(staging)
             size = sum((staging / f).stat().st_size for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
-            adapter_card(plan, modules, repo_id=repo_id, evidence=getattr(editor, "evidence", None),
-                         evaluation=getattr(editor, "evaluation", None), size_bytes=size,
+            adapter_card(plan, modules, repo_id=repo_id, evidence=card.evidence,
+                         evaluation=card.evaluation, size_bytes=size,
                          license=license).save(staging / "README.md")
         logger.info("saved a LoRA adapter of %d edit(s) on %d module(s) to %s", len(plan.edits), len(modules), directory)
     wait_for_everyone()
@@ -163,9 +164,11 @@ def save_adapter(
 
 
 def push_adapter_to_hub(
-    editor: Any,
+    layout: AttentionLayout,
     repo_id: str,
     *,
+    plan: EditPlan,
+    card: CardData | None = None,
     token: str | None = None,
     private: bool | None = None,
     commit_message: str = "Upload th_edit LoRA adapter",
@@ -174,7 +177,7 @@ def push_adapter_to_hub(
     """Save as :func:`save_adapter` does (to a temporary directory) and upload it to ``repo_id`` in one
     commit. Returns the ``CommitInfo``; raises :class:`~th_edit.errors.HubError` on HTTP errors."""
     with tempfile.TemporaryDirectory(prefix="th_edit_adapter_") as tmp:
-        folder = save_adapter(editor, Path(tmp) / "adapter", repo_id=repo_id, **save_kwargs)
+        folder = save_adapter(layout, Path(tmp) / "adapter", plan=plan, card=card, repo_id=repo_id, **save_kwargs)
         return hub.push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message)
 
 
@@ -247,7 +250,7 @@ def _check_matches(layout, config: Mapping[str, Any], tensors: Mapping[str, torc
 
 
 def load_adapter_edits(
-    editor_or_model: Any,
+    layout: AttentionLayout,
     source: str | os.PathLike,
     *,
     verify: bool = True,
@@ -257,10 +260,10 @@ def load_adapter_edits(
     """Read a th_edit adapter (a directory or a Hub repo id) back as the exact :class:`EditPlan` it holds.
 
     Only the adapter's and plan's four files are downloaded; nothing is executed or unpickled, and peft is
-    not needed. The edits are not applied (``editor.apply_plan(plan)`` or :func:`editor_from_adapter` do).
+    not needed. The edits are not applied (``editor.apply_plan(plan)`` or ``ChannelEditor.from_adapter`` do).
 
     Args:
-        editor_or_model: the base model (or an editor on it) the adapter is meant for.
+        layout: the :class:`AttentionLayout` of the base model the adapter is meant for.
         verify: check the plan's model type and the fingerprint of every head it touches against this
             model (:class:`~th_edit.errors.PlanMismatchError` on a different base).
 
@@ -269,7 +272,6 @@ def load_adapter_edits(
             no longer equal the recorded edits.
         PlanMismatchError: (``verify``) the adapter was made on another model.
     """
-    layout = layout_of(editor_or_model)
     folder = hub.resolve_local_or_hub(source, allow_patterns=list(ADAPTER_FILES), revision=revision, token=token)
     config, tensors, plan = _read(folder, source)
     if verify:
@@ -281,21 +283,3 @@ def load_adapter_edits(
     except Exception as exc:  # noqa: BLE001 - a geometry the layout cannot place (verify=False on another model)
         raise AdapterError(f"{source}: the adapter does not fit this model ({exc!r}).") from exc
     return plan
-
-
-def editor_from_adapter(
-    model: nn.Module,
-    source: str | os.PathLike,
-    *,
-    verify: bool = True,
-    revision: str | None = None,
-    token: str | None = None,
-    editor_cls: type,
-    **editor_kwargs: Any,
-):
-    """A new editor on ``model`` with the th_edit adapter ``source`` applied as th_edit edits (exact factors,
-    undoable); the body of ``ChannelEditor.from_adapter``. See :func:`load_adapter_edits`."""
-    editor = editor_cls(model, **editor_kwargs)
-    plan = load_adapter_edits(editor, source, verify=verify, revision=revision, token=token)
-    editor.apply_plan(plan, verify=False)  # verified above
-    return editor

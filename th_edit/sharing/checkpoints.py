@@ -1,7 +1,9 @@
 """Edit plans, native checkpoints and Hub pushes, as free functions on explicit inputs.
 
 Plans: the applied edits with the base model's identity (a SHA-256 per touched head), saved as JSON +
-safetensors and verified on load. Checkpoints: the model's own ``save_pretrained`` plus tokenizer, plan and
+safetensors and verified against the model they are applied to (:func:`verify_plan`, :func:`check_consistent`:
+fingerprints present and equal for every edited head, factors equal to the edit recomputed from the base
+model's SVD within :data:`FACTOR_RTOL`). Checkpoints: the model's own ``save_pretrained`` plus tokenizer, plan and
 model card, written atomically. Hub: one commit per push; :func:`load_plan` takes a directory or a repo id.
 Under Accelerate only the main process writes or pushes. :class:`th_edit.ChannelEditor` delegates here.
 """
@@ -17,9 +19,9 @@ from typing import Any
 from torch import nn
 
 from ..core.layout import AttentionLayout
-from ..edits import plan_checks
+from ..edits.plan_checks import REMAKE_HINT
 from ..edits.plan import PLAN_FILES, BaseModelIdentity, Edit, EditPlan
-from ..edits.scale import EditLog, head_fingerprint
+from ..edits.scale import EditLog, head_fingerprint, make_edit
 from ..errors import PlanMismatchError
 from ..utils.distributed import is_main_process, wait_for_everyone
 from ..utils.files import atomic_directory
@@ -27,13 +29,50 @@ from . import hub
 from .cards import CardData, model_card, plan_card
 
 __all__ = ["export_plan", "verify_plan", "apply_plan", "load_plan", "save_plan", "save_pretrained", "push_to_hub",
-           "push_plan"]
+           "push_plan", "check_fingerprints", "check_consistent", "FACTOR_RTOL"]
 
 logger = logging.getLogger(__name__)
 
+#: relative tolerance between a plan's weight change and the one recomputed from the base model's SVD
+FACTOR_RTOL = 1e-3
 
-def export_plan(model: nn.Module, log: EditLog) -> EditPlan:
-    """The edits of ``log``, in order, with the identity of ``model``'s base weights."""
+
+def check_fingerprints(plan: EditPlan) -> None:
+    """Every edited head must carry the fingerprint of its base weights (plans without one are refused)."""
+    missing = sorted({f"{e.layer}.{e.head}" for e in plan.edits} - set(plan.base.fingerprints))
+    if missing:
+        raise PlanMismatchError(
+            f"the plan has no base-model fingerprint for head(s) {', '.join(missing)}, so it cannot be checked "
+            f"against this model. {REMAKE_HINT} Or pass verify=False to apply it unchecked."
+        )
+
+
+def check_consistent(layout: AttentionLayout, edit: Edit) -> None:
+    """Raise :class:`PlanMismatchError` unless ``edit``'s factors equal the edit recomputed from the current
+    weights' SVD (same components, alpha and folding) within :data:`FACTOR_RTOL`."""
+    target = layout.target(edit.layer, edit.head, edit.circuit)
+    if tuple(edit.delta().shape) != tuple(target.shape):
+        raise PlanMismatchError(
+            f"the edit of layer {edit.layer} head {edit.head} changes a {tuple(edit.delta().shape)} block but this "
+            f"model's {edit.target} is {tuple(target.shape)}: the plan was made for a different geometry."
+        )
+    expected = make_edit(layout, edit.layer, edit.head, edit.circuit, list(edit.components), edit.alpha,
+                         folded=edit.folded, alphas=edit.alphas)
+    want, got = expected.delta(), edit.delta()
+    scale = float(want.norm()) + 1e-6 * float(target.detach().float().norm())
+    err = float((got - want).norm())
+    if err > FACTOR_RTOL * max(scale, 1e-12):
+        raise PlanMismatchError(
+            f"the factors of the edit of layer {edit.layer} head {edit.head} ({edit.circuit}, components "
+            f"{list(edit.components)}, alpha {edit.alpha}) do not match that rescaling of this model's circuit "
+            f"(relative difference {err / max(scale, 1e-12):.2e}): the plan was altered or made on other weights. "
+            f"{REMAKE_HINT} Or pass verify=False to apply it unchecked."
+        )
+
+
+def export_plan(model: nn.Module, log: EditLog, *, provenance: dict[str, Any] | None = None) -> EditPlan:
+    """The edits of ``log``, in order, with the identity of ``model``'s base weights and the ``provenance``
+    record (JSON-serialisable; see :attr:`EditPlan.provenance`)."""
     cfg = model.config
     touched = {f"{e.layer}.{e.head}" for e in log.edits}
     dtype = next(model.parameters()).dtype
@@ -42,7 +81,7 @@ def export_plan(model: nn.Module, log: EditLog) -> EditPlan:
         revision=getattr(cfg, "_commit_hash", None), dtype=str(dtype).replace("torch.", ""),
         fingerprints={k: v for k, v in sorted(log.fingerprints.items()) if k in touched},
     )
-    return EditPlan(base=base, edits=log.edits)
+    return EditPlan(base=base, edits=log.edits, provenance=dict(provenance or {}))
 
 
 def verify_plan(plan: EditPlan, layout: AttentionLayout) -> None:
@@ -55,7 +94,7 @@ def verify_plan(plan: EditPlan, layout: AttentionLayout) -> None:
             f"the plan was made for a {plan.base.model_type!r} model "
             f"({plan.base.name_or_path or 'unnamed'}), this model is {model_type!r}."
         )
-    plan_checks.check_fingerprints(plan)
+    check_fingerprints(plan)
     for key, expected in plan.base.fingerprints.items():
         layer, head = (int(x) for x in key.split("."))
         if layer >= layout.n_layers or head >= layout.n_heads:
@@ -74,7 +113,7 @@ def apply_plan(log: EditLog, plan: EditPlan, *, verify: bool = True) -> list[Edi
 
     A mismatch raises :class:`PlanMismatchError` and changes nothing. With ``verify`` each edit's factors
     must also equal the rescaling recomputed from the weights it is applied to (within
-    :data:`~th_edit.edits.plan_checks.FACTOR_RTOL`). If an edit fails half-way, the edits of this plan
+    :data:`FACTOR_RTOL`). If an edit fails half-way, the edits of this plan
     already written are undone.
     """
     if verify:
@@ -83,7 +122,7 @@ def apply_plan(log: EditLog, plan: EditPlan, *, verify: bool = True) -> list[Edi
     try:
         for edit in plan.edits:
             if verify:
-                plan_checks.check_consistent(log.layout, edit)
+                check_consistent(log.layout, edit)
             log.apply(edit)
             applied += 1
     except BaseException:

@@ -19,11 +19,12 @@ from torch import nn
 
 from ..core.layout import AttentionLayout
 from ..edits.plan import PLAN_FILES, Edit, EditPlan
-from ..errors import AdapterError, InvalidArgumentError, MissingDependencyError
+from ..edits.scale import head_fingerprint
+from ..errors import AdapterError, MissingDependencyError
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FILES", "AdapterModule", "require_peft", "adapter_modules",
-    "adapter_state", "layout_of",
+    "adapter_state", "plan_of",
 ]
 
 
@@ -72,34 +73,18 @@ class AdapterModule:
         return int(self.lora_A.shape[0])
 
 
-def layout_of(editor_or_model: Any) -> AttentionLayout:
-    """The :class:`AttentionLayout` of an editor (its ``layout``) or of a bare model."""
-    return editor_or_model.layout if hasattr(editor_or_model, "layout") else AttentionLayout(editor_or_model)
-
-
-def require_editor(editor: Any):
-    """``editor`` if it is an editor (it exports plans), else :class:`InvalidArgumentError` with the fix."""
-    if not hasattr(editor, "export_plan"):
-        raise InvalidArgumentError(
-            "this needs a ChannelEditor (its edits and base fingerprints): pass ChannelEditor(model), "
-            "not the model itself."
-        )
-    return editor
-
-
-def plan_of(editor, edits: EditPlan | Sequence[Edit] | None) -> EditPlan:
-    """The plan to export: the editor's applied edits (default), a given plan, or a list of edits made on
-    this editor's base (fingerprints of the touched heads from the editor, or from the current weights)."""
+def plan_of(plan: EditPlan, layout: AttentionLayout, edits: EditPlan | Sequence[Edit] | None) -> EditPlan:
+    """The plan to export: ``plan`` (the applied edits, by default), a given plan, or a list of edits made on
+    the same base (fingerprints of the touched heads from ``plan``, or from the layout's current weights)."""
     if isinstance(edits, EditPlan):
         return edits
-    plan = editor.export_plan()
     if edits is None:
         return plan
     edits = list(edits)
     fingerprints = {}
     for e in edits:
         key = f"{e.layer}.{e.head}"
-        fingerprints[key] = plan.base.fingerprints.get(key) or editor.head_fingerprint(e.layer, e.head)
+        fingerprints[key] = plan.base.fingerprints.get(key) or head_fingerprint(layout, e.layer, e.head)
     base = dataclasses.replace(plan.base, fingerprints=dict(sorted(fingerprints.items())))
     return EditPlan(base=base, edits=edits, th_edit_version=plan.th_edit_version)
 
@@ -128,22 +113,21 @@ def _check_module(layout, name: str) -> nn.Module:
     return module
 
 
-def adapter_modules(editor_or_model: Any, edits: EditPlan | Sequence[Edit] | None = None) -> dict[str, AdapterModule]:
+def adapter_modules(layout: AttentionLayout, edits: EditPlan | Sequence[Edit]) -> dict[str, AdapterModule]:
     """The LoRA factors of every module the edits touch, keyed by full module name (in layer order, the
     output projection before the query projection). See the module docstring for the layout.
 
     Args:
-        editor_or_model: a :class:`~th_edit.ChannelEditor` (its applied edits by default) or a model.
-        edits: an :class:`EditPlan` or a list of :class:`Edit` (default: the editor's applied edits).
+        layout: the model's :class:`AttentionLayout`.
+        edits: an :class:`EditPlan` or a list of :class:`Edit` (e.g. ``editor.edits``).
 
     Raises:
         AdapterError: no edits, an edit whose factors do not fit this model, or a projection module that
             is not a plain ``nn.Linear`` / ``Conv1D``.
     """
-    editor = require_editor(editor_or_model)
     if isinstance(edits, EditPlan):
         edits = edits.edits
-    return module_factors(editor.layout, list(editor.edits if edits is None else edits))
+    return module_factors(layout, list(edits))
 
 
 def module_factors(layout, edits: Sequence[Edit]) -> dict[str, AdapterModule]:
@@ -238,18 +222,19 @@ def _config_dict(layout, modules: Mapping[str, AdapterModule], plan: EditPlan, b
 
 
 def adapter_state(
-    editor_or_model: Any,
-    edits: EditPlan | Sequence[Edit] | None = None,
+    layout: AttentionLayout,
+    plan: EditPlan,
     *,
     dtype: torch.dtype = torch.float32,
     base_model_name_or_path: str | None = None,
     uniform_rank: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The peft adapter of the edits, in memory: ``(adapter_config dict, {safetensors key: tensor})``.
+    """The peft adapter of ``plan``'s edits on the model of ``layout``, in memory:
+    ``(adapter_config dict, {safetensors key: tensor})``.
 
     Args:
-        editor_or_model: a :class:`~th_edit.ChannelEditor` or (with ``edits``) its unedited base model.
-        edits: an :class:`EditPlan` or list of :class:`Edit` (default: the editor's applied edits).
+        layout: the model's :class:`AttentionLayout`.
+        plan: the :class:`EditPlan` (e.g. ``editor.export_plan()``).
         dtype: dtype of the stored factors (float32 by default; bf16/fp16 halve the size and round them).
         base_model_name_or_path: written to the config (default: the model's ``_name_or_path``).
         uniform_rank: zero-pad every module to the largest rank and give all the same ``r`` (for servers
@@ -259,18 +244,18 @@ def adapter_state(
         MissingDependencyError: peft is not installed.
         AdapterError: see :func:`adapter_modules`.
     """
-    editor = require_editor(editor_or_model)
-    config, tensors, _ = state_of(editor, plan_of(editor, edits), dtype, base_model_name_or_path, uniform_rank)
+    config, tensors, _ = state_of(layout, plan, dtype, base_model_name_or_path, uniform_rank)
     return config, tensors
 
 
-def state_of(editor, plan: EditPlan, dtype, base_model_name_or_path, uniform_rank):
-    modules = module_factors(editor.layout, plan.edits)
+def state_of(layout: AttentionLayout, plan: EditPlan, dtype: torch.dtype, base_model_name_or_path: str | None,
+             uniform_rank: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, AdapterModule]]:
+    modules = module_factors(layout, plan.edits)
     if uniform_rank:
         top = max(m.rank for m in modules.values())
         modules = {n: pad_rank(m, top) for n, m in modules.items()}
     name = base_model_name_or_path if base_model_name_or_path is not None else plan.base.name_or_path
-    config = _config_dict(editor.layout, modules, plan, name)
+    config = _config_dict(layout, modules, plan, name)
     tensors = {}
     for n, m in modules.items():
         tensors[LORA_KEY.format(name=n, ab="A")] = m.lora_A.to(dtype).contiguous()

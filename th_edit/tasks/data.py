@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
 
 from datasets import Dataset, DatasetDict, Features, Sequence as DSequence, Value
 from datasets.exceptions import DatasetGenerationError
@@ -38,10 +38,14 @@ from ..errors import InvalidArgumentError
 __all__ = [
     "ITEMS", "TOY_ITEMS", "HARDWARE_ITEMS", "ITEM_POOLS", "OMITTED_TEMPLATES", "NAMES", "FEATURES", "TEMPLATES",
     "first_token", "usable_words", "laundry_list", "ioi", "split_sizes",
-    "describe_fields",
+    "describe_fields", "Rows",
 ]
 
-logger = logging.getLogger("th_edit")
+logger = logging.getLogger(__name__)
+
+#: what every function taking task data accepts: a ``datasets.Dataset`` or a sequence of row dicts with the
+#: :data:`FEATURES` (at least ``prompt``, ``items``, ``target``)
+Rows = Union[Dataset, Sequence[Mapping[str, Any]]]
 
 ITEMS = (
     "apples bananas bread butter cheese eggs flour grapes honey jam juice lemons milk onions oranges pasta "
