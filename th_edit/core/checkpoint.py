@@ -21,7 +21,7 @@ import logging
 import math
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 
@@ -29,8 +29,8 @@ from ..errors import AnalysisOnlyError, InvalidArgumentError, ModelFileError, Qu
 from .architectures import ARCHITECTURES, ArchSpec, get_spec
 from .layout import FLOAT_DTYPES, AttentionLayout
 
-__all__ = ["CheckpointLayout", "read_checkpoint_config", "attention_tensor_names", "CONFIG_FILE", "INDEX_FILE",
-           "SINGLE_FILE"]
+__all__ = ["CheckpointLayout", "read_checkpoint_config", "attention_tensor_names", "layer_prefixes",
+           "needed_tensor_names", "CONFIG_FILE", "INDEX_FILE", "SINGLE_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,32 @@ def attention_tensor_names(spec: ArchSpec, layer_prefix: str, layer: int, norm_e
     paths.append(spec.attn_norm if norm_enabled else None)
     unique = dict.fromkeys(p for p in paths if p)
     return [f"{layer_prefix}.{layer}.{p}.{n}" for p in unique for n in ("weight", "bias")]
+
+
+def _norm_on(spec: ArchSpec, config: Any) -> bool:
+    return spec.attn_norm is not None and (spec.norm_enabled_flag is None or bool(getattr(config, spec.norm_enabled_flag, True)))
+
+
+def layer_prefixes(spec: ArchSpec, names: Collection[str], source: Path | str, model_type: str = "") -> tuple[str, str]:
+    """The blocks' key prefix as stored (``model.layers``; checkpoints saved from the base model drop the
+    first part, e.g. GPT-2's ``h.0...``) and the final norm's prefix to match. ``names``: the tensor names
+    the checkpoint holds (``source``: the file listing them, for the error)."""
+    layers, final = spec.layers, spec.final_norm
+    for drop in (0, 1):
+        prefix = ".".join(layers.split(".")[drop:])
+        if prefix and f"{prefix}.0.{spec.o}.weight" in names:
+            return prefix, ".".join(final.split(".")[drop:]) if drop and "." in final else final
+    raise ModelFileError(f"{source} lists no tensor {layers}.0.{spec.o}.weight: it is not a {model_type} checkpoint "
+                         "th_edit can read, or it is incomplete.")
+
+
+def needed_tensor_names(config: Any, spec: ArchSpec, names: Collection[str], source: Path | str) -> list[str]:
+    """Every tensor of ``names`` the circuits (and the final norm) of the checkpoint may read: attention
+    projections, their biases and the folded norms; never an MLP or embedding tensor."""
+    prefix, final = layer_prefixes(spec, names, source, getattr(config, "model_type", ""))
+    out = [n for l in range(int(config.num_hidden_layers))
+           for n in attention_tensor_names(spec, prefix, l, _norm_on(spec, config)) if n in names]
+    return out + [n for n in (f"{final}.weight", f"{final}.bias") if n in names]
 
 
 class _Files:
@@ -150,13 +176,13 @@ class CheckpointLayout(AttentionLayout):
         self.model = None
         self.device, self.dtype, self.cache_layers = torch.device(device or "cpu"), dtype, cache_layers
         self.files = _Files(self.directory)
-        self._prefix, self._final_prefix = self._resolve_prefix()
+        self._prefix, self._final_prefix = layer_prefixes(self.spec, self.files.map, self.files.source,
+                                                          self.config.model_type)
         self._cache: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
         self._meta: dict[str, dict] = {}
         self.tensors_read: list[str] = []
         n_layers = int(self.config.num_hidden_layers)
-        norm_on = self.spec.attn_norm is not None and (
-            self.spec.norm_enabled_flag is None or bool(getattr(self.config, self.spec.norm_enabled_flag, True)))
+        norm_on = _norm_on(self.spec, self.config)
         self._names = {l: [n for n in attention_tensor_names(self.spec, self._prefix, l, norm_on) if n in self.files.map]
                        for l in range(n_layers)}
         self._check_tensors(n_layers)
@@ -165,19 +191,6 @@ class CheckpointLayout(AttentionLayout):
         self.layer_nbytes = max(self._layer_bytes(l) for l in range(n_layers))
 
     # ----- files --------------------------------------------------------------------------------
-    def _resolve_prefix(self) -> tuple[str, str]:
-        """The blocks' key prefix as stored (``model.layers``; checkpoints saved from the base model drop
-        the first part, e.g. GPT-2's ``h.0...``) and the final norm's prefix to match."""
-        layers, final = self.spec.layers, self.spec.final_norm
-        for drop in (0, 1):
-            prefix = ".".join(layers.split(".")[drop:])
-            if f"{prefix}.0.{self.spec.o}.weight" in self.files.map:
-                return prefix, ".".join(final.split(".")[drop:]) if drop and "." in final else final
-        raise ModelFileError(
-            f"{self.files.source} lists no tensor {layers}.0.{self.spec.o}.weight: it is not a "
-            f"{self.config.model_type} checkpoint th_edit can read (or a required tensor is missing)."
-        )
-
     def _key(self, layer: int, path: str, name: str) -> str:
         return f"{self._prefix}.{layer}.{path}.{name}"
 
