@@ -11,9 +11,10 @@ from ._version import __version__
 
 from .core.architectures import ARCHITECTURES, ArchSpec, supported_model_types
 from .core.circuits import CIRCUITS, HeadWeights, SVDResult
-from .editor import ChannelEditor
+from .editor import ChannelEditor, WeightsOnlyEditor, channel_map_from_checkpoint
 from .edits.fit import FitConfig, FitResult
 from .errors import (
+    AnalysisOnlyError,
     FitError,
     FitInterruptedError,
     AdapterError,
@@ -36,6 +37,9 @@ from .edits.plan import BaseModelIdentity, Edit, EditPlan
 logging.getLogger("th_edit").addHandler(logging.NullHandler())
 
 __all__ = [
+    "AnalysisOnlyError",
+    "WeightsOnlyEditor",
+    "channel_map_from_checkpoint",
     "FitConfig",
     "FitError",
     "FitInterruptedError",

@@ -16,19 +16,20 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .analysis import composition, discovery, edit_search
+from .analysis import composition, discovery, edit_search, weights_only
 from .core import circuits
 from .core.architectures import ArchSpec
 from .core.circuits import MODES, HeadWeights, SVDResult, check_circuit
+from .core.checkpoint import CheckpointLayout
 from .core.layout import AttentionLayout
 from .edits import fit, steering
 from .edits.plan import Edit, EditPlan
 from .edits.scale import EditLog, head_fingerprint, make_edit
-from .errors import InvalidArgumentError
+from .errors import AnalysisOnlyError, InvalidArgumentError
 from .sharing import adapters, checkpoints, lora
 from .sharing.cards import CardData, model_card
 
-__all__ = ["ChannelEditor"]
+__all__ = ["ChannelEditor", "WeightsOnlyEditor", "channel_map_from_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +260,26 @@ class ChannelEditor:
                                       verify=verify)
 
     @classmethod
+    def from_checkpoint(cls, source: str | os.PathLike, *, device=None, dtype: torch.dtype | None = None,
+                        cache_layers: int = 2, spec: ArchSpec | None = None, folded: bool = True,
+                        revision: str | None = None, token: str | None = None) -> "WeightsOnlyEditor":
+        """An analysis-only editor reading a safetensors checkpoint (a directory or a Hub id) without loading
+        the model: ``svd``, ``svd_all``, ``circuit_factors``, ``composition`` and ``channel_map`` (in bounded
+        memory) work and equal the loaded model's; editing methods raise :class:`AnalysisOnlyError`.
+        For a Hub id only ``config.json``, the index and the shards holding attention weights are downloaded.
+        ``device``: where layers are loaded and circuits computed; ``dtype``: cast on load (default as
+        stored); ``cache_layers``: layers kept in memory. See :class:`~th_edit.core.checkpoint.CheckpointLayout`.
+
+        >>> editor = ChannelEditor.from_checkpoint("meta-llama/Meta-Llama-3-70B")  # doctest: +SKIP
+        >>> cmap = editor.channel_map(memory_limit_mb=8192)                          # doctest: +SKIP
+        """
+        from .sharing.weights import checkpoint_directory
+
+        directory = checkpoint_directory(source, revision=revision, token=token)
+        layout = CheckpointLayout(directory, spec=spec, device=device, dtype=dtype, cache_layers=cache_layers)
+        return WeightsOnlyEditor(layout, folded=folded)
+
+    @classmethod
     def from_plan(cls, model: nn.Module, plan: EditPlan | str | os.PathLike, *, verify: bool = True,
                   revision: str | None = None, token: str | None = None, **kwargs: Any) -> "ChannelEditor":
         """A new editor on ``model`` with ``plan`` applied: an :class:`EditPlan`, a directory or a Hub repo id
@@ -320,3 +341,72 @@ class ChannelEditor:
         plan = adapters.load_adapter_edits(editor.layout, source, verify=verify, revision=revision, token=token)
         editor.apply_plan(plan, verify=False)  # verified by load_adapter_edits
         return editor
+
+
+class WeightsOnlyEditor(ChannelEditor):
+    """Analysis from checkpoint files (made by :meth:`ChannelEditor.from_checkpoint`): no model is loaded.
+
+    Reading methods work as on :class:`ChannelEditor` and return the same values; :meth:`channel_map`
+    streams in bounded memory (:func:`th_edit.analysis.weights_only.bounded_channel_map`: the working set
+    stays below ``max(memory_limit_mb, one layer's working set)`` plus the result). Editing, steering,
+    discovery, fitting, plans and saving raise :class:`AnalysisOnlyError`. ``editor.layout.tensors_read``
+    lists the tensors read so far.
+    """
+
+    def __init__(self, layout: CheckpointLayout, *, folded: bool = True) -> None:
+        self.model = None
+        self.tokenizer = None
+        self.layout = layout
+        self.folded = bool(folded)
+        self.log = EditLog(layout)
+        self.card = CardData()
+
+    def __repr__(self) -> str:
+        L = self.layout
+        return (f"WeightsOnlyEditor({L.directory}, {L.config.model_type}, layers={self.n_layers}, heads={self.n_heads}, "
+                f"kv_heads={self.n_kv_heads}, d_model={self.d_model}, d_head={self.d_head})")
+
+    def channel_map(self, modes: Sequence[str] = MODES, *, config: composition.ChannelMapConfig | None = None,
+                    folded: bool | None = None, senders=None, receivers=None, layers=None, device=None,
+                    progress: bool = True, **settings: Any):
+        """The channel map, equal to the loaded model's, in bounded memory (see the class docstring);
+        arguments as :meth:`ChannelEditor.channel_map`."""
+        cfg = composition.config_from(composition.ChannelMapConfig, config, modes=tuple(modes), **settings)
+        return weights_only.bounded_channel_map(self.layout, cfg, folded=self._folded(folded), senders=senders,
+                                                receivers=receivers, layers=layers, device=device, progress=progress)
+
+
+_NEEDS_MODEL = ("scale_component", "apply_edit", "undo", "reset", "steer", "find_channels", "search_edit", "fit_edit",
+                "export_plan", "save_plan", "verify_plan", "apply_plan", "model_card", "save_pretrained", "push_to_hub",
+                "push_plan_to_hub", "save_adapter", "push_adapter_to_hub")
+
+
+def _analysis_only(name: str):
+    def method(self, *args: Any, **kwargs: Any):
+        raise AnalysisOnlyError(
+            f"{name}() needs a loaded model, but this editor reads weights from {self.layout.directory} "
+            "(weights-only analysis). Load it with ChannelEditor(AutoModelForCausalLM.from_pretrained(...)) to edit, "
+            "steer, fit or save."
+        )
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"Not available without a model: raises :class:`AnalysisOnlyError` (see ChannelEditor.{name})."
+    return method
+
+
+for _name in _NEEDS_MODEL:
+    setattr(WeightsOnlyEditor, _name, _analysis_only(_name))
+
+
+def channel_map_from_checkpoint(source: str | os.PathLike, modes: Sequence[str] = MODES, *, device=None,
+                                dtype: torch.dtype | None = None, memory_limit_mb: float = 512.0,
+                                revision: str | None = None, token: str | None = None, progress: bool = True,
+                                **settings: Any):
+    """The channel map of a safetensors checkpoint (directory or Hub id) without loading the model:
+    ``ChannelEditor.from_checkpoint(source, ...).channel_map(modes, memory_limit_mb=..., ...)``.
+
+    Memory: below ``max(memory_limit_mb, one layer's working set)`` plus the result (``4 * Ns * (d_h + 1) * Nr``
+    bytes per mode); see :func:`th_edit.analysis.weights_only.bounded_channel_map`.
+    """
+    editor = ChannelEditor.from_checkpoint(source, device=device, dtype=dtype, revision=revision, token=token)
+    return editor.channel_map(modes, memory_limit_mb=memory_limit_mb, progress=progress, device=device, **settings)

@@ -70,3 +70,8 @@ class FitError(ThEditError, RuntimeError):
 
 class FitInterruptedError(ThEditError, KeyboardInterrupt):
     """Fitting was interrupted (Ctrl-C); the model was left exactly as it was. Still a KeyboardInterrupt."""
+
+
+class AnalysisOnlyError(ThEditError, RuntimeError):
+    """An editing, steering, fitting or saving method was called on an analysis-only editor (one made with
+    ``ChannelEditor.from_checkpoint``, which reads weights from files and holds no model to change)."""

@@ -303,7 +303,9 @@ def _stream_mode(
                 Z2 = Z.square_()
                 comp_sq = Z2.view(s1 - s0, r, nc, r).sum(-1)  # [ns, r, nc]
                 comp[s0:s1, :, cidx] = comp_sq.sqrt()
-                head_sq[s0:s1, cidx] = (comp_sq * send_w[s0:s1, :, None].square()).sum(1)
+                # summed along a contiguous last dim: the same bits whatever the block shape (memory limit)
+                weighted = (comp_sq * send_w[s0:s1, :, None].square()).transpose(1, 2).contiguous()
+                head_sq[s0:s1, cidx] = weighted.sum(-1)
                 if keep_top > 0:
                     share2 = Z2.mul_(w_rows[s0 * r:s1 * r].square()[:, None]).view(-1)  # share^2, in place
                     above = share2 > thr2

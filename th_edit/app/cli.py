@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import (
-    HubError, InvalidArgumentError, ModelFileError, ModelNotInstalledError, OffloadedWeightsError,
+    AnalysisOnlyError, HubError, InvalidArgumentError, ModelFileError, ModelNotInstalledError, OffloadedWeightsError,
     OutputDirectoryError, PlanFormatError, PlanMismatchError, ThEditError, UnsupportedModelError,
 )
 from .parser import build_parser
@@ -63,22 +63,32 @@ def _data(args, tokenizer):
 
 def cmd_analyze(args, out: _Out) -> dict[str, Any]:
     """Channel map (split over the processes under ``accelerate launch``), head roles, tables and plots;
-    only the main process writes."""
+    only the main process writes. ``--weights-only`` reads the checkpoint files without loading the model
+    (no head roles: they need a forward pass)."""
     from ..editor import ChannelEditor
     from ..analysis.roles import sequence_roles
 
-    model, _ = _load(args)
-    editor = ChannelEditor(model)
+    settings = dict(modes=tuple(args.modes), progress=not args.quiet, seed=args.seed,
+                    memory_limit_mb=args.memory_limit_mb, device=args.device)
+    if args.weights_only:
+        if args.gguf_file:
+            raise InvalidArgumentError("--weights-only reads safetensors checkpoints; drop --gguf-file.")
+        editor, roles = ChannelEditor.from_checkpoint(args.model, device=args.device, revision=args.revision), None
+        cmap = editor.channel_map(**settings)
+    else:
+        model, _ = _load(args)
+        editor = ChannelEditor(model)
+        cmap = editor.channel_map(**settings)
+        roles = sequence_roles(model, seed=args.seed)
     folder = Path(args.out)
-    cmap = editor.channel_map(modes=tuple(args.modes), progress=not args.quiet, seed=args.seed,
-                              memory_limit_mb=args.memory_limit_mb)
-    roles = sequence_roles(model, seed=args.seed)
     top = cmap.top_channels(args.modes[0], k=args.top)
     if out.main:
         _write_analysis(folder, cmap, roles, top, args.modes[0], editor.n_layers, editor.n_heads)
     out.say(top.to_string(index=False))
-    out.say(f"wrote tables and plots to {folder} (channel map from {cmap.meta['processes']} process(es))")
-    return {"out": str(folder), "processes": cmap.meta["processes"], "top": top.to_dict("records")}
+    out.say(f"wrote tables and plots to {folder} (channel map from {cmap.meta['processes']} process(es)"
+            f"{', weights only' if args.weights_only else ''})")
+    return {"out": str(folder), "processes": cmap.meta["processes"], "weights_only": bool(args.weights_only),
+            "top": top.to_dict("records")}
 
 
 def _write_analysis(folder: Path, cmap, roles, top, mode: str, n_layers: int, n_heads: int) -> None:
@@ -90,9 +100,10 @@ def _write_analysis(folder: Path, cmap, roles, top, mode: str, n_layers: int, n_
     cmap.to_csv(str(folder / "channels_pairs.csv"))
     cmap.to_parquet(str(folder / "channels_components.parquet"), level="component")
     cmap.to_csv(str(folder / "channels_heads.csv"), level="head")
-    role_table = pd.DataFrame([{"layer": l, "head": h, **{k: float(v[l, h]) for k, v in roles.items()}}
-                               for l in range(n_layers) for h in range(n_heads)])
-    role_table.to_csv(folder / "head_roles.csv", index=False)
+    if roles is not None:
+        role_table = pd.DataFrame([{"layer": l, "head": h, **{k: float(v[l, h]) for k, v in roles.items()}}
+                                   for l in range(n_layers) for h in range(n_heads)])
+        role_table.to_csv(folder / "head_roles.csv", index=False)
     first = top.iloc[0]
     receiver, sender = (int(first.receiver_layer), int(first.receiver_head)), (int(first.sender_layer), int(first.sender_head))
     plot_receiver_heatmap(cmap, mode, receiver, folder / "heatmap.png", baseline="zscore")
@@ -243,7 +254,7 @@ COMMANDS = {"analyze": cmd_analyze, "find": cmd_find, "edit": cmd_edit, "eval": 
 
 #: exception classes -> exit code, first match wins (the README's "Exit codes")
 EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], int], ...] = (
-    ((InvalidArgumentError, OutputDirectoryError), EXIT_USAGE),
+    ((InvalidArgumentError, OutputDirectoryError, AnalysisOnlyError), EXIT_USAGE),
     ((PlanMismatchError, PlanFormatError, UnsupportedModelError, OffloadedWeightsError), EXIT_MISMATCH),
     ((HubError, ModelFileError, ModelNotInstalledError, OSError), EXIT_IO),
     ((ThEditError,), EXIT_UNEXPECTED),

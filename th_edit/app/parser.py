@@ -62,7 +62,12 @@ def _add_analyze(sub, common) -> None:
                    help="composition modes to map (default: q k v)")
     p.add_argument("--top", type=int, default=20, help="channels to list (default 20)")
     p.add_argument("--memory-limit-mb", type=float, default=512.0,
-                   help="working memory of the channel map's blocks per process (default 512)")
+                   help="working memory of the channel map's blocks per process (default 512); with --weights-only "
+                        "it bounds the layers and blocks held (at least one layer's worth)")
+    p.add_argument("--weights-only", action="store_true",
+                   help="read the safetensors files (directory or Hub id: only the shards with attention weights are "
+                        "downloaded) without loading the model; no data-based head roles")
+    p.add_argument("--device", default="cpu", help="where to compute the channel map (default cpu; e.g. cuda)")
 
 
 def _add_find(sub, common) -> None:

@@ -118,9 +118,14 @@ class AttentionLayout:
         self.spec = spec if spec is not None else get_spec(config)
         self.model = model
         self.blocks = list(model.get_submodule(self.spec.layers))
-        self.n_layers = len(self.blocks)
         paths = dict.fromkeys(p for p in (self.spec.q, self.spec.k, self.spec.v, self.spec.o) if p)
         check_not_quantized(model, [b.get_submodule(p) for b in self.blocks for p in paths])
+        o_in = self.row_form(self._tensor(0, self.spec.o)).shape[0]
+        self._set_geometry(config, len(self.blocks), o_in)
+
+    def _set_geometry(self, config, n_layers: int, o_in: int) -> None:
+        """Set L, H, K, d, d_h and ``norm_enabled`` from the config and the output projection's input size."""
+        self.n_layers = n_layers
         self.n_heads = int(config.num_attention_heads)
         self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
         if self.n_heads % self.n_kv_heads:
@@ -128,8 +133,6 @@ class AttentionLayout:
                 f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}."
             )
         self.d_model = int(config.hidden_size)
-        o_mod = self.blocks[0].get_submodule(self.spec.o)
-        o_in = self.row_form(self._param(o_mod, "weight")).shape[0]
         if o_in % self.n_heads:
             raise UnsupportedModelError(
                 f"output projection input size {o_in} is not a multiple of {self.n_heads} heads."
@@ -144,6 +147,18 @@ class AttentionLayout:
         if getattr(module, name, None) is None:
             return None
         return resolve_param(module, name, write=write)
+
+    def _tensor(self, layer: int | None, path: str, name: str = "weight", write: bool = False) -> torch.Tensor | None:
+        """The tensor ``name`` of the module at ``path`` in block ``layer`` (``layer=None``: ``path`` from the
+        model's root), or None. Every weight view below reads through here (a checkpoint-backed layout
+        overrides it)."""
+        module = self.model.get_submodule(path) if layer is None else self.module(layer, path)
+        return self._param(module, name, write)
+
+    def _norm_eps(self, layer: int | None, path: str) -> float:
+        """The epsilon of the norm at ``path`` (as :meth:`_tensor` locates it)."""
+        mod = self.model.get_submodule(path) if layer is None else self.module(layer, path)
+        return float(next((getattr(mod, a) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(mod, a)), 1e-5))
 
     def row_form(self, weight: torch.Tensor) -> torch.Tensor:
         """``[in, out]`` view of a projection weight."""
@@ -188,28 +203,27 @@ class AttentionLayout:
         """``[d, d_h]`` view of ``W_Q[h]`` (kind 'q'), ``W_K[g]`` or ``W_V[g]`` (g = kv head of h).
         With ``write=True`` the view is guaranteed to alias the real storage (or an error is raised)."""
         idx = head if kind == "q" else self.kv_head(head)
-        mod = self.module(layer, getattr(self.spec, kind))
-        weight = self.row_form(self._param(mod, "weight", write))
+        weight = self.row_form(self._tensor(layer, getattr(self.spec, kind), "weight", write))
         return weight.narrow(1, self.head_offset(kind, idx), self.d_head)
 
     def proj_bias(self, layer: int, head: int, kind: str) -> torch.Tensor | None:
         """``[d_h]`` view of the q/k/v bias of the head, or None."""
         idx = head if kind == "q" else self.kv_head(head)
-        bias = self._param(self.module(layer, getattr(self.spec, kind)), "bias")
+        bias = self._tensor(layer, getattr(self.spec, kind), "bias")
         return None if bias is None else bias.narrow(0, self.head_offset(kind, idx), self.d_head)
 
     def out_weight(self, layer: int, head: int, *, write: bool = False) -> torch.Tensor:
         """``[d_h, d]`` view of ``W_O[h]`` (``write``: as in :meth:`proj_weight`)."""
-        w = self.row_form(self._param(self.module(layer, self.spec.o), "weight", write))
+        w = self.row_form(self._tensor(layer, self.spec.o, "weight", write))
         return w.narrow(0, head * self.d_head, self.d_head)
 
     def out_bias(self, layer: int) -> torch.Tensor | None:
         """``[d]`` output bias of the layer (shared by all heads), or None."""
-        return self._param(self.module(layer, self.spec.o), "bias")
+        return self._tensor(layer, self.spec.o, "bias")
 
-    def _effective_gain(self, module: nn.Module, kind: str) -> torch.Tensor | None:
+    def _effective_gain(self, layer: int | None, path: str, kind: str) -> torch.Tensor | None:
         """A norm's multiplicative gain as applied (``1 + w`` for Gemma's ``rmsnorm_plus_one``), or None."""
-        w = self._param(module, "weight")
+        w = self._tensor(layer, path)
         if w is None:
             return None
         return 1.0 + w.float() if kind == "rmsnorm_plus_one" else w
@@ -219,30 +233,29 @@ class AttentionLayout:
         for Gemma). ``kind`` is None when the attention reads the residual stream directly."""
         if not self.norm_enabled:
             return None, None, None
-        mod = self.module(layer, self.spec.attn_norm)
-        return self.spec.norm_kind, self._effective_gain(mod, self.spec.norm_kind), self._param(mod, "bias")
+        path, kind = self.spec.attn_norm, self.spec.norm_kind
+        return kind, self._effective_gain(layer, path, kind), self._tensor(layer, path, "bias")
 
     def final_norm_params(self) -> tuple[str, torch.Tensor | None, torch.Tensor | None, float]:
         """``(kind, effective gain [d], bias [d], eps)`` of the norm before the unembedding."""
-        return self._norm_params(self.model.get_submodule(self.spec.final_norm))
+        return self._norm_params(None, self.spec.final_norm)
 
-    def _norm_params(self, mod: nn.Module) -> tuple[str, torch.Tensor | None, torch.Tensor | None, float]:
-        eps = float(next((getattr(mod, a) for a in ("eps", "variance_epsilon", "epsilon") if hasattr(mod, a)), 1e-5))
-        return self.spec.norm_kind, self._effective_gain(mod, self.spec.norm_kind), self._param(mod, "bias"), eps
+    def _norm_params(self, layer: int | None, path: str) -> tuple[str, torch.Tensor | None, torch.Tensor | None, float]:
+        kind = self.spec.norm_kind
+        return kind, self._effective_gain(layer, path, kind), self._tensor(layer, path, "bias"), self._norm_eps(layer, path)
 
     def post_attn_norm_params(self, layer: int) -> tuple[str, torch.Tensor | None, torch.Tensor | None, float] | None:
         """``(kind, effective gain [d], bias [d], eps)`` of the norm on ``layer``'s attention output before the
         residual add (Gemma2/3), or None when the architecture has none."""
         if self.spec.post_attn_norm is None:
             return None
-        return self._norm_params(self.module(layer, self.spec.post_attn_norm))
+        return self._norm_params(layer, self.spec.post_attn_norm)
 
     def qk_gains(self, layer: int, head: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Effective ``[d_h]`` gains of the per-head query and key norms, or ``(None, None)``."""
         if self.spec.q_norm is None:
             return None, None
-        q, k = (self._effective_gain(self.module(layer, path), self.spec.qk_norm_kind)
-                for path in (self.spec.q_norm, self.spec.k_norm))
+        q, k = (self._effective_gain(layer, path, self.spec.qk_norm_kind) for path in (self.spec.q_norm, self.spec.k_norm))
         return q, k
 
     def target(self, layer: int, head: int, circuit: str) -> torch.Tensor:
