@@ -133,7 +133,7 @@ def cmd_edit(args, out: _Out) -> dict[str, Any]:
         payload = _auto_edit(editor, args, out)
     editor.save_pretrained(args.out, overwrite=args.overwrite)
     if args.adapter:
-        editor.save_adapter(Path(args.out) / "adapter")
+        editor.save_adapter(Path(args.out) / "adapter", layout=args.adapter_layout, max_rank=args.max_lora_rank)
         payload["adapter"] = str(Path(args.out) / "adapter")
     out.say(f"{len(editor.edits)} edit(s); saved the edited model, its plan and card to {args.out}")
     return {**payload, "out": args.out, "n_edits": len(editor.edits)}

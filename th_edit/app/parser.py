@@ -89,6 +89,12 @@ def _add_edit(sub, common) -> None:
                         "(movers, inhibition and duplicate heads of find_channels) or L.H,L.H,...")
     p.add_argument("--budget", type=int, default=256, help="--auto --search fit: most components changed")
     p.add_argument("--adapter", action="store_true", help="also write a PEFT LoRA adapter to OUT/adapter")
+    p.add_argument("--adapter-layout", choices=["compact", "uniform"], default="compact",
+                   help="--adapter: compact (default: edited modules only, smallest) or uniform (every layer has the "
+                        "same modules with one rank: what text-generation-inference, LoRAX and SGLang load)")
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="--adapter: refuse an adapter whose LoRA rank exceeds this (the server's limit, e.g. vLLM's "
+                        "--max-lora-rank)")
     p.add_argument("--out", required=True, help="directory for the edited model, its plan and card (never the "
                    "source model's directory)")
     p.add_argument("--overwrite", action="store_true",
