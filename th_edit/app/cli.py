@@ -325,17 +325,16 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _library_bars(enabled: bool):
-    """Silence the progress bars of datasets and transformers (dataset generation, weight loading) for the
-    call when ``enabled`` is false; restored afterwards."""
-    if enabled:
-        yield
-        return
+    """Silence the progress bars of datasets (always: th_edit's prompt sets are generated in memory in
+    milliseconds, and "Generating train split" read like a download) and, when ``enabled`` is false, of
+    transformers (weight loading) for the call; restored afterwards."""
     import datasets
     from transformers.utils import logging as hf_logging
 
     was = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
+    if not enabled:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
