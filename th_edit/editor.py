@@ -317,16 +317,21 @@ class ChannelEditor:
 
     # ----- PEFT LoRA adapters -------------------------------------------------------------------
     def save_adapter(self, directory: str | os.PathLike, *, edits: EditPlan | Sequence[Edit] | None = None,
-                     **kwargs: Any) -> Path:
+                     layout: str = "compact", max_rank: int | None = None, **kwargs: Any) -> Path:
         """Write the applied edits (or ``edits``) as an exact peft LoRA adapter (plus th_edit's plan and a card);
-        any peft user loads it with ``PeftModel.from_pretrained``. See :func:`th_edit.sharing.adapters.save_adapter`."""
-        return adapters.save_adapter(self.layout, directory, plan=self._adapter_plan(edits), card=self.card, **kwargs)
+        any peft user loads it with ``PeftModel.from_pretrained``. ``layout="uniform"`` gives every layer the
+        same modules and rank (what text-generation-inference and LoRAX need); ``max_rank`` refuses, before
+        writing, an adapter whose rank a server would refuse. See :func:`th_edit.sharing.adapters.save_adapter`."""
+        return adapters.save_adapter(self.layout, directory, plan=self._adapter_plan(edits), card=self.card,
+                                     adapter_layout=layout, max_rank=max_rank, **kwargs)
 
     def push_adapter_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
-                            edits: EditPlan | Sequence[Edit] | None = None, **kwargs: Any) -> Any:
+                            edits: EditPlan | Sequence[Edit] | None = None, layout: str = "compact",
+                            max_rank: int | None = None, **kwargs: Any) -> Any:
         """Save as :meth:`save_adapter` does and upload it to ``repo_id`` in one commit (``CommitInfo``)."""
         return adapters.push_adapter_to_hub(self.layout, repo_id, plan=self._adapter_plan(edits), card=self.card,
-                                            token=token, private=private, **kwargs)
+                                            token=token, private=private, adapter_layout=layout, max_rank=max_rank,
+                                            **kwargs)
 
     def _adapter_plan(self, edits: EditPlan | Sequence[Edit] | None) -> EditPlan:
         return lora.plan_of(self.export_plan(), self.layout, edits)

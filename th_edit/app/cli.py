@@ -1,6 +1,6 @@
 """``th-edit``: the command line.
 
-Commands: ``analyze``, ``find``, ``edit``, ``eval``, ``push``, ``demo`` (``th-edit COMMAND --help``).
+Commands: ``analyze``, ``find``, ``edit``, ``eval``, ``push``, ``demo``, ``export-tasks`` (``th-edit COMMAND --help``).
 MODEL is a bundled model (``smollm2``, ``gemma3-270m``), a local directory or a Hub id.
 
 Exit codes: 0 success; 2 bad arguments; 3 the model or plan does not fit (unsupported architecture,
@@ -144,7 +144,7 @@ def cmd_edit(args, out: _Out) -> dict[str, Any]:
         payload = _auto_edit(editor, args, out)
     editor.save_pretrained(args.out, overwrite=args.overwrite)
     if args.adapter:
-        editor.save_adapter(Path(args.out) / "adapter")
+        editor.save_adapter(Path(args.out) / "adapter", layout=args.adapter_layout, max_rank=args.max_lora_rank)
         payload["adapter"] = str(Path(args.out) / "adapter")
     out.say(f"{len(editor.edits)} edit(s); saved the edited model, its plan and card to {args.out}")
     return {**payload, "out": args.out, "n_edits": len(editor.edits)}
@@ -248,8 +248,34 @@ def cmd_demo(args, out: _Out) -> dict[str, Any]:
     return s
 
 
+def _tokenizer(args) -> tuple[Any, str]:
+    """``(tokenizer, what lm-eval's pretrained= needs)`` of MODEL; a bundled model is converted once and
+    named by its converted directory."""
+    from ..sharing.models import BUNDLED, cache_root, load_model
+
+    if args.model in BUNDLED:
+        root = Path(args.cache_dir) if args.cache_dir else cache_root()
+        return load_model(args.model, cache_dir=args.cache_dir)[1], str(root / BUNDLED[args.model].name)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(args.model, revision=args.revision), args.model
+
+
+def cmd_export_tasks(args, out: _Out) -> dict[str, Any]:
+    """Laundry List (every template and pool) and IOI as lm-evaluation-harness tasks in DIRECTORY."""
+    from ..tasks.lm_eval_export import ExportConfig, export_tasks
+
+    config = ExportConfig(lengths=args.lengths, n_per_length=args.n, seed=args.seed, split=args.split,
+                          ioi_n=args.ioi_n, templates=args.templates, pools=args.pools, include_ioi=not args.no_ioi)
+    tokenizer, pretrained = _tokenizer(args)
+    result = export_tasks(args.directory, tokenizer, config=config, tokenizer_name=args.model, overwrite=args.overwrite)
+    out.say(f"wrote {len(result.tasks)} lm-eval task(s) ({sum(result.tasks.values())} rows) to {result.directory}; "
+            f"run them with:\n  {result.command(pretrained)}")
+    return {"directory": str(result.directory), "tasks": result.tasks, "lm_eval_command": result.command(pretrained)}
+
+
 COMMANDS = {"analyze": cmd_analyze, "find": cmd_find, "edit": cmd_edit, "eval": cmd_eval, "push": cmd_push,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "export-tasks": cmd_export_tasks}
 
 
 #: exception classes -> exit code, first match wins (the README's "Exit codes")
@@ -310,17 +336,16 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _library_bars(enabled: bool):
-    """Silence the progress bars of datasets and transformers (dataset generation, weight loading) for the
-    call when ``enabled`` is false; restored afterwards."""
-    if enabled:
-        yield
-        return
+    """Silence the progress bars of datasets (always: th_edit's prompt sets are generated in memory in
+    milliseconds, and "Generating train split" read like a download) and, when ``enabled`` is false, of
+    transformers (weight loading) for the call; restored afterwards."""
     import datasets
     from transformers.utils import logging as hf_logging
 
     was = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
+    if not enabled:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:

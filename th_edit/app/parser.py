@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object with the results")
     common.add_argument("--seed", type=int, default=0, help="seed for data and baselines (default 0)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CliParser)
-    for add in (_add_analyze, _add_find, _add_edit, _add_eval, _add_push, _add_demo):
+    for add in (_add_analyze, _add_find, _add_edit, _add_eval, _add_push, _add_demo, _add_export_tasks):
         add(sub, common)
     return parser
 
@@ -94,6 +94,12 @@ def _add_edit(sub, common) -> None:
                         "(movers, inhibition and duplicate heads of find_channels) or L.H,L.H,...")
     p.add_argument("--budget", type=int, default=256, help="--auto --search fit: most components changed")
     p.add_argument("--adapter", action="store_true", help="also write a PEFT LoRA adapter to OUT/adapter")
+    p.add_argument("--adapter-layout", choices=["compact", "uniform"], default="compact",
+                   help="--adapter: compact (default: edited modules only, smallest) or uniform (every layer has the "
+                        "same modules with one rank: what text-generation-inference, LoRAX and SGLang load)")
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="--adapter: refuse an adapter whose LoRA rank exceeds this (the server's limit, e.g. vLLM's "
+                        "--max-lora-rank)")
     p.add_argument("--out", required=True, help="directory for the edited model, its plan and card (never the "
                    "source model's directory)")
     p.add_argument("--overwrite", action="store_true",
@@ -138,3 +144,22 @@ def _add_demo(sub, common) -> None:
     p.add_argument("--compare-heads", action="store_true",
                    help="also fit the discovered heads and as many random heads and compare them on test")
     p.add_argument("--save-model", action="store_true", help="also save the edited model (HF format)")
+
+
+def _add_export_tasks(sub, common) -> None:
+    p = sub.add_parser("export-tasks", parents=[common],
+                       help="write Laundry List and IOI as lm-evaluation-harness tasks (YAML + local data)")
+    p.add_argument("directory", help="output directory (new, empty, or an earlier export)")
+    p.add_argument("--model", required=True,
+                   help="the model whose tokenizer the rows are built for (bundled name, local directory or Hub id)")
+    p.add_argument("--revision", help="Hub revision of MODEL")
+    p.add_argument("--cache-dir", help="converted-model cache for bundled models")
+    p.add_argument("--lengths", type=int, nargs="+", default=[3, 5, 8, 10, 15, 20], help="list lengths (default %(default)s)")
+    p.add_argument("--n", type=int, default=100, help="examples per length over all splits (default 100)")
+    p.add_argument("--ioi-n", type=int, default=200, help="IOI examples over all splits (default 200)")
+    p.add_argument("--split", default="test", choices=["train", "dev", "test"], help="split to export (default test)")
+    p.add_argument("--templates", nargs="+", default=None, help="Laundry List templates (default: all)")
+    p.add_argument("--pools", nargs="+", default=None, help="item pools (default: all)")
+    p.add_argument("--no-ioi", action="store_true", help="leave out the IOI task")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty directory th_edit did not write (only th_edit's files are replaced)")

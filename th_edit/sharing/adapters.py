@@ -38,6 +38,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,14 +57,14 @@ from . import hub
 from .cards import CardData, base_model_meta, card_fields, template_text
 from .checkpoints import verify_plan
 from .lora import (
-    ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, LORA_KEY, AdapterModule, adapter_modules, adapter_state,
-    module_factors, pad_rank, require_peft, state_of,
+    ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, LAYOUTS, LORA_KEY, AdapterModule, adapter_modules, adapter_state,
+    check_uniform_layout, module_factors, pad_rank, require_peft, state_of, uniform_modules,
 )
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FILES", "AdapterModule", "require_peft", "adapter_modules",
     "adapter_state", "save_adapter", "push_adapter_to_hub", "load_adapter_edits",
-    "adapter_card", "is_adapter_dir",
+    "adapter_card", "is_adapter_dir", "LAYOUTS", "check_uniform_layout", "serving_info", "VLLM_MAX_LORA_RANKS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,26 @@ def _scale_text(desc: Mapping[str, Any]) -> str:
     return "n/a"
 
 
+#: the values vLLM accepts for ``--max-lora-rank`` (its default is 16)
+VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def serving_info(modules: Mapping[str, AdapterModule], layout: str) -> dict[str, Any]:
+    """What the card's *Serving* section says: the layout, the rank a server must allow, the smallest
+    vLLM ``--max-lora-rank`` that fits, and how many (zero) modules the uniform layout added."""
+    rank = max(m.rank for m in modules.values())
+    edited = [m for m in modules.values() if m.heads]
+    return {"layout": layout, "max_rank": rank, "n_modules": len(modules), "n_zero": len(modules) - len(edited),
+            "vllm_rank": next((v for v in VLLM_MAX_LORA_RANKS if v >= rank), None),
+            "module_types": sorted({_module_type(m.name) for m in modules.values()})}
+
+
+def _module_type(name: str) -> str:
+    """``model.layers.3.self_attn.o_proj`` -> ``self_attn.o_proj`` (the part after the layer index)."""
+    match = re.fullmatch(r".+?\.\d+\.(.+)", name)
+    return match[1] if match else name
+
+
 def adapter_card(
     plan: EditPlan,
     modules: Mapping[str, AdapterModule],
@@ -89,8 +110,10 @@ def adapter_card(
     evaluation: Mapping[str, Any] | None = None,
     size_bytes: int | None = None,
     license: str | None = None,
+    layout: str = "compact",
 ):
-    """The ``README.md`` of an adapter: ``library_name: peft``, ``base_model``, edits, evidence, evaluation."""
+    """The ``README.md`` of an adapter: ``library_name: peft``, ``base_model``, edits, evidence, evaluation,
+    and a *Serving* section (the ``layout``, which LoRA servers load it and how)."""
     meta = base_model_meta(plan)
     if meta:
         meta["base_model_relation"] = "adapter"
@@ -107,12 +130,13 @@ def adapter_card(
         before, after = evaluation.get("before", {}), evaluation.get("after", {})
         rows = [{"length": n, "before": float(before[n]), "after": float(after[n])}
                 for n in sorted(before, key=int) if n in after]
-    mods = [{"name": m.name, "rank": m.rank, "circuit": m.circuit, "heads": ", ".join(map(str, sorted(m.heads)))}
-            for m in modules.values()]
+    mods = [{"name": m.name, "rank": sum(n for _, n in m.heads.values()) or m.rank, "circuit": m.circuit, "heads": ", ".join(map(str, sorted(m.heads)))}
+            for m in modules.values() if m.heads or layout == "compact"]
     return ModelCard.from_template(
         data, template_str=template_text("adapter"), evidence=list(evidence or []), evaluation=rows,
         evaluation_note=(evaluation or {}).get("note", "Accuracy by list length, before and after the edit."),
         modules=mods, total_rank=sum(m["rank"] for m in mods), size_kb=None if size_bytes is None else size_bytes / 1024,
+        serving=serving_info(modules, layout),
         **{**common, "model_name": (repo_id or "").split("/")[-1] or "th_edit LoRA adapter"},
     )
 
@@ -128,6 +152,8 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     uniform_rank: bool = False,
     license: str | None = None,
+    adapter_layout: str = "compact",
+    max_rank: int | None = None,
 ) -> Path:
     """Write the edits as a standard peft LoRA adapter to ``directory`` (replaced atomically).
 
@@ -138,15 +164,22 @@ def save_adapter(
     Only the main process writes under Accelerate. ``layout``: the model's :class:`AttentionLayout`;
     ``plan``: the edits (e.g. ``editor.export_plan()``); other arguments as in :func:`adapter_state`.
 
+    ``adapter_layout="uniform"`` writes every edited module type in every layer with one rank (zero factors where
+    nothing is edited; checked with :func:`check_uniform_layout` before writing), which text-generation-
+    inference and LoRAX need; the default ``"compact"`` holds only the edited modules (smaller; peft and
+    vLLM load it). The card's *Serving* section names the layout and the rank a server must allow.
+
     Raises:
         MissingDependencyError: peft is not installed.
-        AdapterError: nothing to write, or the model's projections are not plain Linear/Conv1D modules.
+        AdapterError: nothing to write, the model's projections are not plain Linear/Conv1D modules, or
+            the rank exceeds ``max_rank`` (nothing is written then).
     """
     card = card or CardData()
     name = base_model_name_or_path if base_model_name_or_path is not None else plan.base.name_or_path
     if name != plan.base.name_or_path:
         plan = dataclasses.replace(plan, base=dataclasses.replace(plan.base, name_or_path=name))
-    config, tensors, modules = state_of(layout, plan, dtype, None, uniform_rank)
+    config, tensors, modules = state_of(layout, plan, dtype, None, uniform_rank, adapter_layout=adapter_layout,
+                                        max_rank=max_rank)
     directory = Path(directory)
     if is_main_process():
         with atomic_directory(directory) as staging:
@@ -157,8 +190,9 @@ def save_adapter(
             size = sum((staging / f).stat().st_size for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
             adapter_card(plan, modules, repo_id=repo_id, evidence=card.evidence,
                          evaluation=card.evaluation, size_bytes=size,
-                         license=license).save(staging / "README.md")
-        logger.info("saved a LoRA adapter of %d edit(s) on %d module(s) to %s", len(plan.edits), len(modules), directory)
+                         license=license, layout=adapter_layout).save(staging / "README.md")
+        logger.info("saved a %s LoRA adapter of %d edit(s) on %d module(s) to %s", adapter_layout, len(plan.edits),
+                    len(modules), directory)
     wait_for_everyone()
     return directory
 
@@ -227,7 +261,10 @@ def _check_matches(layout, config: Mapping[str, Any], tensors: Mapping[str, torc
              f"{config.get('use_dora')}, use_rslora={config.get('use_rslora')})")
     modules = module_factors(layout, plan.edits)
     targets = config.get("target_modules")
-    if sorted(targets if isinstance(targets, list) else [targets]) != sorted(modules):
+    targets = sorted(targets if isinstance(targets, list) else [targets])
+    if targets != sorted(modules) and not (config.get("rank_pattern") or config.get("alpha_pattern")):
+        modules = uniform_modules(layout, modules)  # the uniform layout: zero modules in the other layers
+    if targets != sorted(modules):
         fail(f"its target_modules {targets} are not the edited modules {sorted(modules)}")
     ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     expected = {LORA_KEY.format(name=n, ab=ab) for n in modules for ab in "AB"}

@@ -20,11 +20,11 @@ from torch import nn
 from ..core.layout import AttentionLayout
 from ..edits.plan import PLAN_FILES, Edit, EditPlan
 from ..edits.scale import head_fingerprint
-from ..errors import AdapterError, MissingDependencyError
+from ..errors import AdapterError, InvalidArgumentError, MissingDependencyError
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FILES", "AdapterModule", "require_peft", "adapter_modules",
-    "adapter_state", "plan_of",
+    "adapter_state", "plan_of", "LAYOUTS", "uniform_modules", "check_uniform_layout",
 ]
 
 
@@ -34,6 +34,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, *PLAN_FILES)
 LORA_KEY = "base_model.model.{name}.lora_{ab}.weight"  # peft's saved key (adapter name removed)
 _PEFT_MIN = "0.13"
+#: adapter layouts: ``compact`` (only the edited modules, each with its own rank; the smallest file) and
+#: ``uniform`` (every layer has the same target modules with one rank: zero factors where nothing is edited)
+LAYOUTS = ("compact", "uniform")
 
 
 def require_peft():
@@ -188,6 +191,66 @@ def module_factors(layout, edits: Sequence[Edit]) -> dict[str, AdapterModule]:
     return out
 
 
+def uniform_modules(layout, modules: Mapping[str, AdapterModule]) -> dict[str, AdapterModule]:
+    """``modules`` completed to the uniform layout: every layer gets each circuit's module that any edit
+    uses (zero factors ``A [rank, in]``, ``B [out, rank]`` where nothing is edited), and every module is
+    zero-padded to the largest rank. ``B @ A`` of every module is unchanged (still exact in peft)."""
+    if not modules:
+        raise AdapterError("there are no edits to write as an adapter: apply an edit (scale_component, apply_plan) first.")
+    top = max(m.rank for m in modules.values())
+    circuits = sorted({m.circuit for m in modules.values()}, key=lambda c: c != "ov")
+    out: dict[str, AdapterModule] = {}
+    for layer in range(layout.n_layers):
+        for circuit in circuits:
+            name = _module_name(layout, layer, circuit)
+            m = modules.get(name)
+            if m is None:
+                n_in, n_out = layout.row_form(_check_module(layout, name).weight).shape
+                m = AdapterModule(name=name, layer=layer, circuit=circuit, lora_A=torch.zeros(top, n_in),
+                                  lora_B=torch.zeros(n_out, top))
+            out[name] = pad_rank(m, top)
+    return out
+
+
+def check_uniform_layout(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], n_layers: int) -> None:
+    """Raise :class:`AdapterError` unless the adapter ``(config, tensors)`` has the uniform layout that
+    LoRA servers which stack one layer type across layers rely on (text-generation-inference, LoRAX):
+    every one of the ``n_layers`` layers has every target module type, each with both factors of the one
+    rank ``config["r"]``, ``lora_alpha == r`` (scaling 1) and no ``rank_pattern`` / ``alpha_pattern``.
+
+    Module names are split as ``<prefix>.<layer>.<module path>`` (``model.layers.3.self_attn.o_proj``).
+    """
+    problems: list[str] = []
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        problems.append("rank_pattern/alpha_pattern are set (servers read only r and lora_alpha)")
+    if alpha != r:
+        problems.append(f"lora_alpha={alpha} differs from r={r} (the scaling would not be 1)")
+    targets = config.get("target_modules")
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    kinds: dict[str, set[int]] = {}
+    for name in targets:
+        match = re.fullmatch(r"(.+?)\.(\d+)\.(.+)", name)
+        if match is None:
+            problems.append(f"target module {name!r} names no layer")
+            continue
+        kinds.setdefault(f"{match[1]}.*.{match[3]}", set()).add(int(match[2]))
+    for kind, layers in sorted(kinds.items()):
+        missing = sorted(set(range(n_layers)) - layers)
+        if missing:
+            problems.append(f"{kind} is missing in layer(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    expected = {LORA_KEY.format(name=n, ab=ab) for n in targets for ab in "AB"}
+    if set(tensors) != expected:
+        problems.append(f"the tensors do not match the target modules: {sorted(set(tensors) ^ expected)[:4]}")
+    for name in targets:
+        A, B = tensors.get(LORA_KEY.format(name=name, ab="A")), tensors.get(LORA_KEY.format(name=name, ab="B"))
+        if A is not None and B is not None and (A.shape[0] != r or B.shape[-1] != r):
+            problems.append(f"{name} has rank {A.shape[0]}/{B.shape[-1]}, not r={r}")
+    if problems:
+        raise AdapterError("not a uniform LoRA adapter: " + "; ".join(problems[:6]) + ". Write it with "
+                           "save_adapter(..., layout='uniform').")
+
+
 def pad_rank(m: AdapterModule, r: int) -> AdapterModule:
     extra = r - m.rank
     if extra <= 0:
@@ -197,11 +260,13 @@ def pad_rank(m: AdapterModule, r: int) -> AdapterModule:
     return dataclasses.replace(m, lora_A=A, lora_B=B)
 
 
-def _config_dict(layout, modules: Mapping[str, AdapterModule], plan: EditPlan, base_model_name_or_path: str | None) -> dict[str, Any]:
-    """peft's ``LoraConfig`` for ``modules`` as a JSON-ready dict (keys and lists sorted: reproducible bytes)."""
+def _config_dict(layout, modules: Mapping[str, AdapterModule], plan: EditPlan, base_model_name_or_path: str | None,
+                 uniform: bool = False) -> dict[str, Any]:
+    """peft's ``LoraConfig`` for ``modules`` as a JSON-ready dict (keys and lists sorted: reproducible bytes);
+    ``uniform``: one ``r`` = ``lora_alpha`` for all and no patterns (every module has that rank)."""
     peft = require_peft()
-    ranks = {name: m.rank for name, m in modules.items()}
-    counts = Counter(ranks.values())
+    ranks = {} if uniform else {name: m.rank for name, m in modules.items()}
+    counts = Counter(m.rank for m in modules.values())
     r = max(counts, key=lambda v: (counts[v], -v))  # the most common rank (a tool ignoring patterns gets most right)
     revision = plan.base.revision if plan.base.revision and re.fullmatch(r"[0-9a-f]{40}", plan.base.revision) else None
     config = peft.LoraConfig(
@@ -228,6 +293,8 @@ def adapter_state(
     dtype: torch.dtype = torch.float32,
     base_model_name_or_path: str | None = None,
     uniform_rank: bool = False,
+    adapter_layout: str = "compact",
+    max_rank: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The peft adapter of ``plan``'s edits on the model of ``layout``, in memory:
     ``(adapter_config dict, {safetensors key: tensor})``.
@@ -239,27 +306,48 @@ def adapter_state(
         base_model_name_or_path: written to the config (default: the model's ``_name_or_path``).
         uniform_rank: zero-pad every module to the largest rank and give all the same ``r`` (for servers
             that ignore ``rank_pattern``); still exact.
+        adapter_layout: ``"compact"`` (default: the edited modules only, the smallest file) or ``"uniform"``
+            (every layer has every edited module type with one rank, zero factors where nothing is edited:
+            what text-generation-inference and LoRAX need; see :func:`uniform_modules`).
+        max_rank: the largest LoRA rank the target server accepts (e.g. vLLM's ``--max-lora-rank``);
+            a larger (padded) rank raises :class:`AdapterError` before anything is written.
 
     Raises:
         MissingDependencyError: peft is not installed.
-        AdapterError: see :func:`adapter_modules`.
+        AdapterError: see :func:`adapter_modules`; a rank above ``max_rank``.
+        InvalidArgumentError: an unknown ``adapter_layout``.
     """
-    config, tensors, _ = state_of(layout, plan, dtype, base_model_name_or_path, uniform_rank)
+    config, tensors, _ = state_of(layout, plan, dtype, base_model_name_or_path, uniform_rank,
+                                  adapter_layout=adapter_layout, max_rank=max_rank)
     return config, tensors
 
 
 def state_of(layout: AttentionLayout, plan: EditPlan, dtype: torch.dtype, base_model_name_or_path: str | None,
-             uniform_rank: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, AdapterModule]]:
+             uniform_rank: bool, *, adapter_layout: str = "compact", max_rank: int | None = None,
+             ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, AdapterModule]]:
+    """``(adapter_config dict, tensors, modules)`` of ``plan`` on ``layout``; see :func:`adapter_state`."""
+    if adapter_layout not in LAYOUTS:
+        raise InvalidArgumentError(f"layout={adapter_layout!r} is not one of {LAYOUTS}: use 'compact' (default) or 'uniform'.")
     modules = module_factors(layout, plan.edits)
-    if uniform_rank:
-        top = max(m.rank for m in modules.values())
+    top = max(m.rank for m in modules.values())
+    if max_rank is not None and top > max_rank:
+        raise AdapterError(
+            f"the adapter needs LoRA rank {top} (the most components edited in one module), above max_rank="
+            f"{max_rank}: the server would refuse it. Raise the server's limit (vLLM: --max-lora-rank >= {top}) "
+            "or edit fewer components per layer (a smaller fit budget)."
+        )
+    if adapter_layout == "uniform":
+        modules = uniform_modules(layout, modules)
+    elif uniform_rank:
         modules = {n: pad_rank(m, top) for n, m in modules.items()}
     name = base_model_name_or_path if base_model_name_or_path is not None else plan.base.name_or_path
-    config = _config_dict(layout, modules, plan, name)
+    config = _config_dict(layout, modules, plan, name, uniform=adapter_layout == "uniform")
     tensors = {}
     for n, m in modules.items():
         tensors[LORA_KEY.format(name=n, ab="A")] = m.lora_A.to(dtype).contiguous()
         tensors[LORA_KEY.format(name=n, ab="B")] = m.lora_B.to(dtype).contiguous()
+    if adapter_layout == "uniform":
+        check_uniform_layout(config, tensors, layout.n_layers)
     return config, tensors, modules
 
 
