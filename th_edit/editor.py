@@ -27,6 +27,7 @@ from .edits.scale import EditLog, head_fingerprint, make_edit
 from .errors import InvalidArgumentError
 from .sharing import adapters, checkpoints
 from .sharing.cards import CardData, model_card
+from .tasks.provenance import data_provenance
 
 __all__ = ["ChannelEditor"]
 
@@ -63,6 +64,9 @@ class ChannelEditor:
         self.log = EditLog(self.layout)
         #: channel evidence and before/after evaluation for the model card
         self.card = CardData()
+        #: how the current edits were made, recorded in exported plans (``"data"``: the fit's data recipe and
+        #: prompt keys, :func:`th_edit.tasks.provenance.data_provenance`); JSON-ready
+        self.provenance: dict[str, Any] = {}
 
     # ----- geometry and state -------------------------------------------------------------------
     n_layers = property(lambda self: self.layout.n_layers, doc="number of blocks L")
@@ -184,8 +188,13 @@ class ChannelEditor:
                     tokenizer: Any = None, candidates=None, progress: bool = True, **settings: Any) -> edit_search.EditSearch:
         """Grid-search single-component rescalings on ``dev``, report ``test``; the chosen edits stay
         applied and the card records the evidence. See :func:`th_edit.analysis.edit_search.search_edit`."""
-        result = edit_search.search_edit(self, self._tokenizer(tokenizer), dev, test, findings, config,
-                                         candidates=candidates, progress=progress, **settings)
+        previous, self.provenance = self.provenance, {**self.provenance, "data": data_provenance(None, dev)}
+        try:
+            result = edit_search.search_edit(self, self._tokenizer(tokenizer), dev, test, findings, config,
+                                             candidates=candidates, progress=progress, **settings)
+        except BaseException:
+            self.provenance = previous
+            raise
         self.card = CardData(evidence=result.evidence, evaluation=result.evaluation)
         return result
 
@@ -206,7 +215,12 @@ class ChannelEditor:
         cfg = fit.FitConfig.from_dict({**base, **{k: v for k, v in given.items() if v is not None}, **settings})
         if cfg.heads == "discovered" and findings is None:
             findings = self.find_channels(train, progress=cfg.progress)
-        result = fit.fit_edit(self, tokenizer, train, dev, cfg, test=test, findings=findings)
+        previous, self.provenance = self.provenance, {**self.provenance, "data": data_provenance(train, dev)}
+        try:
+            result = fit.fit_edit(self, tokenizer, train, dev, cfg, test=test, findings=findings)
+        except BaseException:
+            self.provenance = previous
+            raise
         self.card = CardData(evidence=findings.evidence() if findings is not None else [], evaluation=self.card.evaluation)
         return result
 
@@ -223,7 +237,7 @@ class ChannelEditor:
 
     def export_plan(self) -> EditPlan:
         """The applied edits, in order, with the base model's identity."""
-        return checkpoints.export_plan(self.model, self.log)
+        return checkpoints.export_plan(self.model, self.log, self.provenance)
 
     def save_plan(self, directory: str | os.PathLike) -> None:
         """Write :meth:`export_plan` to ``directory`` (JSON + safetensors, atomic; main process only)."""

@@ -70,3 +70,8 @@ class FitError(ThEditError, RuntimeError):
 
 class FitInterruptedError(ThEditError, KeyboardInterrupt):
     """Fitting was interrupted (Ctrl-C); the model was left exactly as it was. Still a KeyboardInterrupt."""
+
+
+class DataOverlapError(InvalidArgumentError):
+    """An evaluation set shares prompts with the train or dev data an edit plan was fitted on, so its
+    accuracy would overstate the edit (see :func:`th_edit.tasks.provenance.check_overlap`)."""

@@ -173,12 +173,25 @@ def cmd_eval(args, out: _Out) -> dict[str, Any]:
 
     model, tokenizer = _load(args)
     split = _data(args, tokenizer)[args.split]
+    payload: dict[str, Any] = {}
+    plan = found = None
+    if args.plan:  # refuse (or loudly allow) prompts the plan was made with, before any work
+        from ..sharing.checkpoints import load_plan
+        from ..tasks.provenance import check_overlap
+
+        plan = load_plan(args.plan)
+        found = check_overlap(plan, split, allow=args.allow_overlap)
+        payload["overlap"] = found.to_dict()
+        if found.total:
+            out.say(f"WARNING: {found.describe()}; the numbers below are inflated (--allow-overlap).")
+        elif found.checked:
+            out.say(f"no overlap: none of the {found.n_eval} evaluation prompts was used to make the edit.")
     before = evaluate(model, tokenizer, split, batch_size=args.batch_size, progress=not args.quiet, desc="evaluating")
-    payload: dict[str, Any] = {"before": before.to_dict()}
+    payload["before"] = before.to_dict()
     after = guard = None
-    if args.plan:
+    if plan is not None:
         g0 = guard_loss(model, tokenizer)
-        editor = ChannelEditor.from_plan(model, args.plan)
+        editor = ChannelEditor.from_plan(model, plan)
         after = evaluate(model, tokenizer, split, batch_size=args.batch_size, progress=not args.quiet, desc="with plan")
         guard = (g0, guard_loss(model, tokenizer))
         payload.update(after=after.to_dict(), guard=guard, edits=[e.describe() for e in editor.edits])
@@ -190,9 +203,10 @@ def cmd_eval(args, out: _Out) -> dict[str, Any]:
         from .report import write_report
 
         path = write_report(args.report, title=f"th_edit evaluation: {args.model}", before=before, after=after,
-                            guard=guard, meta={"model": args.model, "plan": args.plan, "split": args.split,
-                                               "seed": args.seed, "template": args.template,
-                                               "items": args.items or "household"})
+                            guard=guard, overlap=found,
+                            meta={"model": args.model, "plan": args.plan, "split": args.split,
+                                  "seed": args.seed, "template": args.template, "items": args.items or "household",
+                                  "examples per length": args.n})
         out.say(f"report: {path}")
         payload["report"] = str(path)
     return payload

@@ -130,6 +130,10 @@ class EditPlan:
     base: BaseModelIdentity
     edits: list[Edit]
     th_edit_version: str = ""
+    #: JSON-ready record of how the edits were made (``"data"``: the fit's data recipe and the keys of its
+    #: train and dev prompts, see :func:`th_edit.tasks.provenance.data_provenance`); not covered by the
+    #: factor hash, ``{}`` for plans written before it existed
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         from .._version import __version__
@@ -143,6 +147,7 @@ class EditPlan:
                 {**e.describe(), "left": f"edit{i}.left", "right": f"edit{i}.right"}
                 for i, e in enumerate(self.edits)
             ],
+            "provenance": self.provenance,
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -205,4 +210,7 @@ class EditPlan:
             raise PlanFormatError(f"{json_path} is incomplete or malformed: {exc!r}") from exc
         for edit in edits:
             plan_checks.check_edit_factors(edit, str(json_path))
-        return cls(base=base, edits=edits, th_edit_version=str(data.get("th_edit_version", "")))
+        provenance = data.get("provenance") or {}
+        if not isinstance(provenance, dict):
+            raise PlanFormatError(f"{json_path}: 'provenance' must be a JSON object, not {type(provenance).__name__}.")
+        return cls(base=base, edits=edits, th_edit_version=str(data.get("th_edit_version", "")), provenance=provenance)

@@ -20,6 +20,7 @@ from torch import nn
 from ..core.layout import AttentionLayout
 from ..edits.plan import PLAN_FILES, Edit, EditPlan
 from ..errors import AdapterError, InvalidArgumentError, MissingDependencyError
+from .models import published_name
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FILES", "AdapterModule", "require_peft", "adapter_modules",
@@ -269,7 +270,7 @@ def state_of(editor, plan: EditPlan, dtype, base_model_name_or_path, uniform_ran
     if uniform_rank:
         top = max(m.rank for m in modules.values())
         modules = {n: pad_rank(m, top) for n, m in modules.items()}
-    name = base_model_name_or_path if base_model_name_or_path is not None else plan.base.name_or_path
+    name = base_model_name_or_path if base_model_name_or_path is not None else published_name(plan.base.name_or_path)
     config = _config_dict(editor.layout, modules, plan, name)
     tensors = {}
     for n, m in modules.items():
