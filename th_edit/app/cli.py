@@ -156,15 +156,19 @@ def _auto_edit(editor, args, out: _Out) -> dict[str, Any]:
     if args.search == "grid":
         f = editor.find_channels(data["train"], seed=args.seed, progress=not args.quiet)
         search = editor.search_edit(dev, data["test"], f, batch_size=args.batch_size, progress=not args.quiet)
+        from ..tasks.provenance import data_provenance
+
+        editor.provenance["data"] = data_provenance(data["train"], dev)  # train chose the channels, dev the edit
         out.say(search.summary().round(3).to_string(index=False))
         return {"search": "grid", "edits": search.edits, "test_before": search.test_before.accuracy_by_length(),
                 "test_after": search.test_after.accuracy_by_length(), "guard_change": search.guard_change}
     train = data["train"].filter(lambda r: r["list_length"] in set(args.search_lengths))
     result = editor.fit_edit(train, dev, heads=_head_spec(args.heads), budget=args.budget, test=test,
                              seed=args.seed, progress=not args.quiet)
-    out.say(f"fitted {result.n_components} component(s) of {len(result.heads)} head(s): test {result.test_before} -> "
-            f"{result.test_after}, guard change {result.guard_change:+.2%}")
-    return {"search": "fit", **result.summary()}
+    changed = len(result.head_mass())
+    out.say(f"rescaled {result.n_components} component(s) in {changed} head(s) (of {len(result.heads)} fitted): "
+            f"test {result.test_before} -> {result.test_after}, guard change {result.guard_change:+.2%}")
+    return {"search": "fit", "changed_heads": changed, **result.summary()}
 
 
 def cmd_eval(args, out: _Out) -> dict[str, Any]:
@@ -246,7 +250,8 @@ def cmd_demo(args, out: _Out) -> dict[str, Any]:
     s = result.summary
     out.say("test accuracy by list length (before -> after): " + ", ".join(
         f"{n}: {s['test_before'][n]:.2f} -> {s['test_after'][n]:.2f}" for n in s["test_before"]))
-    out.say(f"{s['n_components']} component(s) of {s['fitted_heads']} head(s) rescaled; guard loss {100 * s['guard_change']:+.2f}%")
+    out.say(f"{s['n_components']} component(s) rescaled in {s['changed_heads']} head(s) (of {s['fitted_heads']} fitted); "
+            f"guard loss {100 * s['guard_change']:+.2f}%")
     out.say(f"report: {result.report}  (timings: {result.timings})")
     return s
 
