@@ -28,6 +28,7 @@ from .edits.scale import EditLog, head_fingerprint, make_edit
 from .errors import AnalysisOnlyError, InvalidArgumentError
 from .sharing import adapters, checkpoints, lora
 from .sharing.cards import CardData, model_card
+from .tasks.provenance import data_provenance
 
 __all__ = ["ChannelEditor", "WeightsOnlyEditor", "channel_map_from_checkpoint"]
 
@@ -64,7 +65,8 @@ class ChannelEditor:
         self.log = EditLog(self.layout)
         #: channel evidence and before/after evaluation for the model card
         self.card = CardData()
-        #: provenance records of fits (saved in plans while their edits are applied), with the edits they made
+        #: provenance records of fits and searches (``"fit_config"``, ``"data"``: the data recipe and prompt keys,
+        #: :func:`th_edit.tasks.provenance.data_provenance`), saved in plans while their edits are applied
         self._fits: list[tuple[list[Edit], dict[str, Any]]] = []
 
     # ----- geometry and state -------------------------------------------------------------------
@@ -185,12 +187,17 @@ class ChannelEditor:
                                        progress=progress)
 
     def search_edit(self, dev, test, findings, config: edit_search.EditSearchConfig | None = None, *,
-                    tokenizer: Any = None, candidates=None, progress: bool = True, **settings: Any) -> edit_search.EditSearch:
+                    tokenizer: Any = None, candidates=None, progress: bool = True, train: Any = None,
+                    **settings: Any) -> edit_search.EditSearch:
         """Grid-search single-component rescalings on ``dev``, report ``test``; the chosen edits stay
-        applied and the card records the evidence. See :func:`th_edit.analysis.edit_search.search_edit`."""
+        applied and the card records the evidence. ``train``: the prompts ``findings`` came from, recorded
+        with ``dev`` in exported plans so later evaluations can refuse them. See
+        :func:`th_edit.analysis.edit_search.search_edit`."""
         cfg = edit_search.EditSearchConfig.merged(config, **settings)
+        n_before = len(self.log.edits)
         result = edit_search.search_edit(self, self._tokenizer(tokenizer), dev, test, findings, cfg,
                                          candidates=candidates, progress=progress)
+        self._fits.append((self.log.edits[n_before:], {"data": data_provenance(train, dev)}))
         self.card = CardData(evidence=result.evidence, evaluation=result.evaluation)
         return result
 
@@ -212,7 +219,7 @@ class ChannelEditor:
             findings = self.find_channels(train, progress=cfg.progress)
         result = fit.fit_edit(self.layout, self.log, tokenizer, train, dev, cfg, test=test, folded=self.folded,
                               heads=self.resolve_heads(cfg.heads, findings=findings))
-        self._fits.append((result.edits, {"fit_config": cfg.to_dict()}))
+        self._fits.append((result.edits, {"fit_config": cfg.to_dict(), "data": data_provenance(train, dev)}))
         result.plan = self.export_plan()
         self.card = CardData(evidence=findings.evidence() if findings is not None else [], evaluation=result.evaluation)
         return result
@@ -234,8 +241,8 @@ class ChannelEditor:
         return head_fingerprint(self.layout, layer, head)
 
     def export_plan(self) -> EditPlan:
-        """The applied edits, in order, with the base model's identity and, while a fit's edits are applied,
-        its settings (``plan.provenance["fit_config"]``)."""
+        """The applied edits, in order, with the base model's identity and, while the edits of a fit or search
+        are applied, how they were made (``plan.provenance["fit_config"]`` and ``["data"]``)."""
         return checkpoints.export_plan(self.model, self.log, provenance=self._provenance())
 
     def _provenance(self) -> dict[str, Any]:

@@ -75,3 +75,8 @@ class FitInterruptedError(ThEditError, KeyboardInterrupt):
 class AnalysisOnlyError(ThEditError, RuntimeError):
     """An editing, steering, fitting or saving method was called on an analysis-only editor (one made with
     ``ChannelEditor.from_checkpoint``, which reads weights from files and holds no model to change)."""
+
+
+class DataOverlapError(InvalidArgumentError):
+    """An evaluation set shares prompts with the train or dev data an edit plan was fitted on, so its
+    accuracy would overstate the edit (see :func:`th_edit.tasks.provenance.check_overlap`)."""

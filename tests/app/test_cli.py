@@ -92,8 +92,11 @@ def test_eval_with_plan_writes_a_report(capsys, model_dir, plan_dir, tmp_path):
     payload = json.loads(out)
     assert payload["before"]["by_length"] and payload["after"]["by_length"] and len(payload["guard"]) == 2
     report = (tmp_path / "r" / "report.md").read_text()
-    assert "![accuracy by list length](accuracy_by_length.png)" in report and "Guard metric" in report
+    assert "(accuracy_by_length.png)" in report and "Guard metric" in report
     assert (tmp_path / "r" / "accuracy_by_length.png").stat().st_size > 5000
+    # the plan (scale_component only) records no data: the overlap is unknown, and the report says so
+    assert payload["overlap"]["checked"] is False and "records no training data" in report
+    assert "data:image/png;base64," in (tmp_path / "r" / "report.html").read_text()
 
 
 def test_push_model_and_plan_directories(capsys, hub, plan_dir, model_dir, tmp_path):

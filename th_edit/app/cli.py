@@ -166,16 +166,18 @@ def _auto_edit(editor, args, out: _Out) -> dict[str, Any]:
     test = data["test"].filter(lambda r: r["list_length"] in set(args.search_lengths))
     if args.search == "grid":
         f = editor.find_channels(data["train"], seed=args.seed, progress=not args.quiet)
-        search = editor.search_edit(dev, data["test"], f, batch_size=args.batch_size, progress=not args.quiet)
+        search = editor.search_edit(dev, data["test"], f, batch_size=args.batch_size, progress=not args.quiet,
+                                    train=data["train"])  # train chose the channels, dev the edit
         out.say(search.summary().round(3).to_string(index=False))
         return {"search": "grid", "edits": search.edits, "test_before": search.test_before.accuracy_by_length(),
                 "test_after": search.test_after.accuracy_by_length(), "guard_change": search.guard_change}
     train = data["train"].filter(lambda r: r["list_length"] in set(args.search_lengths))
     result = editor.fit_edit(train, dev, heads=_head_spec(args.heads), budget=args.budget, test=test,
                              seed=args.seed, progress=not args.quiet)
-    out.say(f"fitted {result.n_components} component(s) of {len(result.heads)} head(s): test {result.test_before} -> "
-            f"{result.test_after}, guard change {result.guard_change:+.2%}")
-    return {"search": "fit", **result.summary()}
+    changed = len(result.head_mass())
+    out.say(f"rescaled {result.n_components} component(s) in {changed} head(s) (of {len(result.heads)} fitted): "
+            f"test {result.test_before} -> {result.test_after}, guard change {result.guard_change:+.2%}")
+    return {"search": "fit", "changed_heads": changed, **result.summary()}
 
 
 def cmd_eval(args, out: _Out) -> dict[str, Any]:
@@ -184,12 +186,25 @@ def cmd_eval(args, out: _Out) -> dict[str, Any]:
 
     model, tokenizer = _load(args)
     split = _data(args, tokenizer)[args.split]
+    payload: dict[str, Any] = {}
+    plan = found = None
+    if args.plan:  # refuse (or loudly allow) prompts the plan was made with, before any work
+        from ..sharing.checkpoints import load_plan
+        from ..tasks.provenance import check_overlap
+
+        plan = load_plan(args.plan)
+        found = check_overlap(plan, split, allow=args.allow_overlap)
+        payload["overlap"] = found.to_dict()
+        if found.total:
+            out.say(f"WARNING: {found.describe()}; the numbers below are inflated (--allow-overlap).")
+        elif found.checked:
+            out.say(f"no overlap: none of the {found.n_eval} evaluation prompts was used to make the edit.")
     before = evaluate(model, tokenizer, split, batch_size=args.batch_size, progress=not args.quiet, desc="evaluating")
-    payload: dict[str, Any] = {"before": before.to_dict()}
+    payload["before"] = before.to_dict()
     after = guard = None
-    if args.plan:
+    if plan is not None:
         g0 = guard_loss(model, tokenizer)
-        editor = ChannelEditor.from_plan(model, args.plan)
+        editor = ChannelEditor.from_plan(model, plan)
         after = evaluate(model, tokenizer, split, batch_size=args.batch_size, progress=not args.quiet, desc="with plan")
         guard = (g0, guard_loss(model, tokenizer))
         payload.update(after=after.to_dict(), guard=guard, edits=[e.describe() for e in editor.edits])
@@ -201,9 +216,10 @@ def cmd_eval(args, out: _Out) -> dict[str, Any]:
         from .report import write_report
 
         path = write_report(args.report, title=f"th_edit evaluation: {args.model}", before=before, after=after,
-                            guard=guard, meta={"model": args.model, "plan": args.plan, "split": args.split,
-                                               "seed": args.seed, "template": args.template,
-                                               "items": args.items or "household"})
+                            guard=guard, overlap=found,
+                            meta={"model": args.model, "plan": args.plan, "split": args.split,
+                                  "seed": args.seed, "template": args.template, "items": args.items or "household",
+                                  "examples per length": args.n})
         out.say(f"report: {path}")
         payload["report"] = str(path)
     return payload
@@ -243,7 +259,8 @@ def cmd_demo(args, out: _Out) -> dict[str, Any]:
     s = result.summary
     out.say("test accuracy by list length (before -> after): " + ", ".join(
         f"{n}: {s['test_before'][n]:.2f} -> {s['test_after'][n]:.2f}" for n in s["test_before"]))
-    out.say(f"{s['n_components']} component(s) of {s['fitted_heads']} head(s) rescaled; guard loss {100 * s['guard_change']:+.2f}%")
+    out.say(f"{s['n_components']} component(s) rescaled in {s['changed_heads']} head(s) (of {s['fitted_heads']} fitted); "
+            f"guard loss {100 * s['guard_change']:+.2f}%")
     out.say(f"report: {result.report}  (timings: {result.timings})")
     return s
 

@@ -97,8 +97,11 @@ def run_demo(
     _write_outputs(editor, fit, out, save_model)
     summary = _summary(model, seed, fit, before, after, findings, comparison, lap.timings)
     summary["edit_carried_by"] = carried
+    what = (f"A fitted edit rescaled {fit.n_components} singular components in {summary['changed_heads']} "
+            f"attention heads of {model} (of the {len(fit.heads)} heads fitted, heads={heads}), learned on "
+            f"{len(train)} train prompts and chosen on {len(dev)} dev prompts at list lengths {list(search_lengths)}")
     report = write_report(out, title=f"th_edit demo: {model}", before=before, after=after, channel_map=cmap,
-                          findings=findings, guard=(fit.guard_before, fit.guard_after),
+                          findings=findings, guard=(fit.guard_before, fit.guard_after), summary=what,
                           extra=_fit_section(fit, comparison, control_budget)
                           + _carried_section(carried, before.accuracy_by_length(), after.accuracy_by_length(),
                                              fit, search_lengths),
@@ -163,6 +166,7 @@ def _write_outputs(editor: ChannelEditor, fit: FitResult, out: Path, save_model:
 def _summary(model, seed, fit, before, after, findings, comparison, timings) -> dict[str, Any]:
     return {
         "model": model, "seed": seed, "n_components": fit.n_components, "fitted_heads": len(fit.heads),
+        "changed_heads": len(fit.head_mass()),
         "test_before": before.accuracy_by_length(), "test_after": after.accuracy_by_length(),
         "dev_before": fit.dev_before, "dev_after": fit.dev_after, "guard_before": fit.guard_before,
         "guard_after": fit.guard_after, "guard_change": fit.guard_change, "movers": findings.meta["movers"],
@@ -210,13 +214,14 @@ def _fit_section(fit, comparison, control_budget: int) -> list[str]:
     """Markdown lines: the fitted edit, its largest components, and discovered vs random heads."""
     top = fit.components.reindex(fit.components.log_scale.abs().sort_values(ascending=False).index).head(12)
     lines = ["## Fitted edit", "",
-             f"{fit.n_components} singular components of {len(fit.heads)} head(s) rescaled (budget chosen on dev; "
+             f"{fit.n_components} singular components in {len(fit.head_mass())} head(s) rescaled (of the "
+             f"{len(fit.heads)} heads fitted; budget chosen on dev; "
              f"dev accuracy {fit.dev_before['all']:.3f} -> {fit.dev_after['all']:.3f}; guard {fit.guard_change:+.2%}). "
              "Largest learned scales:", "", "| layer | head | circuit | component | singular value | scale |",
              "| ---: | ---: | :---: | ---: | ---: | ---: |"]
     lines += [f"| {r.layer} | {r.head} | {r.circuit} | {r.component} | {r.singular_value:.3f} | {r.alpha:.3f} |"
               for r in top.itertuples()]
-    lines += ["", "![learned scales per layer and head](learned_scales.png)", ""]
+    lines += ["", "![learned scales per layer and head: red amplified, blue suppressed](learned_scales.png)", ""]
     if not comparison:
         return lines + ["(Discovered vs random heads: run the demo with `--compare-heads`.)", ""]
     lines += [f"## Discovered vs random heads ({control_budget} components each, test at the fit lengths)", "",

@@ -113,7 +113,10 @@ def _add_eval(sub, common) -> None:
     p.add_argument("--plan", help="edit plan to compare against the base model")
     p.add_argument("--split", default="test", choices=["train", "dev", "test"],
                    help="which split of the prompts to score (default test)")
-    p.add_argument("--report", help="write report.md and figures into this directory")
+    p.add_argument("--report", help="write report.md, report.html and figures into this directory")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="score prompts the plan was fitted or chosen on anyway (with a warning); by default eval "
+                        "refuses an evaluation set that shares prompts with the plan's train or dev data")
 
 
 def _add_push(sub, common) -> None:

@@ -125,16 +125,26 @@ def plot_traversal(frame: pd.DataFrame, path, *, title: str) -> str:
 
 
 def plot_learned_scales(components: pd.DataFrame, n_layers: int, n_heads: int, path: str | os.PathLike) -> str:
-    """Heatmap (layers x heads) of each head's largest learned ``|log alpha|`` over its fitted components,
-    from a fit's component table (columns layer, head, log_scale)."""
+    """Heatmap (layers x heads) of each head's signed learned change, from a fit's component table (columns
+    layer, head, log_scale): the ``log alpha`` of the head's largest change, red where it amplifies
+    (``alpha > 1``), blue where it suppresses (``alpha < 1``), blank where nothing changed. The title counts
+    the changed components and the heads they sit in."""
+    import numpy as np
+
     plt = pyplot()
-    grid = torch.zeros(n_layers, n_heads)
+    grid = np.full((n_layers, n_heads), np.nan)
     for r in components.itertuples():
-        grid[int(r.layer), int(r.head)] = max(float(grid[int(r.layer), int(r.head)]), abs(float(r.log_scale)))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * n_heads + 2), max(3.0, 0.22 * n_layers + 1.5)))
-    im = ax.imshow(grid.numpy(), aspect="auto", cmap="magma", origin="upper")
+        l, h, v = int(r.layer), int(r.head), float(r.log_scale)
+        if np.isnan(grid[l, h]) or abs(v) > abs(grid[l, h]):
+            grid[l, h] = v
+    bound = float(np.nanmax(np.abs(grid))) if np.isfinite(grid).any() else 1.0
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.45 * n_heads + 2.5), max(3.0, 0.22 * n_layers + 1.5)))
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#eeeeee")
+    im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=-bound, vmax=bound, origin="upper")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    fig.colorbar(im, ax=ax, label="largest |log scale| of the head's components")
-    ax.set_title(f"learned scales ({len(components)} components)")
+    fig.colorbar(im, ax=ax, label="log scale of the head's largest change\n(> 0 amplified, < 0 suppressed)")
+    up, down = int((components.log_scale > 0).sum()), int((components.log_scale < 0).sum())
+    heads = len(components[["layer", "head"]].drop_duplicates())
+    ax.set_title(f"{len(components)} components in {heads} heads: {up} amplified, {down} suppressed", fontsize=10)
     return save_figure(fig, path)

@@ -131,8 +131,10 @@ class EditPlan:
     base: BaseModelIdentity
     edits: list[Edit]
     th_edit_version: str = ""
-    #: how the edits were made, JSON-serialisable (e.g. ``{"fit_config": FitConfig.to_dict()}`` for a fitted
-    #: edit); written as the JSON's ``"provenance"`` when not empty, outside ``tensors_sha256`` (informational)
+    #: how the edits were made, JSON-serialisable: ``"fit_config"`` (``FitConfig.to_dict()``) and ``"data"``
+    #: (the fit's data recipe and the keys of its train and dev prompts, see
+    #: :func:`th_edit.tasks.provenance.data_provenance`); written as the JSON's ``"provenance"`` when not
+    #: empty, outside ``tensors_sha256``; ``{}`` for plans written before it existed
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:

@@ -54,7 +54,7 @@ from ..errors import AdapterError, PlanFormatError
 from ..utils.distributed import is_main_process, wait_for_everyone
 from ..utils.files import atomic_directory
 from . import hub
-from .cards import CardData, base_model_meta, card_fields, template_text
+from .cards import CardData, base_model_meta, card_fields, card_license, eval_results, template_text
 from .checkpoints import verify_plan
 from .lora import (
     ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, LAYOUTS, LORA_KEY, AdapterModule, adapter_modules, adapter_state,
@@ -117,11 +117,14 @@ def adapter_card(
     meta = base_model_meta(plan)
     if meta:
         meta["base_model_relation"] = "adapter"
-    data = ModelCardData(
-        library_name="peft", pipeline_tag="text-generation", license=license,
-        tags=["th_edit", "model-editing", "talking-heads", "lora", "peft"], **meta,
-    )
     common = card_fields(plan, repo_id)
+    name = (repo_id or "").split("/")[-1] or "th_edit LoRA adapter"
+    results = eval_results(evaluation)
+    data = ModelCardData(
+        library_name="peft", pipeline_tag="text-generation", license=card_license(plan, license),
+        tags=["th_edit", "model-editing", "talking-heads", "lora", "peft"], **meta,
+        **({"eval_results": results, "model_name": name} if results else {}),
+    )
     for row, e in zip(common["edits"], plan.edits):
         row["scale_text"] = _scale_text(row)
         row["n_components"] = int(e.left.shape[-1])
@@ -137,7 +140,7 @@ def adapter_card(
         evaluation_note=(evaluation or {}).get("note", "Accuracy by list length, before and after the edit."),
         modules=mods, total_rank=sum(m["rank"] for m in mods), size_kb=None if size_bytes is None else size_bytes / 1024,
         serving=serving_info(modules, layout),
-        **{**common, "model_name": (repo_id or "").split("/")[-1] or "th_edit LoRA adapter"},
+        **{**common, "model_name": name},
     )
 
 

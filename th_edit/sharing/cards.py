@@ -20,13 +20,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import DatasetCard, DatasetCardData, ModelCard, ModelCardData
+from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData
 
 from .._version import __version__
 from ..edits.plan import EditPlan
 from ..errors import InvalidArgumentError
+from .models import published_license, published_name
 
-__all__ = ["CardData", "TEMPLATES", "card_fields", "base_model_meta", "template_text", "model_card", "plan_card", "dataset_card"]
+__all__ = ["CardData", "TEMPLATES", "card_fields", "base_model_meta", "eval_results", "card_license", "template_text",
+           "model_card", "plan_card", "dataset_card"]
 
 TEMPLATES = ("edited_model", "edit_plan", "adapter", "dataset")
 
@@ -45,20 +47,57 @@ def _version() -> str:
 def card_fields(plan: EditPlan, repo_id: str | None) -> dict[str, Any]:
     edits = [e.describe() for e in plan.edits]
     circuits = {e["circuit"] for e in edits}
-    base = plan.base.name_or_path or None
+    base = published_name(plan.base.name_or_path) or None
     return dict(
         edits=edits, n_edits=len(edits), base_model=base, repo_id=repo_id or "<this repo>",
         model_name=(repo_id or "").split("/")[-1] or "th_edit edited model", th_edit_version=_version(),
-        mixed=len(circuits) > 1, only_ov=circuits <= {"ov"},
+        mixed=len(circuits) > 1, only_ov=circuits <= {"ov"}, data=_data_fields(plan.provenance),
     )
 
 
+def _data_fields(provenance: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The card's "Training data" facts from ``plan.provenance["data"]`` (None when not recorded)."""
+    data = (provenance or {}).get("data")
+    if not isinstance(data, Mapping):
+        return None
+    recipe = data.get("recipe") or {}
+    return {"n_train": data.get("n_train"), "n_dev": data.get("n_dev"), "lengths": data.get("train_lengths"),
+            "sha256": data.get("prompts_sha256"), "template": recipe.get("template", "unknown"),
+            "items": recipe.get("items", "unknown"), "seed": recipe.get("seed", "unknown"),
+            "n_per_length": recipe.get("n_per_length", "unknown")}
+
+
 def base_model_meta(plan: EditPlan) -> dict[str, Any]:
-    """``base_model`` metadata only for Hub-style ids (a local path is no valid base_model)."""
-    name = plan.base.name_or_path
-    if name and not Path(name).is_absolute() and not name.startswith(".") and name.count("/") <= 1:
+    """``base_model`` metadata only for Hub-style ids (a local path is no valid base_model and is never
+    published; a bundled model's converted copy is named by its Hub id)."""
+    name = published_name(plan.base.name_or_path)
+    if name and name.count("/") <= 1:
         return {"base_model": name, "base_model_relation": "finetune"}
     return {}
+
+
+def card_license(plan: EditPlan, license: str | None) -> str | None:
+    """``license`` if given, else the base model's when th_edit knows it (bundled models)."""
+    return license or published_license(plan.base.name_or_path)
+
+
+def eval_results(evaluation: Mapping[str, Any] | None) -> list[EvalResult]:
+    """The card's machine-readable ``model-index`` results: Laundry List accuracy per list length before and
+    after the edit (the split is ``evaluation["split"]``, else read from its note, else ``test``)."""
+    if not evaluation:
+        return []
+    before, after = evaluation.get("before") or {}, evaluation.get("after") or {}
+    note = str(evaluation.get("note", ""))
+    split = evaluation.get("split") or ("dev" if "dev split" in note else "test")
+    out = []
+    for which, acc in (("before", before), ("after", after)):
+        for n in sorted(acc, key=int):
+            out.append(EvalResult(
+                task_type="text-generation", task_name="Laundry List (list recall)", dataset_type="laundry_list",
+                dataset_name="th_edit Laundry List", dataset_split=split, metric_type="accuracy",
+                metric_value=round(float(acc[n]), 4), metric_name=f"accuracy, lists of {int(n)}, {which} the edit",
+                metric_config=f"length={int(n)},{which}"))
+    return out
 
 
 @dataclass
@@ -79,9 +118,12 @@ def model_card(
     license: str | None = None,
 ) -> ModelCard:
     """The card of a full edited checkpoint (``README.md``)."""
+    results = eval_results(evaluation)
+    fields = card_fields(plan, repo_id)
     data = ModelCardData(
-        library_name="transformers", pipeline_tag="text-generation", license=license,
+        library_name="transformers", pipeline_tag="text-generation", license=card_license(plan, license),
         tags=["th_edit", "model-editing", "talking-heads"], **base_model_meta(plan),
+        **({"eval_results": results, "model_name": fields["model_name"]} if results else {}),
     )
     rows = []
     if evaluation:
@@ -90,13 +132,14 @@ def model_card(
     return ModelCard.from_template(
         data, template_str=template_text("edited_model"), evidence=list(evidence or []),
         evaluation=rows, evaluation_note=(evaluation or {}).get("note", "Accuracy by list length, before and after the edit."),
-        **card_fields(plan, repo_id),
+        **fields,
     )
 
 
 def plan_card(plan: EditPlan, *, repo_id: str | None = None) -> ModelCard:
     """The card of an edit-plan repository."""
-    data = ModelCardData(library_name="th_edit", tags=["th_edit", "edit-plan", "talking-heads"], **base_model_meta(plan))
+    data = ModelCardData(library_name="th_edit", tags=["th_edit", "edit-plan", "talking-heads"],
+                         license=card_license(plan, None), **base_model_meta(plan))
     return ModelCard.from_template(data, template_str=template_text("edit_plan"), **card_fields(plan, repo_id))
 
 

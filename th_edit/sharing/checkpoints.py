@@ -27,6 +27,7 @@ from ..utils.distributed import is_main_process, wait_for_everyone
 from ..utils.files import atomic_directory
 from . import hub
 from .cards import CardData, model_card, plan_card
+from .models import published_name
 
 __all__ = ["export_plan", "verify_plan", "apply_plan", "load_plan", "save_plan", "save_pretrained", "push_to_hub",
            "push_plan", "check_fingerprints", "check_consistent", "FACTOR_RTOL"]
@@ -71,13 +72,14 @@ def check_consistent(layout: AttentionLayout, edit: Edit) -> None:
 
 
 def export_plan(model: nn.Module, log: EditLog, *, provenance: dict[str, Any] | None = None) -> EditPlan:
-    """The edits of ``log``, in order, with the identity of ``model``'s base weights and the ``provenance``
-    record (JSON-serialisable; see :attr:`EditPlan.provenance`)."""
+    """The edits of ``log``, in order, with the identity of ``model``'s base weights (its name as published:
+    a bundled model's Hub id, never a local path; see :func:`th_edit.sharing.models.published_name`) and the
+    ``provenance`` record (how the edits were made; JSON-serialisable, see :attr:`EditPlan.provenance`)."""
     cfg = model.config
     touched = {f"{e.layer}.{e.head}" for e in log.edits}
     dtype = next(model.parameters()).dtype
     base = BaseModelIdentity(
-        model_type=cfg.model_type, name_or_path=str(getattr(cfg, "_name_or_path", "") or ""),
+        model_type=cfg.model_type, name_or_path=published_name(str(getattr(cfg, "_name_or_path", "") or "")),
         revision=getattr(cfg, "_commit_hash", None), dtype=str(dtype).replace("torch.", ""),
         fingerprints={k: v for k, v in sorted(log.fingerprints.items()) if k in touched},
     )
@@ -164,7 +166,7 @@ def save_pretrained(
     directory = Path(directory)
     card = card or CardData()
     if is_main_process():
-        source = str(getattr(model.config, "_name_or_path", "") or "") or None
+        source = getattr(model, "th_edit_source_dir", None) or str(getattr(model.config, "_name_or_path", "") or "") or None
         with atomic_directory(directory, overwrite=overwrite, protect=source) as staging:
             model.save_pretrained(staging, **save_kwargs)
             if tokenizer is not None:

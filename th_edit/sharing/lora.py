@@ -21,6 +21,7 @@ from ..core.layout import AttentionLayout
 from ..edits.plan import PLAN_FILES, Edit, EditPlan
 from ..edits.scale import head_fingerprint
 from ..errors import AdapterError, InvalidArgumentError, MissingDependencyError
+from .models import published_name
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FILES", "AdapterModule", "require_peft", "adapter_modules",
@@ -340,7 +341,7 @@ def state_of(layout: AttentionLayout, plan: EditPlan, dtype: torch.dtype, base_m
         modules = uniform_modules(layout, modules)
     elif uniform_rank:
         modules = {n: pad_rank(m, top) for n, m in modules.items()}
-    name = base_model_name_or_path if base_model_name_or_path is not None else plan.base.name_or_path
+    name = base_model_name_or_path if base_model_name_or_path is not None else published_name(plan.base.name_or_path)
     config = _config_dict(layout, modules, plan, name, uniform=adapter_layout == "uniform")
     tensors = {}
     for n, m in modules.items():

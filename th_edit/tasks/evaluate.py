@@ -32,6 +32,7 @@ import torch
 from ..errors import InvalidArgumentError
 from .batching import accepts_logits_to_keep, input_device, pad_sequences, pad_token_id, plan_batches
 from .batching import rows as dataset_rows
+from .provenance import check_overlap
 from .data import first_token
 from .guard_text import GUARD_TEXTS
 from ..utils.distributed import process_rank_and_count
@@ -124,10 +125,16 @@ def evaluate(
     padding_side: str = "right",
     progress: bool = True,
     desc: str = "evaluating",
+    plan: Any = None,
+    allow_overlap: bool = False,
 ) -> EvalResult:
     """Score every example of ``dataset`` (rows with ``prompt``, ``items``, ``target`` ...; see
     :mod:`th_edit.data`). Under ``accelerate launch`` the work is split over the processes and every
-    process returns the full, identical result. Returns an :class:`EvalResult`."""
+    process returns the full, identical result. Returns an :class:`EvalResult`.
+
+    With ``plan`` (an ``EditPlan`` or its ``provenance``), ``dataset`` is first checked against the train and
+    dev prompts the plan was made with (:func:`th_edit.tasks.provenance.check_overlap`): a shared prompt
+    raises :class:`~th_edit.errors.DataOverlapError`, or with ``allow_overlap`` logs a warning."""
     if padding_side not in ("left", "right"):
         raise InvalidArgumentError(f"padding_side={padding_side!r} must be 'left' or 'right'.")
     if batch_size < 1:
@@ -138,6 +145,8 @@ def evaluate(
     missing = {"prompt", "items", "target"} - set(rows[0])
     if missing:
         raise InvalidArgumentError(f"dataset rows lack {sorted(missing)}; build them with th_edit.data.")
+    if plan is not None:
+        check_overlap(plan, rows, allow=allow_overlap)
     seqs = tokenizer([r["prompt"] for r in rows])["input_ids"]
     token_of: dict[str, int] = {}
     for r in rows:
