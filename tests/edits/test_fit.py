@@ -210,7 +210,10 @@ def test_ctrl_c_restores(task, monkeypatch, where):
             real(e)
         monkeypatch.setattr(editor, "apply_edit", apply)
     with pytest.raises(FitInterruptedError) as info:
-        fit_edit(editor, tok, ds["train"], ds["dev"], FitConfig(**{**FAST, "heads": [(0, 0), (1, 1), (2, 2)]}))
+        # k = budget only, on a sample where the 6 components span 3 heads: there is a second edit to interrupt
+        ds = laundry_list(tok, lengths=[3, 5], n_per_length=16, seed=4)
+        fit_edit(editor, tok, ds["train"], ds["dev"], FitConfig(**{**FAST, "k_fractions": (1.0,),
+                                                                   "heads": [(0, 0), (1, 1), (2, 2)]}))
     assert isinstance(info.value, KeyboardInterrupt)
     assert _same(model, snap) and not editor.edits
 
