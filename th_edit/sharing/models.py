@@ -205,7 +205,8 @@ def _load_bundled(b: Bundled, short: str, cache_dir, dtype: torch.dtype):
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(target)
     model.config._name_or_path = b.hub_id
-    tokenizer.name_or_path = b.hub_id
+    if tokenizer is not None:
+        tokenizer.name_or_path = b.hub_id
     model.th_edit_source_dir = str(target)
     return model, tokenizer
 
