@@ -283,7 +283,7 @@ def test_push_through_the_hub_and_load_with_plain_peft(hub, tmp_path):
     info = push_adapter_to_hub(editor, "alice/tiny-adapter", token=hub.token)
     repo = hub.repos[("model", "alice/tiny-adapter")]
     assert info.oid == repo.commits[-1][0]
-    assert set(repo.commits[-1][1]) == {*ADAPTER_FILES, "README.md", MANIFEST}
+    assert set(repo.commits[-1][1]) == {*ADAPTER_FILES, "README.md"}  # the manifest is never uploaded (issue 23)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = PeftModel.from_pretrained(make_model("llama"), "alice/tiny-adapter").eval()
@@ -314,7 +314,7 @@ def test_cli_push_of_an_adapter_directory(hub, tmp_path, capsys):
     save_adapter(editor, tmp_path / "a", repo_id="alice/cli-adapter")
     assert main(["push", str(tmp_path / "a"), "alice/cli-adapter", "--token", hub.token, "--quiet", "--public"]) == 0
     files = hub.repos[("model", "alice/cli-adapter")].commits[-1][1]
-    assert set(files) == {*ADAPTER_FILES, "README.md", MANIFEST}
+    assert set(files) == {*ADAPTER_FILES, "README.md"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = PeftModel.from_pretrained(make_model("gpt2"), "alice/cli-adapter").eval()

@@ -143,7 +143,9 @@ def push_to_hub(
     **save_kwargs: Any,
 ):
     """:func:`save_pretrained` into a temporary directory, then upload it to ``repo_id`` in one commit.
-    Returns the ``CommitInfo``; raises :class:`HubError` with the fix on a bad token or server error."""
+    Returns the ``CommitInfo``; raises :class:`HubError` with the fix on a bad token or server error.
+    Under Accelerate every process calls it; the main process saves and uploads, and every process
+    returns its commit."""
     with tempfile.TemporaryDirectory(prefix="th_edit_push_") as tmp:
         save_pretrained(model, Path(tmp) / "model", plan=plan, tokenizer=tokenizer, card=card, repo_id=repo_id,
                         **save_kwargs)
@@ -156,6 +158,7 @@ def push_plan(
 ):
     """Upload ``plan`` alone (JSON + safetensors, a few KB) with a card to ``repo_id``."""
     with tempfile.TemporaryDirectory(prefix="th_edit_plan_") as tmp:
-        plan.save(tmp)
-        plan_card(plan, repo_id=repo_id).save(Path(tmp) / "README.md")
+        if is_main_process():  # the main process writes and uploads; the others get its commit
+            plan.save(tmp)
+            plan_card(plan, repo_id=repo_id).save(Path(tmp) / "README.md")
         return hub.push_folder(tmp, repo_id, token=token, private=private, commit_message=commit_message)
