@@ -141,6 +141,13 @@ def check_consistent(layout: "AttentionLayout", edit: "Edit") -> None:
     else:
         expected = make_edit(layout, edit.layer, edit.head, edit.circuit, list(edit.components), edit.alpha,
                              folded=edit.folded)
+    if tuple(expected.components) != tuple(edit.components) or (alphas is not None and edit.alpha != 1.0):
+        raise PlanMismatchError(
+            f"the edit of layer {edit.layer} head {edit.head} lists components {list(edit.components)} with alpha "
+            f"{edit.alpha}{'' if alphas is None else f' and alphas {list(alphas)}'}: th_edit writes components in "
+            "ascending order and alpha 1.0 beside per-component alphas, so the plan was altered. "
+            f"{_REMAKE} Or pass verify=False to apply it unchecked."
+        )
     want, got = expected.delta(), edit.delta()
     scale = float(want.norm()) + 1e-6 * float(target.detach().float().norm())
     err = float((got - want).norm())

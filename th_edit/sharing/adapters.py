@@ -53,6 +53,7 @@ from ..errors import AdapterError, PlanFormatError
 from ..utils.distributed import is_main_process, wait_for_everyone
 from ..utils.files import atomic_directory
 from . import hub
+from .adapter_checks import check_adapter_config
 from .cards import base_model_meta, card_fields, template_text
 from .checkpoints import verify_plan
 from .lora import (
@@ -222,6 +223,7 @@ def _check_matches(layout, config: Mapping[str, Any], tensors: Mapping[str, torc
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
         fail(f"it is not a plain LoRA adapter (peft_type={config.get('peft_type')!r}, use_dora="
              f"{config.get('use_dora')}, use_rslora={config.get('use_rslora')})")
+    check_adapter_config(config, conv1d=bool(layout.spec.conv1d), fail=fail)
     modules = module_factors(layout, plan.edits)
     targets = config.get("target_modules")
     if sorted(targets if isinstance(targets, list) else [targets]) != sorted(modules):
@@ -297,5 +299,7 @@ def editor_from_adapter(
     undoable); the body of ``ChannelEditor.from_adapter``. See :func:`load_adapter_edits`."""
     editor = editor_cls(model, **editor_kwargs)
     plan = load_adapter_edits(editor, source, verify=verify, revision=revision, token=token)
-    editor.apply_plan(plan, verify=False)  # verified above
+    # as from_plan: with verify, each edit's factors must equal the rescaling recomputed from the base model's
+    # SVD (a plan whose factors or alpha were altered is refused); the LoRA tensors equal the plan (above)
+    editor.apply_plan(plan, verify=verify)
     return editor
