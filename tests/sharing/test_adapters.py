@@ -150,7 +150,10 @@ def test_learned_edit_with_many_components_per_layer_round_trips(tmp_path):
     logit_err, weight_err = _check_peft_roundtrip(arch, editor, tmp_path / "a")
     print(f"learned edit: logits {logit_err:.2e}, merged weights {weight_err:.2e}")
     # and back into th_edit: the exact edits, in order, bit-identical weights
-    again = ChannelEditor.from_adapter(make_model(arch), tmp_path / "a")
+    # the hand-built Edits are no rescaling of the SVD, so the verification from_plan makes refuses them (issue 23)
+    with pytest.raises(PlanMismatchError, match="do not match"):
+        ChannelEditor.from_adapter(make_model(arch), tmp_path / "a")
+    again = ChannelEditor.from_adapter(make_model(arch), tmp_path / "a", verify=False)
     assert [e.describe() for e in again.edits] == [e.describe() for e in editor.edits]
     assert all(torch.equal(a.left, b.left) and torch.equal(a.right, b.right) for a, b in zip(again.edits, editor.edits))
     assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), editor.model.state_dict().values()))
