@@ -127,10 +127,7 @@ def load_model(
 
     if source in BUNDLED:
         target = (Path(cache_dir) if cache_dir is not None else cache_root()) / BUNDLED[source].name
-        if not (target / "config.json").is_file():
-            with tempfile.TemporaryDirectory(prefix="th_edit_gguf_") as tmp:
-                gguf = bundled_gguf_path(source, work_dir=Path(tmp))
-                _convert(gguf.parent, gguf.name, target)
+        _ensure_converted(source, target)
         source, revision = str(target), None
     elif gguf_file is not None:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, revision=revision)
@@ -154,6 +151,30 @@ def load_model(
 def load_default_model(*, cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """``load_model("smollm2")``: SmolLM2-135M-Instruct as a plain transformers model (eval, eager)."""
     return load_model(DEFAULT_MODEL, cache_dir=cache_dir, dtype=dtype)
+
+
+def _converted(target: Path) -> bool:
+    """A complete conversion: the manifest is moved into place last, after config.json and the weights."""
+    from ..utils.manifest import MANIFEST
+
+    return (target / "config.json").is_file() and (target / MANIFEST).is_file()
+
+
+def _ensure_converted(name: str, target: Path) -> None:
+    """Convert bundled model ``name`` into ``target`` once. Processes that need it at the same time (two
+    shells, or every process of an ``accelerate launch``) wait for the first one under a lock on the cache
+    root, then find it complete; a half-written copy is never read."""
+    from ..utils.files import directory_lock
+
+    if _converted(target):
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with directory_lock(target.parent):
+        if _converted(target):
+            return
+        with tempfile.TemporaryDirectory(prefix="th_edit_gguf_") as tmp:
+            gguf = bundled_gguf_path(name, work_dir=Path(tmp))
+            _convert(gguf.parent, gguf.name, target)
 
 
 def _plain_copy(loaded):
