@@ -118,3 +118,29 @@ def test_dropped_upload_is_a_hub_error_and_nothing_is_committed(hub, model_dir, 
 def test_success_prints_one_json_object(capsys, model_dir, plan_dir, tmp_path):
     code, payload, _ = run_json(capsys, "edit", str(model_dir), "--plan", str(plan_dir), "--out", str(tmp_path / "o"))
     assert code == 0 and payload["n_edits"] == 1 and "error" not in payload
+
+
+def test_h6_dropped_lfs_upload_is_a_hub_error_and_exit_4(hub, tmp_path, monkeypatch, capsys):
+    """Issue 23: the client's retries end in an untyped RuntimeError; th_edit turns it into a HubError."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils import _http
+
+    model_dir = tmp_path / "h6"
+    ChannelEditor(make_model("gpt2", seed=77)).save_pretrained(model_dir)  # weights the Hub has not seen
+
+    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda s: None))  # skip the client's back-off waits
+    hub.faults["drop_lfs"] = 100
+    with pytest.raises(HubError, match="(?i)nothing was committed"):
+        push_folder(model_dir, "alice/h6", token=hub.token)
+    code, payload, _ = run_json(capsys, "push", str(model_dir), "alice/h6", "--token", hub.token)
+    hub.faults.clear()
+    assert code == 4 and payload["error_type"] == "HubError", payload
+    assert len(hub.repos[("model", "alice/h6")].commits) == 1  # only the empty initial commit
+
+
+def test_h12_a_failed_push_of_a_plan_leaves_no_card_behind(hub, plan_dir, capsys):
+    before = sorted(p.name for p in plan_dir.iterdir())
+    code, payload, _ = run_json(capsys, "push", str(plan_dir), "alice/h12", "--token", "hf_wrong")
+    assert code == 4 and payload["error_type"] == "HubError"
+    assert sorted(p.name for p in plan_dir.iterdir()) == before

@@ -108,7 +108,13 @@ _IOI_TEMPLATES = (
 
 def first_token(tokenizer, word: str) -> int:
     """Id of the first token of ``" " + word`` (how an answer continues a prompt)."""
-    return int(tokenizer(" " + word, add_special_tokens=False)["input_ids"][0])
+    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise InvalidArgumentError(
+            f"the tokenizer turns {word!r} into no tokens; th_edit needs a tokenizer that encodes the task's "
+            "words (save the model with its tokenizer)."
+        )
+    return int(ids[0])
 
 
 def usable_words(tokenizer, words: Sequence[str]) -> list[tuple[str, int]]:
