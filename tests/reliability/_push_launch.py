@@ -25,6 +25,11 @@ def run(out: str, token: str) -> None:
         got["denied"] = "no error"
     except Exception as exc:  # noqa: BLE001 - recorded for the test
         got["denied"] = type(exc).__name__
+    try:  # MP2: a save the main process refuses (a foreign directory) fails on every process, none hangs
+        editor.save_pretrained(Path(out) / "foreign")
+        got["foreign"] = "no error"
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        got["foreign"] = type(exc).__name__
     rank, world = process_rank_and_count()
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({"world": world, **got}))
 

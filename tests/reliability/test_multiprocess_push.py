@@ -1,7 +1,7 @@
 """Issue 23, High: pushes under ``accelerate launch`` (MP3, MP4). ``push_to_hub``, ``push_adapter_to_hub`` and
 ``push_plan_to_hub`` upload once, from the main process (the only one that wrote the folder); the other
 process waits and every process returns the same commit, which is the repository's only upload. A failed
-push raises the same typed error on every process instead of leaving one at a barrier. Two gloo processes
+push or save raises the same typed error on every process instead of leaving one at a barrier. Two gloo processes
 on CPU against the loopback Hub."""
 
 import json
@@ -20,6 +20,8 @@ ROOT = HERE.parents[1]
 
 
 def test_two_processes_push_once_and_return_the_same_commit(hub, tmp_path):
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
     env = {**os.environ, "TH_EDIT_DISABLE_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_ENDPOINT": hub.endpoint,
            "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
@@ -32,6 +34,8 @@ def test_two_processes_push_once_and_return_the_same_commit(hub, tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and ranks[0]["world"] == 2
     assert ranks[0]["denied"] == "HubError"  # on both processes, and neither hung at a barrier
+    assert ranks[0]["foreign"] == "OutputDirectoryError"  # MP2, the same for a refused save
+    assert os.listdir(tmp_path / "foreign") == ["notes.txt"]
     for name in ("model", "adapter", "plan"):
         repo = hub.repos[("model", f"alice/mp-{name}")]
         uploads = [c for c in repo.commits if c[1]]

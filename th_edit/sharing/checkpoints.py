@@ -21,7 +21,7 @@ from ..edits import plan_checks
 from ..edits.plan import PLAN_FILES, BaseModelIdentity, Edit, EditPlan
 from ..edits.scale import EditLog, head_fingerprint
 from ..errors import PlanMismatchError
-from ..utils.distributed import is_main_process, wait_for_everyone
+from ..utils.distributed import is_main_process, run_on_main_process
 from ..utils.files import atomic_directory
 from . import hub
 from .cards import CardData, model_card, plan_card
@@ -104,9 +104,7 @@ def load_plan(source: EditPlan | str | os.PathLike, *, revision: str | None = No
 
 def save_plan(plan: EditPlan, directory: str | os.PathLike) -> None:
     """Write ``plan`` to ``directory`` (JSON + safetensors, atomic; main process only)."""
-    if is_main_process():
-        plan.save(directory)
-    wait_for_everyone()
+    run_on_main_process(lambda: plan.save(directory))
 
 
 def save_pretrained(
@@ -124,7 +122,8 @@ def save_pretrained(
     """
     directory = Path(directory)
     card = card or CardData()
-    if is_main_process():
+
+    def write() -> None:
         source = str(getattr(model.config, "_name_or_path", "") or "") or None
         with atomic_directory(directory, overwrite=overwrite, protect=source) as staging:
             model.save_pretrained(staging, **save_kwargs)
@@ -133,7 +132,8 @@ def save_pretrained(
             plan.save(staging)
             model_card(plan, repo_id=repo_id, evidence=card.evidence, evaluation=card.evaluation).save(staging / "README.md")
         logger.info("saved the edited model to %s", directory)
-    wait_for_everyone()
+
+    run_on_main_process(write)  # the others wait, and raise the main process's error if it fails
     return directory
 
 

@@ -16,9 +16,8 @@ import re
 from pathlib import Path
 
 from ..errors import HubError
-from ..utils.distributed import is_main_process, process_rank_and_count
+from ..utils.distributed import run_on_main_process
 from ..utils.manifest import MANIFEST, plain_file_inside, read_manifest
-from ..utils.sharding import gather_from_processes
 
 __all__ = ["push_folder", "resolve_local_or_hub", "files_to_push", "KNOWN_FILES"]
 
@@ -125,17 +124,9 @@ def push_folder(
     wrote it) and uploads; the others wait, then return the same commit (or raise the same error).
     """
     _check_repo_id(repo_id)
-    outcome = None
-    if is_main_process():
-        try:
-            outcome = ("ok", _push_main(Path(folder), repo_id, repo_type=repo_type, token=token, private=private,
-                                        revision=revision, commit_message=commit_message, endpoint=endpoint))
-        except Exception as exc:  # noqa: BLE001 - told to the other processes, then re-raised here
-            outcome = ("error", exc)
-    outcome = _share_outcome(outcome)
-    if outcome[0] == "error":
-        raise outcome[1]
-    return outcome[1]
+    return run_on_main_process(lambda: _push_main(
+        Path(folder), repo_id, repo_type=repo_type, token=token, private=private, revision=revision,
+        commit_message=commit_message, endpoint=endpoint))
 
 
 def _push_main(folder: Path, repo_id: str, **kwargs):
@@ -151,25 +142,6 @@ def _push_main(folder: Path, repo_id: str, **kwargs):
     commit = _upload(folder, repo_id, upload, **kwargs)
     logger.info("pushed %s to %s (%s)", folder, repo_id, getattr(commit, "oid", "?"))
     return commit
-
-
-def _share_outcome(outcome):
-    """The main process's ``("ok", commit)`` or ``("error", exc)``, on every process (a barrier too)."""
-    rank, world = process_rank_and_count()
-    if world <= 1:
-        return outcome
-    if rank == 0:
-        kind, value = outcome
-        payload = (kind, value if kind == "ok" else (type(value).__name__, str(value)))  # CommitInfo pickles
-    else:
-        payload = None
-    shared = gather_from_processes(payload, world)[0]
-    if rank == 0:
-        return outcome
-    kind, value = shared
-    if kind == "error":
-        return "error", HubError(f"the main process failed to push ({value[0]}): {value[1]}")
-    return "ok", value
 
 
 def _upload(folder: Path, repo_id: str, files: list[str], *, repo_type, token, private, revision, commit_message,
