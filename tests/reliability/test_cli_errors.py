@@ -144,3 +144,19 @@ def test_h12_a_failed_push_of_a_plan_leaves_no_card_behind(hub, plan_dir, capsys
     code, payload, _ = run_json(capsys, "push", str(plan_dir), "alice/h12", "--token", "hf_wrong")
     assert code == 4 and payload["error_type"] == "HubError"
     assert sorted(p.name for p in plan_dir.iterdir()) == before
+
+
+@pytest.mark.parametrize("top", ["0", "-1"])
+def test_c10_analyze_top_below_one_is_exit_2(capsys, model_dir, tmp_path, top):
+    code, payload, _ = run_json(capsys, "analyze", str(model_dir), "--out", str(tmp_path / "o"), "--top", top)
+    assert code == 2 and payload["error_type"] == "InvalidArgumentError" and "positive" in payload["error"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_e2_a_numpy_layer_is_named_as_such():
+    import numpy as np
+
+    from th_edit import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="Python int"):
+        ChannelEditor(make_model("gpt2")).scale_component(np.int64(1), 2, "ov", 0, 0.5)

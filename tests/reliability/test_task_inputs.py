@@ -37,3 +37,19 @@ def test_n_c1_a_word_encoded_as_nothing_is_a_typed_error():
 
     with pytest.raises(InvalidArgumentError, match="no tokens"):
         first_token(Empty(), "milk")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lengths=[], n_per_length=8), "lengths is empty"),  # D7
+    (dict(lengths=[3], n_per_length=8, items=[]), "only 0"),  # D6: not the default pool
+    (dict(lengths=[3], n_per_length=4, fractions=(0.9, 0.9, 0.9)), "sum to 1"),  # D8
+    (dict(lengths=[3], n_per_length=4, fractions=(0.5, 0.5)), "three shares"),
+])
+def test_d6_d7_d8_bad_dataset_settings_are_typed_errors(kwargs, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        laundry_list(None, **kwargs)
+
+
+def test_d5_repeated_items_never_make_a_row_list_one_item_twice():
+    ds = laundry_list(None, lengths=[3], n_per_length=20, items=["milk", "eggs", "milk", "eggs", "milk", "salt"])
+    assert all(len(set(r["items"])) == len(r["items"]) for split in ds.values() for r in split)

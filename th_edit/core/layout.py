@@ -168,7 +168,10 @@ class AttentionLayout:
     def check(self, layer: int, head: int) -> None:
         """Raise :class:`InvalidArgumentError` if ``(layer, head)`` is out of range."""
         for name, value, n in (("layer", layer, self.n_layers), ("head", head, self.n_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidArgumentError(f"{name}={value!r} must be a Python int, not {type(value).__name__} "
+                                           f"(pass int({name})).")
+            if not 0 <= value < n:
                 raise InvalidArgumentError(f"{name}={value!r} is out of range: this model has {n} (0..{n - 1}).")
 
     def module(self, layer: int, path: str) -> nn.Module:
