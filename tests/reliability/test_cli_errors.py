@@ -160,3 +160,13 @@ def test_e2_a_numpy_layer_is_named_as_such():
 
     with pytest.raises(InvalidArgumentError, match="Python int"):
         ChannelEditor(make_model("gpt2")).scale_component(np.int64(1), 2, "ov", 0, 0.5)
+
+
+def test_n_a3_edit_refuses_a_foreign_out_before_loading_or_fitting(capsys, tmp_path, monkeypatch):
+    import th_edit.app.cli as cli
+
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("x")
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("loaded the model before checking --out"))
+    code, payload, _ = run_json(capsys, "edit", "smollm2", "--auto", "--out", str(tmp_path / "o"))
+    assert code == 2 and payload["error_type"] == "OutputDirectoryError"

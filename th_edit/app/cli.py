@@ -121,9 +121,10 @@ def cmd_find(args, out: _Out) -> dict[str, Any]:
 
 def cmd_edit(args, out: _Out) -> dict[str, Any]:
     from ..editor import ChannelEditor
-    from ..utils.files import check_not_overlapping
+    from ..utils.files import check_not_overlapping, check_output_directory
 
     check_not_overlapping(args.out, args.model if Path(args.model).is_dir() else None)
+    check_output_directory(args.out, args.overwrite)  # refuse now, not after a long fit
     model, tokenizer = _load(args)
     if args.plan:
         editor = ChannelEditor.from_plan(model, args.plan, tokenizer=tokenizer)

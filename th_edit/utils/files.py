@@ -30,7 +30,7 @@ from ..errors import HubError, OutputDirectoryError
 from .manifest import MANIFEST, Manifest, read_manifest, write_manifest
 
 __all__ = ["MANIFEST", "atomic_directory", "replace_files", "read_manifest", "check_not_overlapping",
-           "clean_abandoned_staging", "directory_lock"]
+           "clean_abandoned_staging", "directory_lock", "check_output_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,15 @@ def _check_target(target: Path, overwrite: bool, manifest: Manifest | None) -> N
             f"{', ...' if len(foreign) > 5 else ''}. Choose an empty or new directory, or pass overwrite=True "
             "(--overwrite) to write beside those files (only the files th_edit writes are replaced)."
         )
+
+
+def check_output_directory(target: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise :class:`OutputDirectoryError` now if a save into ``target`` would be refused (checked again
+    when saving): lets a command refuse before a long computation instead of after it."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise OutputDirectoryError(f"{target} exists and is not a directory; choose another output path.")
+    _check_target(target, overwrite, read_manifest(target) if target.is_dir() else None)
 
 
 def _check_names(target: Path, names: Iterable[str], overwrite: bool, manifest: Manifest | None) -> None:
