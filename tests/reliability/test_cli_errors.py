@@ -170,3 +170,24 @@ def test_n_a3_edit_refuses_a_foreign_out_before_loading_or_fitting(capsys, tmp_p
     monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("loaded the model before checking --out"))
     code, payload, _ = run_json(capsys, "edit", "smollm2", "--auto", "--out", str(tmp_path / "o"))
     assert code == 2 and payload["error_type"] == "OutputDirectoryError"
+
+
+@pytest.mark.parametrize("repo_id", ["alice/x\n", "alice/x.git", "alice/" + "n" * 200, "alice/x.", "alice/x-"])
+def test_h3_malformed_repo_ids_are_hub_errors(model_dir, repo_id):
+    with pytest.raises(HubError, match="not a Hub repository id"):
+        push_folder(model_dir, repo_id, token="unused")
+
+
+def test_c3_a_missing_path_is_a_model_file_error_and_exit_4(capsys, tmp_path):
+    code, payload, _ = run_json(capsys, "eval", str(tmp_path / "nosuch" / "dir"))
+    assert code == 4 and payload["error_type"] == "ModelFileError" and "does not exist" in payload["error"]
+
+
+@pytest.mark.parametrize("thing", [None, "gpt2", "nn.Linear"])
+def test_e15_not_a_model_is_an_unsupported_model_error(thing):
+    import torch
+
+    from th_edit import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="causal LM"):
+        ChannelEditor(torch.nn.Linear(2, 2) if thing == "nn.Linear" else thing)

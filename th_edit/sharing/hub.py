@@ -27,8 +27,20 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def _check_repo_id(repo_id: str) -> None:
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or ".." in repo_id:
-        raise HubError(f"repo_id={repo_id!r} is not a Hub repository id; use 'name' or 'owner/name'.")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    why = None
+    if not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        why = "use 'name' or 'owner/name' (letters, digits, '-', '_', '.')"
+    else:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as exc:
+            why = str(exc)
+        if repo_id.endswith((".git", ".", "-")) or len(repo_id.split("/")[-1]) > 96:
+            why = "a name may not end in '.git', '.' or '-', nor be longer than 96 characters"
+    if why:
+        raise HubError(f"repo_id={repo_id!r} is not a Hub repository id: {why}.")
 
 
 #: what a directory without a trusted manifest may upload: files th_edit or transformers write (plans,
@@ -183,7 +195,7 @@ def resolve_local_or_hub(
     if path.is_dir():
         return path
     source = str(source)
-    if not _REPO_ID.match(source):
+    if not _REPO_ID.fullmatch(source):
         raise HubError(f"{source!r} is neither an existing directory nor a Hub repository id ('owner/name').")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

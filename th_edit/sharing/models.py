@@ -138,6 +138,8 @@ def load_model(
             f"{source} is a directory without config.json, so it is no transformers checkpoint. Pass the "
             "directory that holds config.json and the weights (saved with save_pretrained), or a Hub id."
         )
+    elif not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise ModelFileError(f"{source} does not exist (it is a path, not a Hub id 'owner/name'); check the path.")
     elif not Path(source).is_dir() and "/" not in source and source not in BUNDLED:
         raise InvalidArgumentError(
             f"model {source!r} is not a bundled model ({', '.join(BUNDLED)}), a local directory, or a Hub id 'owner/name'."
