@@ -20,7 +20,7 @@ from ..core.layout import AttentionLayout
 from ..edits import plan_checks
 from ..edits.plan import PLAN_FILES, BaseModelIdentity, Edit, EditPlan
 from ..edits.scale import EditLog, head_fingerprint
-from ..errors import PlanMismatchError
+from ..errors import OutputDirectoryError, PlanMismatchError
 from ..utils.distributed import is_main_process, run_on_main_process
 from ..utils.files import atomic_directory
 from . import hub
@@ -123,6 +123,8 @@ def save_pretrained(
     directory = Path(directory)
     card = card or CardData()
 
+    _refuse_hub_cache(directory)
+
     def write() -> None:
         source = str(getattr(model.config, "_name_or_path", "") or "") or None
         with atomic_directory(directory, overwrite=overwrite, protect=source) as staging:
@@ -135,6 +137,18 @@ def save_pretrained(
 
     run_on_main_process(write)  # the others wait, and raise the main process's error if it fails
     return directory
+
+
+def _refuse_hub_cache(directory: Path) -> None:
+    """A save into the Hugging Face download cache would change what ``from_pretrained(repo_id)`` loads."""
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE).resolve()
+    if directory.resolve().is_relative_to(cache):
+        raise OutputDirectoryError(
+            f"{directory} is inside the Hugging Face download cache ({cache}): saving there would change what "
+            "from_pretrained loads for that repository. Choose an output directory outside the cache."
+        )
 
 
 def push_to_hub(
