@@ -70,7 +70,7 @@ def files_to_push(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
     With a trusted manifest (:mod:`th_edit.utils.manifest`) only the files it lists whose bytes still have
     the recorded hash are uploaded; without one (plans, directories of older th_edit versions), plain files
     named like :data:`KNOWN_FILES`. Never uploaded: symbolic links (or files under one), dotfiles (``.env``,
-    key material (:data:`SECRET_PATTERNS`) and the manifest itself, which is not listed in either.
+    ``.git/``), key material (:data:`SECRET_PATTERNS`), and the manifest itself, which is listed in neither.
     """
     folder = Path(folder)
     present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
