@@ -113,6 +113,18 @@ def test_mp6_two_processes_convert_a_bundled_model_once(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "bundled_gguf_path", lambda name, work_dir=None: Path(work_dir) / "x.gguf")
     monkeypatch.setattr(models, "_convert", slow_convert)
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
+    # transformers' loading patches torch globally (meta-device init) and is not thread-safe: two loads at once
+    # in one process can leave that patch in place for the rest of the session. Processes, the real case, do
+    # not share it; here the loads (not the conversions under test) take turns.
+    from transformers import AutoModelForCausalLM
+
+    real_load, one_load = AutoModelForCausalLM.from_pretrained, threading.Lock()
+
+    def load_in_turn(*args, **kwargs):
+        with one_load:
+            return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load_in_turn)
     loaded, failures = [], []
 
     def load():

@@ -115,9 +115,9 @@ class AttentionLayout:
 
     def __init__(self, model: nn.Module, spec: ArchSpec | None = None) -> None:
         config = getattr(model, "config", None)
-        if not isinstance(model, nn.Module) or config is None or not hasattr(config, "model_type"):
+        if config is None or not hasattr(config, "model_type"):
             raise UnsupportedModelError(
-                f"th_edit edits a transformers causal LM (an nn.Module with a .config), not {type(model).__name__}: "
+                f"th_edit edits a transformers causal LM (a model with a .config), not {type(model).__name__}: "
                 "load one with AutoModelForCausalLM.from_pretrained(...) or th_edit.models.load_model(...)."
             )
         self.spec = spec if spec is not None else get_spec(config)
