@@ -6,7 +6,8 @@ LFS batch -> PUT -> commit) and download (repo info, tree, resolve); see
 token, LFS uploads are checked against their sha256 and size, unknown routes and NDJSON keys are
 rejected, a stale ``parentCommit`` gets 412. ``faults`` injects server errors: ``faults["commit"] = n``
 answers the next n commits with HTTP 500 after the LFS uploads went through; ``faults["drop_commit"] = n``
-closes the connection of the next n commits without a reply.
+closes the connection of the next n commits without a reply; ``faults["drop_lfs"] = n`` closes the
+connection of the next n LFS uploads (PUT) without a reply.
 """
 
 from __future__ import annotations
@@ -225,6 +226,10 @@ class Handler(BaseHTTPRequestHandler):
         if not hmac.compare_digest(query.get("sig", [""])[0], self.state.sign(oid)):
             raise HubError(403, "bad upload signature")
         data = self._body()
+        if self.state.fault("drop_lfs"):  # the connection dies before any reply (a dropped LFS upload)
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
         expected = self.state.pending_lfs.get(oid)
         if expected is None or len(data) != expected or hashlib.sha256(data).hexdigest() != oid:
             raise HubError(400, "uploaded bytes do not match the announced sha256/size")

@@ -351,7 +351,9 @@ class ChannelEditor:
         :func:`th_edit.sharing.adapters.load_adapter_edits`."""
         editor = cls(model, **kwargs)
         plan = adapters.load_adapter_edits(editor.layout, source, verify=verify, revision=revision, token=token)
-        editor.apply_plan(plan, verify=False)  # verified by load_adapter_edits
+        # as from_plan: with verify, each edit's factors must equal the rescaling recomputed from the base
+        # model's SVD (altered factors or alphas are refused); the LoRA tensors were checked against the plan
+        editor.apply_plan(plan, verify=verify)
         return editor
 
 

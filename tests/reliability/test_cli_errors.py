@@ -118,3 +118,76 @@ def test_dropped_upload_is_a_hub_error_and_nothing_is_committed(hub, model_dir, 
 def test_success_prints_one_json_object(capsys, model_dir, plan_dir, tmp_path):
     code, payload, _ = run_json(capsys, "edit", str(model_dir), "--plan", str(plan_dir), "--out", str(tmp_path / "o"))
     assert code == 0 and payload["n_edits"] == 1 and "error" not in payload
+
+
+def test_h6_dropped_lfs_upload_is_a_hub_error_and_exit_4(hub, tmp_path, monkeypatch, capsys):
+    """Issue 23: the client's retries end in an untyped RuntimeError; th_edit turns it into a HubError."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.utils import _http
+
+    model_dir = tmp_path / "h6"
+    ChannelEditor(make_model("gpt2", seed=77)).save_pretrained(model_dir)  # weights the Hub has not seen
+
+    monkeypatch.setattr(_http, "time", SimpleNamespace(sleep=lambda s: None))  # skip the client's back-off waits
+    hub.faults["drop_lfs"] = 100
+    with pytest.raises(HubError, match="(?i)nothing was committed"):
+        push_folder(model_dir, "alice/h6", token=hub.token)
+    code, payload, _ = run_json(capsys, "push", str(model_dir), "alice/h6", "--token", hub.token)
+    hub.faults.clear()
+    assert code == 4 and payload["error_type"] == "HubError", payload
+    assert len(hub.repos[("model", "alice/h6")].commits) == 1  # only the empty initial commit
+
+
+def test_h12_a_failed_push_of_a_plan_leaves_no_card_behind(hub, plan_dir, capsys):
+    before = sorted(p.name for p in plan_dir.iterdir())
+    code, payload, _ = run_json(capsys, "push", str(plan_dir), "alice/h12", "--token", "hf_wrong")
+    assert code == 4 and payload["error_type"] == "HubError"
+    assert sorted(p.name for p in plan_dir.iterdir()) == before
+
+
+@pytest.mark.parametrize("top", ["0", "-1"])
+def test_c10_analyze_top_below_one_is_exit_2(capsys, model_dir, tmp_path, top):
+    code, payload, _ = run_json(capsys, "analyze", str(model_dir), "--out", str(tmp_path / "o"), "--top", top)
+    assert code == 2 and payload["error_type"] == "InvalidArgumentError" and "positive" in payload["error"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_e2_a_numpy_layer_is_named_as_such():
+    import numpy as np
+
+    from th_edit import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="Python int"):
+        ChannelEditor(make_model("gpt2")).scale_component(np.int64(1), 2, "ov", 0, 0.5)
+
+
+def test_n_a3_edit_refuses_a_foreign_out_before_loading_or_fitting(capsys, tmp_path, monkeypatch):
+    import th_edit.app.cli as cli
+
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "notes.txt").write_text("x")
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("loaded the model before checking --out"))
+    code, payload, _ = run_json(capsys, "edit", "smollm2", "--auto", "--out", str(tmp_path / "o"))
+    assert code == 2 and payload["error_type"] == "OutputDirectoryError"
+
+
+@pytest.mark.parametrize("repo_id", ["alice/x\n", "alice/x.git", "alice/" + "n" * 200, "alice/x.", "alice/x-"])
+def test_h3_malformed_repo_ids_are_hub_errors(model_dir, repo_id):
+    with pytest.raises(HubError, match="not a Hub repository id"):
+        push_folder(model_dir, repo_id, token="unused")
+
+
+def test_c3_a_missing_path_is_a_model_file_error_and_exit_4(capsys, tmp_path):
+    code, payload, _ = run_json(capsys, "eval", str(tmp_path / "nosuch" / "dir"))
+    assert code == 4 and payload["error_type"] == "ModelFileError" and "does not exist" in payload["error"]
+
+
+@pytest.mark.parametrize("thing", [None, "gpt2", "nn.Linear"])
+def test_e15_not_a_model_is_an_unsupported_model_error(thing):
+    import torch
+
+    from th_edit import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="causal LM"):
+        ChannelEditor(torch.nn.Linear(2, 2) if thing == "nn.Linear" else thing)

@@ -213,3 +213,13 @@ def test_a_killed_save_leaves_a_staging_directory_that_the_next_save_removes(tmp
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(reloaded.state_dict()["transformer.h.1.attn.c_proj.weight"],
                        _edited(seed=1).model.state_dict()["transformer.h.1.attn.c_proj.weight"])
+
+
+def test_s2b_saving_into_the_hub_download_cache_is_refused(tmp_path):
+    """Issue 23 (S2b): an edited model saved over a downloaded snapshot would load for the base repo id."""
+    from huggingface_hub import constants
+
+    snapshot = Path(constants.HF_HUB_CACHE) / "models--alice--base" / "snapshots" / ("0" * 40)
+    with pytest.raises(OutputDirectoryError, match="download cache"):
+        _edited().save_pretrained(snapshot, overwrite=True)
+    assert not snapshot.exists()

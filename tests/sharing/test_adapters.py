@@ -156,7 +156,10 @@ def test_learned_edit_with_many_components_per_layer_round_trips(tmp_path):
     logit_err, weight_err = _check_peft_roundtrip(arch, editor, tmp_path / "a")
     print(f"learned edit: logits {logit_err:.2e}, merged weights {weight_err:.2e}")
     # and back into th_edit: the exact edits, in order, bit-identical weights
-    again = ChannelEditor.from_adapter(make_model(arch), tmp_path / "a")
+    # the hand-built Edits are no rescaling of the SVD, so the verification from_plan makes refuses them (issue 23)
+    with pytest.raises(PlanMismatchError, match="do not match"):
+        ChannelEditor.from_adapter(make_model(arch), tmp_path / "a")
+    again = ChannelEditor.from_adapter(make_model(arch), tmp_path / "a", verify=False)
     assert [e.describe() for e in again.edits] == [e.describe() for e in editor.edits]
     assert all(torch.equal(a.left, b.left) and torch.equal(a.right, b.right) for a, b in zip(again.edits, editor.edits))
     assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), editor.model.state_dict().values()))
@@ -289,7 +292,7 @@ def test_push_through_the_hub_and_load_with_plain_peft(hub, tmp_path):
     info = editor.push_adapter_to_hub("alice/tiny-adapter", token=hub.token)
     repo = hub.repos[("model", "alice/tiny-adapter")]
     assert info.oid == repo.commits[-1][0]
-    assert set(repo.commits[-1][1]) == {*ADAPTER_FILES, "README.md", MANIFEST}
+    assert set(repo.commits[-1][1]) == {*ADAPTER_FILES, "README.md"}  # the manifest is never uploaded (issue 23)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = PeftModel.from_pretrained(make_model("llama"), "alice/tiny-adapter").eval()
@@ -320,7 +323,7 @@ def test_cli_push_of_an_adapter_directory(hub, tmp_path, capsys):
     _save(editor, tmp_path / "a", repo_id="alice/cli-adapter")
     assert main(["push", str(tmp_path / "a"), "alice/cli-adapter", "--token", hub.token, "--quiet", "--public"]) == 0
     files = hub.repos[("model", "alice/cli-adapter")].commits[-1][1]
-    assert set(files) == {*ADAPTER_FILES, "README.md", MANIFEST}
+    assert set(files) == {*ADAPTER_FILES, "README.md"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = PeftModel.from_pretrained(make_model("gpt2"), "alice/cli-adapter").eval()

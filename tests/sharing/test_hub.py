@@ -38,8 +38,10 @@ def _load(source, **kw):
 
 
 def _files(folder):
+    """Every file but th_edit's manifest, which is never uploaded (issue 23)."""
     folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".th_edit_manifest.json"}
 
 
 def _state(model):

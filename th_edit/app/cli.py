@@ -132,9 +132,10 @@ def cmd_find(args, out: _Out) -> dict[str, Any]:
 
 def cmd_edit(args, out: _Out) -> dict[str, Any]:
     from ..editor import ChannelEditor
-    from ..utils.files import check_not_overlapping
+    from ..utils.files import check_not_overlapping, check_output_directory
 
     check_not_overlapping(args.out, args.model if Path(args.model).is_dir() else None)
+    check_output_directory(args.out, args.overwrite)  # refuse now, not after a long fit
     model, tokenizer = _load(args)
     if args.plan:
         editor = ChannelEditor.from_plan(model, args.plan, tokenizer=tokenizer)
@@ -233,14 +234,22 @@ def cmd_push(args, out: _Out) -> dict[str, Any]:
     if not folder.is_dir():
         raise HubError(f"{folder} is not a directory; write it with `th-edit edit --out` or save_pretrained/save_plan.")
     is_plan_only = all((folder / f).is_file() for f in PLAN_FILES) and not (folder / "config.json").is_file()
-    if not (folder / "README.md").is_file() and is_plan_only:
+    card = folder / "README.md"
+    wrote_card = is_plan_only and not card.exists() and not card.is_symlink()
+    if wrote_card:
         from ..sharing.cards import plan_card
 
-        plan_card(EditPlan.load(folder), repo_id=args.repo_id).save(folder / "README.md")
+        plan_card(EditPlan.load(folder), repo_id=args.repo_id).save(card)
     upload, left_out = files_to_push(folder)
     if left_out:
-        out.say(f"not uploading {len(left_out)} file(s) th_edit did not write: {', '.join(left_out[:10])}")
-    info = push_folder(folder, args.repo_id, token=args.token, private=not args.public)
+        out.say(f"not uploading {len(left_out)} file(s) (not written by th_edit, changed since, links, dotfiles "
+                f"or key material): {', '.join(left_out[:10])}")
+    try:
+        info = push_folder(folder, args.repo_id, token=args.token, private=not args.public)
+    except BaseException:
+        if wrote_card:
+            card.unlink(missing_ok=True)  # a failed push leaves the directory as it was
+        raise
     oid = getattr(info, "oid", None)
     out.say(f"pushed {len(upload)} file(s) of {folder} to {args.repo_id} "
             f"({'public' if args.public else 'private'}, commit {oid})")

@@ -17,6 +17,14 @@ class CliParser(argparse.ArgumentParser):
         raise InvalidArgumentError(f"{message}. Run `{self.prog} --help` for the usage.")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def _model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     if positional:
         p.add_argument("model", help="bundled name (smollm2, gemma3-270m), local directory or Hub id")
@@ -60,7 +68,7 @@ def _add_analyze(sub, common) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--modes", nargs="+", default=["q", "k", "v"], choices=["q", "k", "v"],
                    help="composition modes to map (default: q k v)")
-    p.add_argument("--top", type=int, default=20, help="channels to list (default 20)")
+    p.add_argument("--top", type=_positive_int, default=20, help="channels to list (default 20)")
     p.add_argument("--memory-limit-mb", type=float, default=512.0,
                    help="working memory of the channel map's blocks per process (default 512); with --weights-only "
                         "it bounds the layers and blocks held (at least one layer's worth)")

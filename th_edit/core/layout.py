@@ -114,7 +114,12 @@ class AttentionLayout:
     """
 
     def __init__(self, model: nn.Module, spec: ArchSpec | None = None) -> None:
-        config = model.config
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "model_type"):
+            raise UnsupportedModelError(
+                f"th_edit edits a transformers causal LM (a model with a .config), not {type(model).__name__}: "
+                "load one with AutoModelForCausalLM.from_pretrained(...) or th_edit.models.load_model(...)."
+            )
         self.spec = spec if spec is not None else get_spec(config)
         self.model = model
         self.blocks = list(model.get_submodule(self.spec.layers))
@@ -183,7 +188,10 @@ class AttentionLayout:
     def check(self, layer: int, head: int) -> None:
         """Raise :class:`InvalidArgumentError` if ``(layer, head)`` is out of range."""
         for name, value, n in (("layer", layer, self.n_layers), ("head", head, self.n_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidArgumentError(f"{name}={value!r} must be a Python int, not {type(value).__name__} "
+                                           f"(pass int({name})).")
+            if not 0 <= value < n:
                 raise InvalidArgumentError(f"{name}={value!r} is out of range: this model has {n} (0..{n - 1}).")
 
     def module(self, layer: int, path: str) -> nn.Module:

@@ -39,6 +39,13 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
 
 
+def _int(value: Any) -> int:
+    """A JSON integer as is; ``1.9``, ``true`` or ``"1"`` raise (a plan is never silently coerced)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
 @dataclass
 class Edit:
     """One rescaling of singular components of one head's circuit.
@@ -200,8 +207,8 @@ class EditPlan:
             base = BaseModelIdentity(**data["base_model"])
             edits = [
                 Edit(
-                    layer=int(e["layer"]), head=int(e["head"]), circuit=str(e["circuit"]),
-                    components=tuple(int(c) for c in e["components"]), alpha=float(e["alpha"]),
+                    layer=_int(e["layer"]), head=_int(e["head"]), circuit=str(e["circuit"]),
+                    components=tuple(_int(c) for c in e["components"]), alpha=float(e["alpha"]),
                     folded=bool(e["folded"]), singular_values=tuple(float(s) for s in e["singular_values"]),
                     left=tensors[e["left"]], right=tensors[e["right"]], partial=bool(e.get("partial", False)),
                     alphas=None if e.get("alphas") is None else tuple(float(a) for a in e["alphas"]),

@@ -54,6 +54,7 @@ from ..errors import AdapterError, PlanFormatError
 from ..utils.distributed import is_main_process, wait_for_everyone
 from ..utils.files import atomic_directory
 from . import hub
+from .adapter_checks import check_adapter_config
 from .cards import CardData, base_model_meta, card_fields, card_license, eval_results, template_text
 from .checkpoints import verify_plan
 from .lora import (
@@ -262,6 +263,7 @@ def _check_matches(layout, config: Mapping[str, Any], tensors: Mapping[str, torc
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
         fail(f"it is not a plain LoRA adapter (peft_type={config.get('peft_type')!r}, use_dora="
              f"{config.get('use_dora')}, use_rslora={config.get('use_rslora')})")
+    check_adapter_config(config, conv1d=bool(layout.spec.conv1d), fail=fail)
     modules = module_factors(layout, plan.edits)
     targets = config.get("target_modules")
     targets = sorted(targets if isinstance(targets, list) else [targets])

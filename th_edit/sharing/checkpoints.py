@@ -22,8 +22,8 @@ from ..core.layout import AttentionLayout
 from ..edits.plan_checks import REMAKE_HINT
 from ..edits.plan import PLAN_FILES, BaseModelIdentity, Edit, EditPlan
 from ..edits.scale import EditLog, head_fingerprint, make_edit
-from ..errors import PlanMismatchError
-from ..utils.distributed import is_main_process, wait_for_everyone
+from ..errors import OutputDirectoryError, PlanMismatchError
+from ..utils.distributed import is_main_process, run_on_main_process, wait_for_everyone
 from ..utils.files import atomic_directory
 from . import hub
 from .cards import CardData, model_card, plan_card
@@ -59,6 +59,13 @@ def check_consistent(layout: AttentionLayout, edit: Edit) -> None:
         )
     expected = make_edit(layout, edit.layer, edit.head, edit.circuit, list(edit.components), edit.alpha,
                          folded=edit.folded, alphas=edit.alphas)
+    if tuple(expected.components) != tuple(edit.components) or (edit.alphas is not None and edit.alpha != 1.0):
+        raise PlanMismatchError(
+            f"the edit of layer {edit.layer} head {edit.head} lists components {list(edit.components)} with alpha "
+            f"{edit.alpha}{'' if edit.alphas is None else f' and alphas {list(edit.alphas)}'}: th_edit writes "
+            "components in ascending order and alpha 1.0 beside per-component alphas, so the plan was altered. "
+            f"{REMAKE_HINT} Or pass verify=False to apply it unchecked."
+        )
     want, got = expected.delta(), edit.delta()
     scale = float(want.norm()) + 1e-6 * float(target.detach().float().norm())
     err = float((got - want).norm())
@@ -145,9 +152,7 @@ def load_plan(source: EditPlan | str | os.PathLike, *, revision: str | None = No
 
 def save_plan(plan: EditPlan, directory: str | os.PathLike) -> None:
     """Write ``plan`` to ``directory`` (JSON + safetensors, atomic; main process only)."""
-    if is_main_process():
-        plan.save(directory)
-    wait_for_everyone()
+    run_on_main_process(lambda: plan.save(directory))
 
 
 def save_pretrained(
@@ -165,7 +170,10 @@ def save_pretrained(
     """
     directory = Path(directory)
     card = card or CardData()
-    if is_main_process():
+
+    _refuse_hub_cache(directory)
+
+    def write() -> None:
         source = getattr(model, "th_edit_source_dir", None) or str(getattr(model.config, "_name_or_path", "") or "") or None
         with atomic_directory(directory, overwrite=overwrite, protect=source) as staging:
             model.save_pretrained(staging, **save_kwargs)
@@ -174,8 +182,21 @@ def save_pretrained(
             plan.save(staging)
             model_card(plan, repo_id=repo_id, evidence=card.evidence, evaluation=card.evaluation).save(staging / "README.md")
         logger.info("saved the edited model to %s", directory)
-    wait_for_everyone()
+
+    run_on_main_process(write)  # the others wait, and raise the main process's error if it fails
     return directory
+
+
+def _refuse_hub_cache(directory: Path) -> None:
+    """A save into the Hugging Face download cache would change what ``from_pretrained(repo_id)`` loads."""
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE).resolve()
+    if directory.resolve().is_relative_to(cache):
+        raise OutputDirectoryError(
+            f"{directory} is inside the Hugging Face download cache ({cache}): saving there would change what "
+            "from_pretrained loads for that repository. Choose an output directory outside the cache."
+        )
 
 
 def push_to_hub(
@@ -184,7 +205,9 @@ def push_to_hub(
     **save_kwargs: Any,
 ):
     """:func:`save_pretrained` into a temporary directory, then upload it to ``repo_id`` in one commit.
-    Returns the ``CommitInfo``; raises :class:`HubError` with the fix on a bad token or server error."""
+    Returns the ``CommitInfo``; raises :class:`HubError` with the fix on a bad token or server error.
+    Under Accelerate every process calls it; the main process saves and uploads, and every process
+    returns its commit."""
     with tempfile.TemporaryDirectory(prefix="th_edit_push_") as tmp:
         save_pretrained(model, Path(tmp) / "model", plan=plan, tokenizer=tokenizer, card=card, repo_id=repo_id,
                         **save_kwargs)
@@ -197,6 +220,7 @@ def push_plan(
 ):
     """Upload ``plan`` alone (JSON + safetensors, a few KB) with a card to ``repo_id``."""
     with tempfile.TemporaryDirectory(prefix="th_edit_plan_") as tmp:
-        plan.save(tmp)
-        plan_card(plan, repo_id=repo_id).save(Path(tmp) / "README.md")
+        if is_main_process():  # the main process writes and uploads; the others get its commit
+            plan.save(tmp)
+            plan_card(plan, repo_id=repo_id).save(Path(tmp) / "README.md")
         return hub.push_folder(tmp, repo_id, token=token, private=private, commit_message=commit_message)

@@ -181,6 +181,8 @@ def load_model(
             f"{source} is a directory without config.json, so it is no transformers checkpoint. Pass the "
             "directory that holds config.json and the weights (saved with save_pretrained), or a Hub id."
         )
+    elif not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise ModelFileError(f"{source} does not exist (it is a path, not a Hub id 'owner/name'); check the path.")
     elif not Path(source).is_dir() and "/" not in source and source not in BUNDLED:
         raise InvalidArgumentError(
             f"model {source!r} is not a bundled model ({', '.join(BUNDLED)}), a local directory, or a Hub id 'owner/name'."
@@ -198,10 +200,7 @@ def _load_bundled(b: Bundled, short: str, cache_dir, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = (Path(cache_dir) if cache_dir is not None else cache_root()) / b.name
-    if not (target / "config.json").is_file():
-        with tempfile.TemporaryDirectory(prefix="th_edit_gguf_") as tmp:
-            gguf = bundled_gguf_path(short, work_dir=Path(tmp))
-            _convert(gguf.parent, gguf.name, target)
+    _ensure_converted(short, target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(target)
     model.config._name_or_path = b.hub_id
@@ -214,6 +213,30 @@ def _load_bundled(b: Bundled, short: str, cache_dir, dtype: torch.dtype):
 def load_default_model(*, cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """``load_model("smollm2")``: SmolLM2-135M-Instruct as a plain transformers model (eval, eager)."""
     return load_model(DEFAULT_MODEL, cache_dir=cache_dir, dtype=dtype)
+
+
+def _converted(target: Path) -> bool:
+    """A complete conversion: the manifest is moved into place last, after config.json and the weights."""
+    from ..utils.manifest import MANIFEST
+
+    return (target / "config.json").is_file() and (target / MANIFEST).is_file()
+
+
+def _ensure_converted(name: str, target: Path) -> None:
+    """Convert bundled model ``name`` into ``target`` once. Processes that need it at the same time (two
+    shells, or every process of an ``accelerate launch``) wait for the first one under a lock on the cache
+    root, then find it complete; a half-written copy is never read."""
+    from ..utils.files import directory_lock
+
+    if _converted(target):
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with directory_lock(target.parent):
+        if _converted(target):
+            return
+        with tempfile.TemporaryDirectory(prefix="th_edit_gguf_") as tmp:
+            gguf = bundled_gguf_path(name, work_dir=Path(tmp))
+            _convert(gguf.parent, gguf.name, target)
 
 
 def _plain_copy(loaded):

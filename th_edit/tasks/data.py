@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
@@ -115,15 +116,21 @@ _IOI_TEMPLATES = (
 
 def first_token(tokenizer, word: str) -> int:
     """Id of the first token of ``" " + word`` (how an answer continues a prompt)."""
-    return int(tokenizer(" " + word, add_special_tokens=False)["input_ids"][0])
+    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise InvalidArgumentError(
+            f"the tokenizer turns {word!r} into no tokens; th_edit needs a tokenizer that encodes the task's "
+            "words (save the model with its tokenizer)."
+        )
+    return int(ids[0])
 
 
 def usable_words(tokenizer, words: Sequence[str]) -> list[tuple[str, int]]:
     """``(word, first_token_id)`` for each word, keeping one word per first token (the first listed), so
     that any sample of them has unique first tokens. Words the tokenizer maps to its unknown token are
     dropped. With ``tokenizer=None`` every word gets a distinct fake id."""
-    if tokenizer is None:
-        return [(w, i) for i, w in enumerate(words)]
+    if tokenizer is None:  # one entry per distinct word
+        return [(w, i) for i, w in enumerate(dict.fromkeys(words))]
     seen: set[int] = set()
     out = []
     unk = getattr(tokenizer, "unk_token_id", None)
@@ -215,8 +222,12 @@ def _words_key(words: Sequence[str]) -> str:
 
 
 def split_sizes(n_per_length: int, fractions: Sequence[float] = (0.5, 0.25, 0.25)) -> dict[str, int]:
-    """Examples per length in the train, dev and test splits (a prompt's split itself is
-    :func:`~th_edit.tasks.provenance.split_of`, a function of the prompt and the seed)."""
+    """Examples per length in the train, dev and test splits (``fractions``: three shares >= 0 summing to 1;
+    a prompt's split itself is :func:`~th_edit.tasks.provenance.split_of`, a function of the prompt and the seed)."""
+    fr = [float(f) for f in fractions]
+    if len(fr) != 3 or not all(math.isfinite(f) and f >= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        raise InvalidArgumentError(f"fractions={tuple(fractions)} must be three shares >= 0 (train, dev, test) "
+                                   "that sum to 1, e.g. (0.5, 0.25, 0.25).")
     n_train = int(round(n_per_length * fractions[0]))
     n_dev = int(round(n_per_length * fractions[1]))
     return {"train": n_train, "dev": n_dev, "test": n_per_length - n_train - n_dev}
@@ -238,9 +249,11 @@ def _build(template: str, tokenizer, lengths: Sequence[int], n_per_length: int, 
         words = []
         name_pool = [w for w, _ in usable_words(tokenizer, names or NAMES)]
     else:
-        words = [w for w, _ in usable_words(tokenizer, items or ITEMS)]
+        words = [w for w, _ in usable_words(tokenizer, ITEMS if items is None else items)]
         name_pool = list(names or NAMES)
     lengths = [int(n) for n in lengths]
+    if not lengths:
+        raise InvalidArgumentError("lengths is empty: give at least one list length, e.g. lengths=[3, 5].")
     pool = name_pool if template == "ioi" else words
     if len(pool) < 2:
         what = "names" if template == "ioi" else "items"

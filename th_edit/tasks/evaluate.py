@@ -148,11 +148,9 @@ def evaluate(
     if plan is not None:
         check_overlap(plan, rows, allow=allow_overlap)
     seqs = tokenizer([r["prompt"] for r in rows])["input_ids"]
-    token_of: dict[str, int] = {}
-    for r in rows:
-        for w in r["items"]:
-            if w not in token_of:
-                token_of[w] = first_token(tokenizer, w)
+    if any(len(q) == 0 for q in seqs):
+        raise InvalidArgumentError("a row's prompt tokenizes to nothing (an empty prompt?); every row needs a prompt.")
+    token_of = _item_tokens(tokenizer, rows)
     pad_id = pad_token_id(tokenizer)
 
     world, rank = _world()
@@ -189,6 +187,30 @@ def evaluate(
         records = [rec for part in records for rec in part]
     frame = pd.DataFrame(records).sort_values("index").reset_index(drop=True).drop(columns="index")
     return EvalResult(frame, meta={"batch_size": batch_size, "padding_side": padding_side, "processes": world})
+
+
+def _item_tokens(tokenizer, rows: list[dict[str, Any]]) -> dict[str, int]:
+    """The first token of every item; refuses rows whose target is not an item, or whose items share a first
+    token (accuracy among the items would then be meaningless: ties always pick the first)."""
+    token_of: dict[str, int] = {}
+    clashes = []
+    for i, r in enumerate(rows):
+        if r["target"] not in r["items"]:
+            raise InvalidArgumentError(f"row {i}: target {r['target']!r} is not one of its items {list(r['items'])}.")
+        for w in r["items"]:
+            if w not in token_of:
+                token_of[w] = first_token(tokenizer, w)
+        if len({token_of[w] for w in r["items"]}) < len(r["items"]):
+            clashes.append(i)
+    if clashes:
+        r = rows[clashes[0]]
+        raise InvalidArgumentError(
+            f"in {len(clashes)} of {len(rows)} rows the tokenizer gives two items the same first token (row "
+            f"{clashes[0]}: {', '.join(f'{w}->{token_of[w]}' for w in r['items'])}), so accuracy among the items "
+            "means nothing. Use the model's own tokenizer, and build the rows with th_edit.data.laundry_list("
+            "tokenizer, ...), which keeps only items with distinct first tokens."
+        )
+    return token_of
 
 
 def _world() -> tuple[int, int]:

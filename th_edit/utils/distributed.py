@@ -6,8 +6,10 @@ On machines without CUDA the processes talk over gloo (``PartialState(cpu=True)`
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
-__all__ = ["distributed_state", "is_main_process", "wait_for_everyone", "process_rank_and_count"]
+__all__ = ["distributed_state", "is_main_process", "wait_for_everyone", "process_rank_and_count", "run_on_main_process"]
 
 
 def distributed_state():
@@ -42,3 +44,44 @@ def process_rank_and_count() -> tuple[int, int]:
     """``(rank, world_size)`` of this process (``(0, 1)`` outside distributed runs)."""
     state = distributed_state()
     return (0, 1) if state is None else (state.process_index, state.num_processes)
+
+
+def run_on_main_process(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on the main process only; every process then returns its result, or raises its error.
+
+    All processes must call this (it is a collective, like a barrier). Outside distributed runs it is just
+    ``fn()``. The result travels pickled; an error that does not pickle arrives as a
+    :class:`~th_edit.errors.ThEditError` carrying its message, so no process is left waiting at a barrier
+    when the main process fails."""
+    rank, world = process_rank_and_count()
+    if world <= 1:
+        return fn()
+    from .sharding import gather_from_processes
+
+    outcome = payload = None
+    if rank == 0:
+        try:
+            outcome = ("ok", fn())
+        except Exception as exc:  # noqa: BLE001 - told to the other processes, then re-raised here
+            outcome = ("error", exc)
+        payload = _picklable(outcome)
+    shared = gather_from_processes(payload, world)[0]
+    kind, value = outcome if rank == 0 else shared
+    if kind == "error":
+        raise value
+    return value
+
+
+def _picklable(outcome: tuple[str, Any]) -> tuple[str, Any]:
+    import pickle
+
+    from ..errors import ThEditError
+
+    kind, value = outcome
+    try:
+        pickle.loads(pickle.dumps(value))
+        return outcome
+    except Exception:  # noqa: BLE001 - anything that does not survive the trip
+        if kind == "error":
+            return kind, ThEditError(f"the main process failed: {type(value).__name__}: {value}")
+        return kind, None

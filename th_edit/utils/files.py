@@ -2,12 +2,15 @@
 
 :func:`atomic_directory` stages the files a save writes, then moves them into the target directory one
 by one, beside whatever else is there, the way ``transformers``' ``save_pretrained`` does. Nothing
-th_edit did not write is ever deleted: a manifest (:data:`MANIFEST`) lists what th_edit wrote, so a
-later save may remove its own stale files (old shards) and nothing else. A non-empty directory without
-a manifest is refused unless ``overwrite=True``. On any failure the replaced files are restored;
-a staging directory left by a save that was killed is removed by the next save into that directory.
-The staging directory sits inside the target (same file system, works on a mount point or under a
-read-only parent) and falls back to the system temp directory. Modes follow the umask.
+th_edit cannot prove it wrote is ever deleted: the manifest (:mod:`th_edit.utils.manifest`) records the
+SHA-256 of every file a save wrote, so a later save removes its own stale files (old shards) only while
+their bytes are unchanged, and replaces an existing file without ``overwrite`` only under the same proof.
+A non-empty directory without a trusted manifest is refused unless ``overwrite=True``; names inside the
+directory are never followed through a symbolic link. Saves into one directory are serialised by an
+advisory lock on it (``flock``; a second save waits for the first). On any failure the replaced files
+are restored; a staging directory left by a save that was killed is removed by the next save into that
+directory. The staging directory sits inside the target (same file system, works on a mount point or
+under a read-only parent) and falls back to the system temp directory. Modes follow the umask.
 """
 
 from __future__ import annotations
@@ -15,38 +18,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import logging
 import os
 import shutil
 import socket
 import tempfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..errors import HubError, OutputDirectoryError
+from .manifest import MANIFEST, Manifest, read_manifest, write_manifest
 
 __all__ = ["MANIFEST", "atomic_directory", "replace_files", "read_manifest", "check_not_overlapping",
-           "clean_abandoned_staging"]
+           "clean_abandoned_staging", "directory_lock", "check_output_directory"]
 
 logger = logging.getLogger(__name__)
 
-#: the file listing what th_edit wrote into an output directory (relative POSIX paths)
-MANIFEST = ".th_edit_manifest.json"
 _STAGING_PREFIX = ".th_edit-staging-"
-
-
-def read_manifest(directory: str | os.PathLike) -> list[str] | None:
-    """The files th_edit wrote into ``directory`` (from its manifest), or None if it has no valid one."""
-    path = Path(directory) / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    files = data.get("files") if isinstance(data, dict) else None
-    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        return None
-    return [f for f in files if f and not f.startswith("/") and ".." not in Path(f).parts]
 
 
 def check_not_overlapping(target: str | os.PathLike, source: str | os.PathLike | None) -> None:
@@ -61,18 +49,91 @@ def check_not_overlapping(target: str | os.PathLike, source: str | os.PathLike |
         )
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
-    if target.exists() and not target.is_dir():
-        raise OutputDirectoryError(f"{target} exists and is not a directory; choose another output path.")
-    if overwrite or not target.is_dir() or read_manifest(target) is not None:
+def _check_target(target: Path, overwrite: bool, manifest: Manifest | None) -> None:
+    """Refuse a non-empty ``target`` without a trusted manifest, unless ``overwrite``."""
+    if overwrite or not target.is_dir() or (manifest is not None and manifest.trusted):
         return
     foreign = [p.name for p in target.iterdir() if not p.name.startswith(_STAGING_PREFIX)]
     if foreign:
+        why = f"th_edit cannot prove it wrote them ({manifest.reason})" if manifest else "it was not written by th_edit"
         raise OutputDirectoryError(
-            f"{target} is not empty and was not written by th_edit (it holds {', '.join(sorted(foreign)[:5])}"
-            f"{', ...' if len(foreign) > 5 else ''}). Choose an empty or new directory, or pass overwrite=True "
+            f"{target} is not empty and {why}: it holds {', '.join(sorted(foreign)[:5])}"
+            f"{', ...' if len(foreign) > 5 else ''}. Choose an empty or new directory, or pass overwrite=True "
             "(--overwrite) to write beside those files (only the files th_edit writes are replaced)."
         )
+
+
+def check_output_directory(target: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise :class:`OutputDirectoryError` now if a save into ``target`` would be refused (checked again
+    when saving): lets a command refuse before a long computation instead of after it."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise OutputDirectoryError(f"{target} exists and is not a directory; choose another output path.")
+    _check_target(target, overwrite, read_manifest(target) if target.is_dir() else None)
+
+
+def _check_names(target: Path, names: Iterable[str], overwrite: bool, manifest: Manifest | None) -> None:
+    """Refuse to write through a symbolic link (or a file) inside ``target``, and, without ``overwrite``,
+    to replace a file th_edit cannot prove it wrote."""
+    conflicts = []
+    for name in names:
+        path = target
+        for part in PurePosixPath(name).parts[:-1]:
+            path = path / part
+            if path.is_symlink() or (path.exists() and not path.is_dir()):
+                raise OutputDirectoryError(
+                    f"{path} is {'a symbolic link' if path.is_symlink() else 'not a directory'}, but th_edit needs "
+                    f"to write {name} inside it; th_edit never writes through links. Replace it with a plain "
+                    "directory or choose another output directory."
+                )
+        dst = target / name
+        if (dst.exists() or dst.is_symlink()) and not (manifest is not None and manifest.owns(name)):
+            conflicts.append(name)
+    if conflicts and not overwrite:
+        raise OutputDirectoryError(
+            f"{target} holds {', '.join(conflicts[:5])}{', ...' if len(conflicts) > 5 else ''}, which this save "
+            "would replace, but th_edit cannot prove it wrote them (changed since, or not listed with a matching "
+            "hash in its manifest). Move them away, or pass overwrite=True (--overwrite) to replace them."
+        )
+
+
+def _stale(target: Path, names: Iterable[str], manifest: Manifest | None) -> list[str]:
+    """Files of the previous save that this one does not write again and that th_edit provably wrote;
+    the other listed files are left (with a warning)."""
+    if manifest is None:
+        return []
+    old = sorted(set(manifest.files) - set(names))
+    stale = [n for n in old if manifest.owns(n)]
+    kept = [n for n in old if n not in stale and (target / n).exists()]
+    if kept:
+        logger.warning("%s: leaving %d file(s) an earlier save listed but th_edit cannot prove it wrote (%s): %s",
+                       target, len(kept), manifest.reason or "changed since, or not plain files",
+                       ", ".join(kept[:10]))
+    return stale
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``flock``) on ``directory`` (which must exist); a second holder
+    waits. Where locks are unsupported (no ``fcntl``, some network file systems) this is a no-op."""
+    try:
+        import fcntl
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError) as exc:
+        logger.debug("cannot lock %s (%s); writing without a lock", directory, exc)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("another th_edit process is writing into %s; waiting for it to finish", directory)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            logger.debug("cannot lock %s (%s); writing without a lock", directory, exc)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _owner_tag() -> str:
@@ -204,10 +265,12 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False,
     """Yield an empty staging directory; on success its files are moved into ``target``.
 
     Files already in ``target`` that the save does not write stay untouched; files of an earlier th_edit
-    save (listed in its manifest) that this save does not write again are removed. A non-empty
-    ``target`` without a manifest raises :class:`OutputDirectoryError` unless ``overwrite``; so does a
-    ``target`` overlapping ``protect`` (the source model directory). If the body or a move fails,
-    ``target`` is left as it was (a directory created for the save is removed again).
+    save that this save does not write again are removed if th_edit provably wrote them (manifest hash).
+    A non-empty ``target`` without a trusted manifest raises :class:`OutputDirectoryError` unless
+    ``overwrite``; so does replacing a file th_edit cannot prove it wrote, writing through a symbolic
+    link inside ``target``, or a ``target`` overlapping ``protect`` (the source model directory). Saves into
+    one ``target`` wait for each other (:func:`directory_lock`). If the body or a move fails, ``target``
+    is left as it was (a directory created for the save is removed again).
 
     >>> import tempfile, pathlib
     >>> root = pathlib.Path(tempfile.mkdtemp())
@@ -218,28 +281,31 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False,
     """
     target = Path(target)
     check_not_overlapping(target, protect)
-    _check_target(target, overwrite)
+    if target.exists() and not target.is_dir():
+        raise OutputDirectoryError(f"{target} exists and is not a directory; choose another output path.")
     try:
         created = _mkdirs(target)
     except OSError as exc:
         raise HubError(f"cannot create the output directory {target}: {exc}. Choose a writable location.") from exc
-    clean_abandoned_staging(target)
     staging = None
     try:
-        try:
-            staging = _make_staging(target)
-        except OSError as exc:
-            raise HubError(f"cannot write into {target} or the temp directory: {exc}. "
-                           "Choose a writable output directory.") from exc
-        yield staging
-        (staging / MANIFEST).unlink(missing_ok=True)
-        names = _staged_files(staging)
-        (staging / MANIFEST).write_text(json.dumps({"written_by": "th_edit", "files": [*names, MANIFEST]},
-                                                   indent=1) + "\n")
-        old = set(read_manifest(target) or ())
-        stale = sorted(n for n in old - set(names) - {MANIFEST} if (target / n).is_file())
-        _commit(staging, target, [*names, MANIFEST], stale)
-        created = []
+        with directory_lock(target):
+            _check_target(target, overwrite, read_manifest(target))
+            clean_abandoned_staging(target)
+            try:
+                staging = _make_staging(target)
+            except OSError as exc:
+                raise HubError(f"cannot write into {target} or the temp directory: {exc}. "
+                               "Choose a writable output directory.") from exc
+            yield staging
+            (staging / MANIFEST).unlink(missing_ok=True)
+            names = _staged_files(staging)
+            manifest = read_manifest(target)  # again: another save may have finished while this one waited
+            _check_names(target, names, overwrite, manifest)
+            stale = _stale(target, names, manifest)
+            write_manifest(staging, names, target)
+            _commit(staging, target, [*names, MANIFEST], stale)
+            created = []
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
