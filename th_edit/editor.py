@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, ContextManager, Sequence, Union
 
 import torch
 from torch import nn
 
 from .analysis import composition, discovery, edit_search, weights_only
+from .analysis.channels import ChannelMap
 from .core import circuits
 from .core.architectures import ArchSpec
 from .core.circuits import MODES, HeadWeights, SVDResult, check_circuit
@@ -28,11 +29,18 @@ from .edits.scale import EditLog, head_fingerprint, make_edit
 from .errors import AnalysisOnlyError, InvalidArgumentError
 from .sharing import adapters, checkpoints, lora
 from .sharing.cards import CardData, model_card
+from .tasks.data import Rows
 from .tasks.provenance import data_provenance
+
+if TYPE_CHECKING:  # pragma: no cover
+    from huggingface_hub import CommitInfo, ModelCard
 
 __all__ = ["ChannelEditor", "WeightsOnlyEditor", "channel_map_from_checkpoint"]
 
 logger = logging.getLogger(__name__)
+
+#: where a computation runs (``None``: where the weights are)
+Device = Union[torch.device, str, None]
 
 
 class ChannelEditor:
@@ -91,7 +99,8 @@ class ChannelEditor:
         """Float32 copies of one head's attention parameters (GQA resolved)."""
         return circuits.head_weights(self.layout, layer, head)
 
-    def circuit_factors(self, layer: int, head: int, circuit: str = "ov", *, folded: bool | None = None):
+    def circuit_factors(self, layer: int, head: int, circuit: str = "ov", *,
+                        folded: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Thin factors ``(A, B)``, ``circuit = A @ B.T``, both ``[d, d_h]`` (see :func:`circuits.circuit_factors`)."""
         return circuits.circuit_factors(self.layout, layer, head, circuit, folded=self._folded(folded))
 
@@ -105,19 +114,20 @@ class ChannelEditor:
         return circuits.svd(self.layout, layer, head, circuit, folded=self._folded(folded))
 
     def svd_all(self, circuit: str = "ov", *, folded: bool | None = None, layers: Sequence[int] | None = None,
-                device=None) -> SVDResult:
+                device: Device = None) -> SVDResult:
         """Batched SVD of every head of ``layers``: ``U, V [n_layers, H, d, d_h]``, ``S [n_layers, H, d_h]``."""
         return circuits.svd_all(self.layout, circuit, folded=self._folded(folded), layers=layers, device=device)
 
     def stacked_factors(self, circuit: str = "ov", *, folded: bool | None = None, layers: Sequence[int] | None = None,
-                        device=None) -> tuple[torch.Tensor, torch.Tensor]:
+                        device: Device = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors of every head of ``layers`` stacked: ``A, B [n_layers, H, d, d_h]`` float32."""
         return circuits.stacked_factors(self.layout, circuit, folded=self._folded(folded), layers=layers, device=device)
 
     # ----- composition --------------------------------------------------------------------------
     def channel_map(self, modes: Sequence[str] = MODES, *, config: composition.ChannelMapConfig | None = None,
-                    folded: bool | None = None, senders=None, receivers=None, layers=None, device=None,
-                    progress: bool = True, **settings: Any):
+                    folded: bool | None = None, senders: Sequence[tuple[int, int]] | None = None,
+                    receivers: Sequence[tuple[int, int]] | None = None, layers: Sequence[int] | None = None,
+                    device: Device = None, progress: bool = True, **settings: Any) -> ChannelMap:
         """Composition of every sender head's OV components into every later receiver head.
 
         ``settings`` (``memory_limit_mb``, ``keep_top``, ``baseline_samples``, ``seed``) override fields of
@@ -165,7 +175,8 @@ class ChannelEditor:
         return self.log.reset()
 
     def steer(self, layer: int, head: int, circuit: str = "ov", *, component: int | Sequence[int] = 0,
-              alpha: float = 1.0, add: float | Sequence[float] = 0.0, positions: Any = None, folded: bool | None = None):
+              alpha: float = 1.0, add: float | Sequence[float] = 0.0, positions: Any = None,
+              folded: bool | None = None) -> ContextManager[Any]:
         """Context manager rescaling a head's output along OV component(s) at run time (no weight change);
         at every position it equals ``scale_component(layer, head, "ov", component, alpha)``. See
         :mod:`th_edit.edits.steering`."""
@@ -178,16 +189,19 @@ class ChannelEditor:
                               positions=positions, folded=self._folded(folded))
 
     # ----- discovery and search -----------------------------------------------------------------
-    def find_channels(self, dataset, config: discovery.DiscoveryConfig | None = None, *, tokenizer: Any = None,
-                      channel_map=None, progress: bool = True, **settings: Any) -> discovery.ChannelFindings:
+    def find_channels(self, dataset: Rows, config: discovery.DiscoveryConfig | None = None, *, tokenizer: Any = None,
+                      channel_map: ChannelMap | None = None, progress: bool = True,
+                      **settings: Any) -> discovery.ChannelFindings:
         """Ranked inhibition and duplicate-detection channels with weight-based and causal evidence; see
         :func:`th_edit.analysis.discovery.find_channels` (``settings`` override ``config`` fields)."""
         cfg = discovery.DiscoveryConfig.merged(config, **settings)
         return discovery.find_channels(self, self._tokenizer(tokenizer), dataset, cfg, channel_map=channel_map,
                                        progress=progress)
 
-    def search_edit(self, dev, test, findings, config: edit_search.EditSearchConfig | None = None, *,
-                    tokenizer: Any = None, candidates=None, progress: bool = True, train: Any = None,
+    def search_edit(self, dev: Rows, test: Rows, findings: discovery.ChannelFindings,
+                    config: edit_search.EditSearchConfig | None = None, *, tokenizer: Any = None,
+                    candidates: Sequence[tuple[int, int, str, int]] | None = None, progress: bool = True,
+                    train: Rows | None = None,
                     **settings: Any) -> edit_search.EditSearch:
         """Grid-search single-component rescalings on ``dev``, report ``test``; the chosen edits stay
         applied and the card records the evidence. ``train``: the prompts ``findings`` came from, recorded
@@ -201,9 +215,9 @@ class ChannelEditor:
         self.card = CardData(evidence=result.evidence, evaluation=result.evaluation)
         return result
 
-    def fit_edit(self, train, dev, *, heads: Any = None, circuits: Sequence[str] | None = None, budget: int | None = None,
-                 test=None, findings=None, config: fit.FitConfig | None = None, tokenizer: Any = None,
-                 **settings: Any) -> fit.FitResult:
+    def fit_edit(self, train: Rows, dev: Rows, *, heads: Any = None, circuits: Sequence[str] | None = None,
+                 budget: int | None = None, test: Rows | None = None, findings: discovery.ChannelFindings | None = None,
+                 config: fit.FitConfig | None = None, tokenizer: Any = None, **settings: Any) -> fit.FitResult:
         """Learn one scale per singular component of the chosen heads' circuits on ``train``, keep at most
         ``budget`` components, choose on ``dev`` and apply the result as ordinary edits (``test``, when given,
         is evaluated once for the report). ``heads`` (default ``"all"``): ``"all"``, ``"discovered"`` (the heads of
@@ -299,7 +313,7 @@ class ChannelEditor:
         editor.apply_plan(plan, verify=verify)
         return editor
 
-    def model_card(self, repo_id: str | None = None):
+    def model_card(self, repo_id: str | None = None) -> ModelCard:
         """The ``huggingface_hub.ModelCard`` that :meth:`save_pretrained` writes."""
         return model_card(self.export_plan(), repo_id=repo_id, evidence=self.card.evidence, evaluation=self.card.evaluation)
 
@@ -311,14 +325,14 @@ class ChannelEditor:
                                            tokenizer=tokenizer if tokenizer is not None else self.tokenizer, **save_kwargs)
 
     def push_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None, tokenizer: Any = None,
-                    commit_message: str = "Upload model edited with th_edit", **save_kwargs: Any):
+                    commit_message: str = "Upload model edited with th_edit", **save_kwargs: Any) -> CommitInfo:
         """Save as :meth:`save_pretrained` does and upload to ``repo_id`` in one commit (``CommitInfo``)."""
         return checkpoints.push_to_hub(self.model, repo_id, plan=self.export_plan(), card=self.card, token=token,
                                        private=private, commit_message=commit_message,
                                        tokenizer=tokenizer if tokenizer is not None else self.tokenizer, **save_kwargs)
 
     def push_plan_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
-                         commit_message: str = "Upload th_edit edit plan"):
+                         commit_message: str = "Upload th_edit edit plan") -> CommitInfo:
         """Upload the edit plan alone (JSON + safetensors, a few KB) with a card to ``repo_id``."""
         return checkpoints.push_plan(self.export_plan(), repo_id, token=token, private=private, commit_message=commit_message)
 
@@ -334,7 +348,7 @@ class ChannelEditor:
 
     def push_adapter_to_hub(self, repo_id: str, *, token: str | None = None, private: bool | None = None,
                             edits: EditPlan | Sequence[Edit] | None = None, layout: str = "compact",
-                            max_rank: int | None = None, **kwargs: Any) -> Any:
+                            max_rank: int | None = None, **kwargs: Any) -> CommitInfo:
         """Save as :meth:`save_adapter` does and upload it to ``repo_id`` in one commit (``CommitInfo``)."""
         return adapters.push_adapter_to_hub(self.layout, repo_id, plan=self._adapter_plan(edits), card=self.card,
                                             token=token, private=private, adapter_layout=layout, max_rank=max_rank,

@@ -41,6 +41,7 @@ from ..core import linalg
 from ..core.circuits import MODES
 from ..errors import InvalidArgumentError
 from ..utils.distributed import process_rank_and_count
+from ..utils.progress import progress_bar
 from ..utils.sharding import gather_from_processes
 from .channels_shard import canonical_top, merge_parts, sender_blocks
 
@@ -382,46 +383,69 @@ def compute_channel_map(
     if order != list(range(len(senders))):
         raise InvalidArgumentError("senders must be sorted by (layer, head); sort the list before computing the map.")
     S, V = sender_svd
-    r = V.shape[-1]
     rank, world = process_rank_and_count()
     blocks = sender_blocks([l for l, _ in senders], [l for l, _ in receivers], world) if world > 1 else [(0, len(senders))]
-    lo, hi = blocks[rank]
-    send_w = S / S.norm(dim=1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny)
-    send_layer = torch.tensor([l for l, _ in senders], device=V.device, dtype=torch.long)
-    recv_layer = torch.tensor([l for l, _ in receivers], device=V.device, dtype=torch.long)
-    budget = int(memory_limit_mb * 2**20)
+    stream = _SenderStream(
+        V=V, send_w=S / S.norm(dim=1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny),
+        send_layer=torch.tensor([l for l, _ in senders], device=V.device, dtype=torch.long),
+        recv_layer=torch.tensor([l for l, _ in receivers], device=V.device, dtype=torch.long),
+        block=blocks[rank], world=world, budget_bytes=int(memory_limit_mb * 2**20), keep_top=keep_top,
+        matmul_dtype=matmul_dtype,
+    )
     modes: dict[str, _ModeData] = {}
     for mode, (T, A) in receiver_svds.items():
-        recv_w = T / T.norm(dim=1, keepdim=True).clamp_min(torch.finfo(T.dtype).tiny)
-        bar = progress(total=len(receivers), desc=f"channel map ({mode})") if progress and rank == 0 else _NullBar()
-        with bar:
-            head, comp, top_v, top_r, top_c = _stream_mode(
-                V[lo:hi], send_w[lo:hi], send_layer[lo:hi], A, recv_w, recv_layer, budget_bytes=budget,
-                keep_top=keep_top, progress=bar, matmul_dtype=matmul_dtype,
-            )
-        part = (head.cpu(), comp.cpu(), top_v.cpu(), (top_r + lo * r).cpu(), top_c.cpu())
-        if world > 1:
-            part = merge_parts(gather_from_processes(part, world), keep_top)
-        head, comp, top_v, top_r, top_c = part
-        top_v, top_r, top_c = canonical_top(top_v, top_r, top_c, keep_top)
-        rows, cols = top_r.to(V.device), top_c.to(V.device)
-        cos = (V[rows // r, :, rows % r] * A[cols // r, :, cols % r]).sum(-1)
-        modes[mode] = _ModeData(head=head, component=comp, top_share=top_v, top_row=top_r,
-                                top_col=top_c, top_cos=cos.cpu(), receiver_S=T.cpu())
-    d = V.shape[1]
-    baselines = monte_carlo_baselines(d, r, samples=baseline_samples, seed=seed) if baseline_samples else {}
-    baselines["pair_cosine"] = (expected_abs_cosine(d), math.sqrt(max(1.0 / d - expected_abs_cosine(d) ** 2, 0.0)))
+        desc = f"channel map ({mode})"
+        bar = (progress(total=len(receivers), desc=desc) if progress and rank == 0
+               else progress_bar(total=len(receivers), desc=desc, enabled=False))
+        modes[mode] = _one_mode(stream, T, A, bar)
+    d, r = V.shape[1], V.shape[-1]
     return ChannelMap(n_layers=n_layers, n_heads=n_heads, d_model=d, d_head=r, folded=folded, senders=senders,
-                      receivers=receivers, sender_S=S.cpu(), modes=modes, baselines=baselines,
+                      receivers=receivers, sender_S=S.cpu(), modes=modes,
+                      baselines=_baselines(d, r, baseline_samples, seed),
                       meta={"processes": world, "sender_blocks": blocks})
 
 
-class _NullBar:
-    def __enter__(self):
-        return self
+@dataclass
+class _SenderStream:
+    """What every mode of :func:`compute_channel_map` streams: this process's sender block ``[lo, hi)`` of the
+    senders' right singular vectors ``V [Ns, d, r]`` and normalised weights ``send_w [Ns, r]``, the layers of
+    senders and receivers, and the streaming settings."""
 
-    def __exit__(self, *exc):
-        return False
+    V: torch.Tensor
+    send_w: torch.Tensor
+    send_layer: torch.Tensor
+    recv_layer: torch.Tensor
+    block: tuple[int, int]
+    world: int
+    budget_bytes: int
+    keep_top: int
+    matmul_dtype: torch.dtype
 
-    def update(self, n: int = 1) -> None:
-        pass
+
+def _one_mode(s: _SenderStream, T: torch.Tensor, A: torch.Tensor, bar: Any) -> _ModeData:
+    """One mode's scores: this process's senders streamed against every receiver (``T [Nr, r]`` singular values,
+    ``A [Nr, d, r]`` read directions), the processes' parts merged, the top pairs in canonical order."""
+    (lo, hi), r = s.block, s.V.shape[-1]
+    recv_w = T / T.norm(dim=1, keepdim=True).clamp_min(torch.finfo(T.dtype).tiny)
+    with bar:
+        head, comp, top_v, top_r, top_c = _stream_mode(
+            s.V[lo:hi], s.send_w[lo:hi], s.send_layer[lo:hi], A, recv_w, s.recv_layer, budget_bytes=s.budget_bytes,
+            keep_top=s.keep_top, progress=bar, matmul_dtype=s.matmul_dtype,
+        )
+    part = (head.cpu(), comp.cpu(), top_v.cpu(), (top_r + lo * r).cpu(), top_c.cpu())
+    if s.world > 1:
+        part = merge_parts(gather_from_processes(part, s.world), s.keep_top)
+    head, comp, top_v, top_r, top_c = part
+    top_v, top_r, top_c = canonical_top(top_v, top_r, top_c, s.keep_top)
+    rows, cols = top_r.to(s.V.device), top_c.to(s.V.device)
+    cos = (s.V[rows // r, :, rows % r] * A[cols // r, :, cols % r]).sum(-1)
+    return _ModeData(head=head, component=comp, top_share=top_v, top_row=top_r, top_col=top_c, top_cos=cos.cpu(),
+                     receiver_S=T.cpu())
+
+
+def _baselines(d: int, r: int, samples: int, seed: int) -> dict[str, tuple[float, float]]:
+    """Random-matrix baselines (Monte Carlo, ``samples`` draws) and the expected ``|cos|`` of two random
+    directions in ``R^d`` with its standard deviation."""
+    baselines = monte_carlo_baselines(d, r, samples=samples, seed=seed) if samples else {}
+    baselines["pair_cosine"] = (expected_abs_cosine(d), math.sqrt(max(1.0 / d - expected_abs_cosine(d) ** 2, 0.0)))
+    return baselines

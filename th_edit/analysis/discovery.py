@@ -1,10 +1,10 @@
 """Channel discovery and edit search: the paper's pipeline, from data-based roles and the channel map.
 
 :func:`find_channels`
-    1. **Mover heads**: the heads with the highest :func:`th_edit.roles.mover_scores` on the prompts.
+    1. **Mover heads**: the heads with the highest :func:`th_edit.analysis.roles.mover_scores` on the prompts.
     2. **Inhibition channels**: sender OV components of earlier heads ranked by their Q-composition
        component score into each mover head (weight-based, with the random-matrix baseline), then
-       measured causally with :func:`th_edit.roles.inhibition_score` (component removed). A few
+       measured causally with :func:`th_edit.analysis.roles.inhibition_score` (component removed). A few
        lower-ranked components (seeded sample) are measured too, so that the rank correlation between
        the weight-based and the causal ranking is not computed on the top of the list alone.
     3. **Duplicate-detection channels**: OV components of the strongest duplicate-token and
@@ -61,7 +61,7 @@ class ChannelFindings:
         return rows.sort_values(by, ascending=False).head(k).reset_index(drop=True)
 
     def evidence(self, k: int = 5) -> list[dict[str, Any]]:
-        """Rows for the model card (see :mod:`th_edit.cards`)."""
+        """Rows for the model card (see :mod:`th_edit.sharing.cards`)."""
         return [
             {"sender": f"{r.sender_layer}.{r.sender_head}[{r.sender_component}]",
              "receiver": f"{r.receiver_layer}.{r.receiver_head}", "mode": r.mode, "score": float(r.score),

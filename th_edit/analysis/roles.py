@@ -42,7 +42,7 @@ __all__ = [
     "repeated_tokens", "sequence_scores", "sequence_roles", "mover_scores", "receiver_gap", "prompt_cache", "inhibition_score",
 ]
 
-logger = logging.getLogger("th_edit")
+logger = logging.getLogger(__name__)
 
 
 def repeated_tokens(vocab_size: int, *, n: int = 16, length: int = 20, seed: int = 0,

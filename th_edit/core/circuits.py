@@ -1,6 +1,6 @@
 """Per-head circuits of a live model: weights, thin factors, factored SVDs, and the argument checks.
 
-Circuits follow ``method.md``: ``OV = W_V W_O`` and ``QK = W_Q W_K^T`` per head, folded by default (the
+Circuits follow ``docs/method.md``: ``OV = W_V W_O`` and ``QK = W_Q W_K^T`` per head, folded by default (the
 block's input normalisation's linear part ``N`` on the read side: ``W_Q^f = N W_Q``, ``W_K^f = N W_K``,
 ``W_V^f = N W_V``; per-head q/k-norm gains folded too). Every function takes an
 :class:`~th_edit.core.layout.AttentionLayout` and returns float32 tensors; nothing here writes weights.

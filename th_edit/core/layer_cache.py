@@ -6,7 +6,7 @@ pass at layer ``l``); :func:`run_from` then runs the model's own ``forward`` wit
 replaced by no-ops and the cached state injected at layer ``l`` by a forward pre-hook. Everything else
 (embeddings, rotary/learned positions, causal, padding and sliding-window masks, the final norm, the
 unembedding, ``logits_to_keep``) is the model's own code, so the approach is generic over every
-architecture in :data:`th_edit.architectures.ARCHITECTURES`; ``tests/test_layer_cache.py`` checks it against
+architecture in :data:`th_edit.core.architectures.ARCHITECTURES`; ``tests/core/test_layer_cache.py`` checks it against
 a plain forward pass on tiny models of each layout.
 
 :class:`LayerCache` keeps the states of a fixed list of batches within a memory bound; batches that do not
@@ -40,7 +40,7 @@ from ..errors import InvalidArgumentError
 
 __all__ = ["hidden_entering", "run_from", "skip_layers", "LayerCache", "reuse_lower_layers", "LowerLayerReuse"]
 
-logger = logging.getLogger("th_edit")
+logger = logging.getLogger(__name__)
 
 
 class _Stop(Exception):
@@ -131,7 +131,7 @@ class LayerCache:
     """Hidden states entering ``first_layer`` for a fixed list of input batches, within ``max_bytes``.
 
     Args:
-        model: the causal LM. layout: its :class:`th_edit.architectures.AttentionLayout` (``editor.layout``).
+        model: the causal LM. layout: its :class:`th_edit.core.layout.AttentionLayout` (``editor.layout``).
         first_layer: the lowest layer whose computation may change between passes.
         max_bytes: memory bound for the cached states; a batch whose state does not fit is recomputed
             (without gradient, only the layers below ``first_layer``) each time it is used. States are

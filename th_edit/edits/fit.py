@@ -311,7 +311,7 @@ def _evaluation_record(result: FitResult, config: FitConfig, test_given: bool) -
         before = {int(k): v for k, v in result.dev_before.items() if k != "all"}
         after = {int(k): v for k, v in result.dev_after.items() if k != "all"}
     note = (f"Accuracy on the {split} split by list length, before and after a fitted edit of "
-            f"{result.n_components} singular components in {len(result.edits)} head circuits (th_edit.fit, "
+            f"{result.n_components} singular components in {len(result.edits)} head circuits (th_edit.edits.fit, "
             f"budget {config.budget}, heads {config.heads if isinstance(config.heads, str) else len(heads)}). "
             f"Fitted on {fd['n_train']} prompts (templates {', '.join(fd['train_templates'])}; "
             f"lengths {fd['train_lengths']}); k and term weights chosen on {fd['n_dev']} dev prompts "

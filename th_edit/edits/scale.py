@@ -2,7 +2,7 @@
 
 :func:`make_edit` computes the weight change that rescales singular components of one head's folded (or
 raw) circuit by ``alpha``: ``Delta = (alpha - 1) sum_i s_i u_i v_i^T``, written into that head's ``W_O[h]``
-(OV) or ``W_Q[h]`` (QK) only, so key/value weights shared under GQA are never touched (see ``method.md``).
+(OV) or ``W_Q[h]`` (QK) only, so key/value weights shared under GQA are never touched (see ``docs/method.md``).
 :class:`EditLog` writes :class:`~th_edit.edits.plan.Edit` factors into a model, keeps the exact values
 each edit overwrote and the fingerprint of every touched head before its first edit, and undoes edits
 newest first. The maths runs in float32; weights are written in the model's dtype.

@@ -21,7 +21,7 @@ from ..utils.manifest import MANIFEST, plain_file_inside, read_manifest
 
 __all__ = ["push_folder", "resolve_local_or_hub", "files_to_push", "KNOWN_FILES"]
 
-logger = logging.getLogger("th_edit")
+logger = logging.getLogger(__name__)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 

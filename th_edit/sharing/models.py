@@ -30,7 +30,7 @@ from ..errors import InvalidArgumentError, ModelFileError, ModelNotInstalledErro
 __all__ = ["BUNDLED", "DEFAULT_MODEL", "cache_root", "published_name", "published_license", "smollm2_gguf_path", "bundled_gguf_path", "load_model",
            "load_default_model", "ModelNotInstalledError"]
 
-logger = logging.getLogger("th_edit")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

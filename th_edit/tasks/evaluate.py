@@ -32,15 +32,15 @@ import torch
 from ..errors import InvalidArgumentError
 from .batching import accepts_logits_to_keep, input_device, pad_sequences, pad_token_id, plan_batches
 from .batching import rows as dataset_rows
+from .data import Rows, first_token
 from .provenance import check_overlap
-from .data import first_token
 from .guard_text import GUARD_TEXTS
 from ..utils.distributed import process_rank_and_count
 from ..utils.progress import progress_bar
 
 __all__ = ["EvalResult", "evaluate", "guard_loss", "wilson_interval"]
 
-logger = logging.getLogger("th_edit")
+logger = logging.getLogger(__name__)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -119,7 +119,7 @@ def _last_logits(model, seqs: list[list[int]], pad_id: int, padding_side: str, d
 def evaluate(
     model,
     tokenizer,
-    dataset,
+    dataset: Rows,
     *,
     batch_size: int = 16,
     padding_side: str = "right",
@@ -135,16 +135,7 @@ def evaluate(
     With ``plan`` (an ``EditPlan`` or its ``provenance``), ``dataset`` is first checked against the train and
     dev prompts the plan was made with (:func:`th_edit.tasks.provenance.check_overlap`): a shared prompt
     raises :class:`~th_edit.errors.DataOverlapError`, or with ``allow_overlap`` logs a warning."""
-    if padding_side not in ("left", "right"):
-        raise InvalidArgumentError(f"padding_side={padding_side!r} must be 'left' or 'right'.")
-    if batch_size < 1:
-        raise InvalidArgumentError(f"batch_size={batch_size} must be at least 1.")
-    rows = dataset_rows(dataset)
-    if not rows:
-        raise InvalidArgumentError("the dataset is empty.")
-    missing = {"prompt", "items", "target"} - set(rows[0])
-    if missing:
-        raise InvalidArgumentError(f"dataset rows lack {sorted(missing)}; build them with th_edit.data.")
+    rows = _checked_rows(dataset, batch_size, padding_side)
     if plan is not None:
         check_overlap(plan, rows, allow=allow_overlap)
     seqs = tokenizer([r["prompt"] for r in rows])["input_ids"]
@@ -164,19 +155,7 @@ def evaluate(
             for batch in batches:
                 logits = _last_logits(model, [seqs[i] for i in batch], pad_id, padding_side, device)
                 logp = logits.log_softmax(-1)
-                for b, i in enumerate(batch):
-                    r = rows[i]
-                    cand = torch.tensor([token_of[w] for w in r["items"]])
-                    t = r["items"].index(r["target"])
-                    cl = logits[b, cand]
-                    others = torch.cat([cl[:t], cl[t + 1:]])
-                    records.append({
-                        "index": i, "example_id": int(r.get("example_id", i)), "list_length": int(r.get("list_length", len(r["items"]))),
-                        "target_index": int(r.get("target_index", t)), "template": str(r.get("template", "")),
-                        "correct": bool(int(cl.argmax()) == t), "correct_vocab": bool(int(logits[b].argmax()) == int(cand[t])),
-                        "p_target": float(logp[b, cand[t]].exp()),
-                        "logit_diff": float(cl[t] - others.max()) if len(others) else float("nan"),
-                    })
+                records += [_record(i, rows[i], logits[b], logp[b], token_of) for b, i in enumerate(batch)]
                 bar.update(1)
     finally:
         model.train(was_training)
@@ -211,6 +190,38 @@ def _item_tokens(tokenizer, rows: list[dict[str, Any]]) -> dict[str, int]:
             "tokenizer, ...), which keeps only items with distinct first tokens."
         )
     return token_of
+
+
+def _checked_rows(dataset: Rows, batch_size: int, padding_side: str) -> list[dict[str, Any]]:
+    """The dataset's rows, after checking the arguments (:class:`InvalidArgumentError` naming the fix)."""
+    if padding_side not in ("left", "right"):
+        raise InvalidArgumentError(f"padding_side={padding_side!r} must be 'left' or 'right'.")
+    if batch_size < 1:
+        raise InvalidArgumentError(f"batch_size={batch_size} must be at least 1.")
+    rows = dataset_rows(dataset)
+    if not rows:
+        raise InvalidArgumentError("the dataset is empty.")
+    missing = {"prompt", "items", "target"} - set(rows[0])
+    if missing:
+        raise InvalidArgumentError(f"dataset rows lack {sorted(missing)}; build them with th_edit.data.")
+    return rows
+
+
+def _record(i: int, r: dict[str, Any], logits: torch.Tensor, logp: torch.Tensor,
+            token_of: dict[str, int]) -> dict[str, Any]:
+    """One example's record from its answer-position logits and log-probabilities (``[V]`` each; candidates
+    scored by their first token)."""
+    cand = torch.tensor([token_of[w] for w in r["items"]])
+    t = r["items"].index(r["target"])
+    cl = logits[cand]
+    others = torch.cat([cl[:t], cl[t + 1:]])
+    return {
+        "index": i, "example_id": int(r.get("example_id", i)), "list_length": int(r.get("list_length", len(r["items"]))),
+        "target_index": int(r.get("target_index", t)), "template": str(r.get("template", "")),
+        "correct": bool(int(cl.argmax()) == t), "correct_vocab": bool(int(logits.argmax()) == int(cand[t])),
+        "p_target": float(logp[cand[t]].exp()),
+        "logit_diff": float(cl[t] - others.max()) if len(others) else float("nan"),
+    }
 
 
 def _world() -> tuple[int, int]:
