@@ -77,7 +77,7 @@ def monte_carlo_baselines(d: int, r: int, *, samples: int = 64, seed: int = 0) -
 
 
 @dataclass
-class _ModeData:
+class ModeData:
     """Per-mode results, indexed by position in the sender / receiver head lists."""
 
     head: torch.Tensor  # [Ns, Nr]
@@ -106,13 +106,13 @@ class ChannelMap:
     senders: list[Head]
     receivers: list[Head]
     sender_S: torch.Tensor  # [Ns, r]
-    modes: dict[str, _ModeData]
+    modes: dict[str, ModeData]
     baselines: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: how the map was made: settings (``config``) and the number of processes that computed it
     meta: dict[str, Any] = field(default_factory=dict)
 
     # ----- lookups ------------------------------------------------------------------------------
-    def _mode(self, mode: str) -> _ModeData:
+    def _mode(self, mode: str) -> ModeData:
         if mode not in self.modes:
             raise InvalidArgumentError(f"mode={mode!r} was not computed; this map has modes {sorted(self.modes)}.")
         return self.modes[mode]
@@ -264,7 +264,7 @@ def pair_composition(
             "share": (sw[:, None] * Z.abs()).float()}
 
 
-def _stream_mode(
+def stream_mode(
     send_V: torch.Tensor, send_w: torch.Tensor, send_layer: torch.Tensor,
     recv_A: torch.Tensor, recv_w: torch.Tensor, recv_layer: torch.Tensor,
     *, budget_bytes: int, keep_top: int, progress: Any, matmul_dtype: torch.dtype = torch.float32,
@@ -392,7 +392,7 @@ def compute_channel_map(
         block=blocks[rank], world=world, budget_bytes=int(memory_limit_mb * 2**20), keep_top=keep_top,
         matmul_dtype=matmul_dtype,
     )
-    modes: dict[str, _ModeData] = {}
+    modes: dict[str, ModeData] = {}
     for mode, (T, A) in receiver_svds.items():
         desc = f"channel map ({mode})"
         bar = (progress(total=len(receivers), desc=desc) if progress and rank == 0
@@ -422,13 +422,13 @@ class _SenderStream:
     matmul_dtype: torch.dtype
 
 
-def _one_mode(s: _SenderStream, T: torch.Tensor, A: torch.Tensor, bar: Any) -> _ModeData:
+def _one_mode(s: _SenderStream, T: torch.Tensor, A: torch.Tensor, bar: Any) -> ModeData:
     """One mode's scores: this process's senders streamed against every receiver (``T [Nr, r]`` singular values,
     ``A [Nr, d, r]`` read directions), the processes' parts merged, the top pairs in canonical order."""
     (lo, hi), r = s.block, s.V.shape[-1]
     recv_w = T / T.norm(dim=1, keepdim=True).clamp_min(torch.finfo(T.dtype).tiny)
     with bar:
-        head, comp, top_v, top_r, top_c = _stream_mode(
+        head, comp, top_v, top_r, top_c = stream_mode(
             s.V[lo:hi], s.send_w[lo:hi], s.send_layer[lo:hi], A, recv_w, s.recv_layer, budget_bytes=s.budget_bytes,
             keep_top=s.keep_top, progress=bar, matmul_dtype=s.matmul_dtype,
         )
@@ -439,7 +439,7 @@ def _one_mode(s: _SenderStream, T: torch.Tensor, A: torch.Tensor, bar: Any) -> _
     top_v, top_r, top_c = canonical_top(top_v, top_r, top_c, s.keep_top)
     rows, cols = top_r.to(s.V.device), top_c.to(s.V.device)
     cos = (s.V[rows // r, :, rows % r] * A[cols // r, :, cols % r]).sum(-1)
-    return _ModeData(head=head, component=comp, top_share=top_v, top_row=top_r, top_col=top_c, top_cos=cos.cpu(),
+    return ModeData(head=head, component=comp, top_share=top_v, top_row=top_r, top_col=top_c, top_cos=cos.cpu(),
                      receiver_S=T.cpu())
 
 

@@ -22,7 +22,7 @@ from .channels import ChannelMap, compute_channel_map, pair_composition
 __all__ = ["ChannelMapConfig", "channel_map", "head_composition", "config_from"]
 
 
-_MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MATMUL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -62,8 +62,8 @@ class ChannelMapConfig(Settings):
                 f"memory_limit_mb={self.memory_limit_mb}, keep_top={self.keep_top}, baseline_samples="
                 f"{self.baseline_samples}: need memory_limit_mb > 0, keep_top >= 1 and baseline_samples >= 0."
             )
-        if self.matmul_dtype not in _MATMUL_DTYPES:
-            raise InvalidArgumentError(f"matmul_dtype={self.matmul_dtype!r} is not one of {sorted(_MATMUL_DTYPES)}.")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise InvalidArgumentError(f"matmul_dtype={self.matmul_dtype!r} is not one of {sorted(MATMUL_DTYPES)}.")
 
 def config_from(cls: type, config: Any = None, **overrides: Any):
     """``config`` (an instance of the settings class ``cls``, or None for its defaults) with ``overrides``
@@ -108,7 +108,7 @@ def channel_map(
         sender_svd=(ov_send.S, ov_send.V), receiver_svds=ordered, senders=senders_l, receivers=receivers_l,
         n_layers=layout.n_layers, n_heads=layout.n_heads, folded=folded, memory_limit_mb=config.memory_limit_mb,
         keep_top=config.keep_top, baseline_samples=config.baseline_samples, seed=config.seed,
-        progress=(lambda **kw: progress_bar(enabled=progress, **kw)), matmul_dtype=_MATMUL_DTYPES[config.matmul_dtype],
+        progress=(lambda **kw: progress_bar(enabled=progress, **kw)), matmul_dtype=MATMUL_DTYPES[config.matmul_dtype],
     )
     cmap.meta["config"] = config.to_dict()
     return cmap

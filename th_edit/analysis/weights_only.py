@@ -9,7 +9,7 @@ gives the same map while holding only
 * one receiver layer's read directions per mode (its OV and QK SVDs), recomputed for each chunk;
 * the layout's cached raw layers (a :class:`~th_edit.core.checkpoint.CheckpointLayout` loads each layer
   from disk when asked) and one layer's SVD working set;
-* the streaming blocks of :func:`~th_edit.analysis.channels._stream_mode`;
+* the streaming blocks of :func:`~th_edit.analysis.channels.stream_mode`;
 
 plus the result itself (head ``[Ns, Nr]`` and component ``[Ns, d_h, Nr]`` float32 scores per mode).
 Every score is the same per-element computation as the in-memory map (the same SVDs, the same block
@@ -32,9 +32,9 @@ from ..core.layout import AttentionLayout
 from ..utils.distributed import process_rank_and_count
 from ..utils.progress import progress_bar
 from ..utils.sharding import gather_from_processes
-from .channels import ChannelMap, _ModeData, _NullBar, _stream_mode, expected_abs_cosine, monte_carlo_baselines
+from .channels import ChannelMap, ModeData, stream_mode, expected_abs_cosine, monte_carlo_baselines
 from .channels_shard import canonical_top, sender_blocks
-from .composition import _MATMUL_DTYPES, ChannelMapConfig
+from .composition import MATMUL_DTYPES, ChannelMapConfig
 
 __all__ = ["bounded_channel_map", "MemoryPlan", "plan_memory"]
 
@@ -170,7 +170,7 @@ def bounded_channel_map(
     sender_S = torch.zeros(hi - lo, r)
     recv_layers = sorted({l for l, _ in receivers_l})
     steps = sum(sum(1 for rl in recv_layers if rl > senders_l[a][0]) for a, _ in chunks)
-    bar = progress_bar(enabled=progress and rank == 0, total=steps, desc="channel map (weights only)") if steps else _NullBar()
+    bar = progress_bar(enabled=progress and rank == 0, total=steps, desc="channel map (weights only)") if steps else progress_bar(enabled=False)
     receiver_T: dict[str, torch.Tensor] = {m: torch.zeros(Nr, r) for m in config.modes}
     visited: set[int] = set()
     with bar:
@@ -205,9 +205,9 @@ def _receiver_layer(layout, receivers_l, rl, config, folded, V, send_w, send_lay
         T, A = receiver_side(mode, ov, qk)
         receiver_T[mode][idx_t] = T.cpu()
         recv_w = T / T.norm(dim=1, keepdim=True).clamp_min(torch.finfo(T.dtype).tiny)
-        h, c, tv, tr, tc = _stream_mode(V, send_w, send_layer, A, recv_w, recv_layer, budget_bytes=plan.block_bytes,
-                                        keep_top=config.keep_top, progress=_NullBar(),
-                                        matmul_dtype=_MATMUL_DTYPES[config.matmul_dtype])
+        h, c, tv, tr, tc = stream_mode(V, send_w, send_layer, A, recv_w, recv_layer, budget_bytes=plan.block_bytes,
+                                        keep_top=config.keep_top, progress=progress_bar(enabled=False),
+                                        matmul_dtype=MATMUL_DTYPES[config.matmul_dtype])
         n = V.shape[0]
         heads[mode][a - lo:a - lo + n, idx_t] = h.cpu()
         comps[mode][a - lo:a - lo + n, :, idx_t] = c.cpu()
@@ -231,14 +231,14 @@ def _fill_receiver_S(layout, receivers_l, config, folded, device, receiver_T, vi
 def _assemble(layout, config, folded, senders_l, receivers_l, blocks, world, sender_S, heads, comps, tops,
               receiver_T, plan, n_chunks) -> ChannelMap:
     """Gather the processes' parts (as the in-memory map does) and build the :class:`ChannelMap`."""
-    modes: dict[str, _ModeData] = {}
+    modes: dict[str, ModeData] = {}
     for mode in config.modes:
         part = (heads[mode], comps[mode], *tops[mode].parts)
         parts = gather_from_processes(part, world) if world > 1 else [part]
         head = torch.cat([p[0] for p in parts])
         comp = torch.cat([p[1] for p in parts])
         share, row, col, cos = _select(*(torch.cat([p[i] for p in parts]) for i in range(2, 6)), config.keep_top)
-        modes[mode] = _ModeData(head=head, component=comp, top_share=share, top_row=row, top_col=col, top_cos=cos,
+        modes[mode] = ModeData(head=head, component=comp, top_share=share, top_row=row, top_col=col, top_cos=cos,
                                 receiver_S=receiver_T[mode])
     if world > 1:
         sender_S = torch.cat(gather_from_processes(sender_S, world))
