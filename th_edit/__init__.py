@@ -14,6 +14,7 @@ from .core.circuits import CIRCUITS, HeadWeights, SVDResult
 from .editor import ChannelEditor
 from .edits.fit import FitConfig, FitResult
 from .errors import (
+    DeviceError,
     FitError,
     FitInterruptedError,
     AdapterError,
@@ -36,6 +37,7 @@ from .edits.plan import BaseModelIdentity, Edit, EditPlan
 logging.getLogger("th_edit").addHandler(logging.NullHandler())
 
 __all__ = [
+    "DeviceError",
     "FitConfig",
     "FitError",
     "FitInterruptedError",

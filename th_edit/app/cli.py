@@ -49,9 +49,25 @@ class _Out:
 
 
 def _load(args):
+    """``(model, tokenizer)`` on ``--device`` in ``--dtype`` (or spread by ``--device-map``)."""
     from ..sharing.models import load_model
 
-    return load_model(args.model, gguf_file=args.gguf_file, revision=args.revision, cache_dir=args.cache_dir)
+    device = None if args.device_map and args.device == "auto" else args.device
+    return load_model(args.model, gguf_file=args.gguf_file, revision=args.revision, cache_dir=args.cache_dir,
+                      device=device, dtype=args.dtype, device_map=args.device_map)
+
+
+def _batch_size(args, model, tokenizer, rows) -> int:
+    """``--batch-size`` as a number (``auto``: the largest evaluation batch that fits, remembered)."""
+    from ..tasks.evaluate import evaluation_batch_size
+
+    return evaluation_batch_size(model, tokenizer, rows, args.batch_size)
+
+
+def _runtime(model, batch_size=None) -> dict[str, Any]:
+    from ..utils.devices import runtime_record
+
+    return runtime_record(model, batch_size=batch_size)
 
 
 def _data(args, tokenizer):
@@ -78,7 +94,8 @@ def cmd_analyze(args, out: _Out) -> dict[str, Any]:
         _write_analysis(folder, cmap, roles, top, args.modes[0], editor.n_layers, editor.n_heads)
     out.say(top.to_string(index=False))
     out.say(f"wrote tables and plots to {folder} (channel map from {cmap.meta['processes']} process(es))")
-    return {"out": str(folder), "processes": cmap.meta["processes"], "top": top.to_dict("records")}
+    return {"out": str(folder), "processes": cmap.meta["processes"], "top": top.to_dict("records"),
+            "runtime": _runtime(model)}
 
 
 def _write_analysis(folder: Path, cmap, roles, top, mode: str, n_layers: int, n_heads: int) -> None:
@@ -116,7 +133,8 @@ def cmd_find(args, out: _Out) -> dict[str, Any]:
     out.say("duplicate-detection channels:\n" + f.top("duplicate", 10)[cols].to_string(index=False))
     out.say(f"rank correlation (weight vs causal): {f.rank_correlation}")
     return {"movers": f.meta["movers"], "inhibition_heads": f.inhibition_heads, "rank_correlation": f.rank_correlation,
-            "inhibition": f.top("inhibition", 10).to_dict("records"), "duplicate": f.top("duplicate", 10).to_dict("records")}
+            "inhibition": f.top("inhibition", 10).to_dict("records"), "duplicate": f.top("duplicate", 10).to_dict("records"),
+            "runtime": _runtime(model)}
 
 
 def cmd_edit(args, out: _Out) -> dict[str, Any]:
@@ -136,7 +154,7 @@ def cmd_edit(args, out: _Out) -> dict[str, Any]:
         editor.save_adapter(Path(args.out) / "adapter")
         payload["adapter"] = str(Path(args.out) / "adapter")
     out.say(f"{len(editor.edits)} edit(s); saved the edited model, its plan and card to {args.out}")
-    return {**payload, "out": args.out, "n_edits": len(editor.edits)}
+    return {**payload, "out": args.out, "n_edits": len(editor.edits), "runtime": _runtime(model, args.batch_size)}
 
 
 def _head_spec(text: str):
@@ -155,6 +173,7 @@ def _auto_edit(editor, args, out: _Out) -> dict[str, Any]:
     test = data["test"].filter(lambda r: r["list_length"] in set(args.search_lengths))
     if args.search == "grid":
         f = editor.find_channels(data["train"], seed=args.seed, progress=not args.quiet)
+        args.batch_size = _batch_size(args, editor.model, editor.tokenizer, data["test"])
         search = editor.search_edit(dev, data["test"], f, batch_size=args.batch_size, progress=not args.quiet)
         out.say(search.summary().round(3).to_string(index=False))
         return {"search": "grid", "edits": search.edits, "test_before": search.test_before.accuracy_by_length(),
@@ -173,8 +192,10 @@ def cmd_eval(args, out: _Out) -> dict[str, Any]:
 
     model, tokenizer = _load(args)
     split = _data(args, tokenizer)[args.split]
+    args.batch_size = _batch_size(args, model, tokenizer, split)
     before = evaluate(model, tokenizer, split, batch_size=args.batch_size, progress=not args.quiet, desc="evaluating")
-    payload: dict[str, Any] = {"before": before.to_dict()}
+    runtime = _runtime(model, args.batch_size)
+    payload: dict[str, Any] = {"before": before.to_dict(), "runtime": runtime}
     after = guard = None
     if args.plan:
         g0 = guard_loss(model, tokenizer)
@@ -192,7 +213,8 @@ def cmd_eval(args, out: _Out) -> dict[str, Any]:
         path = write_report(args.report, title=f"th_edit evaluation: {args.model}", before=before, after=after,
                             guard=guard, meta={"model": args.model, "plan": args.plan, "split": args.split,
                                                "seed": args.seed, "template": args.template,
-                                               "items": args.items or "household"})
+                                               "items": args.items or "household",
+                                               **{f"runtime {k}": v for k, v in runtime.items()}})
         out.say(f"report: {path}")
         payload["report"] = str(path)
     return payload
@@ -227,7 +249,7 @@ def cmd_demo(args, out: _Out) -> dict[str, Any]:
     result = run_demo(args.out, model=args.model, seed=args.seed, n_per_length=args.n, lengths=args.lengths,
                       search_lengths=args.search_lengths, n_prompts=args.n_prompts, cache_dir=args.cache_dir,
                       heads=_head_spec(args.heads), budget=args.budget, control_budget=args.control_budget,
-                      compare_heads=args.compare_heads,
+                      compare_heads=args.compare_heads, device=args.device, dtype=args.dtype,
                       save_model=args.save_model, progress=not args.quiet, say=out.say)
     s = result.summary
     out.say("test accuracy by list length (before -> after): " + ", ".join(

@@ -19,6 +19,7 @@ from ..core.layer_cache import reuse_lower_layers
 from ..editor import ChannelEditor
 from ..edits.fit import resolve_heads
 from ..sharing.models import load_model
+from ..utils.devices import runtime_record
 from ..tasks.data import laundry_list
 from ..tasks.evaluate import evaluate
 from .demo_controls import heads_carrying_edit, refit_on_heads
@@ -67,6 +68,8 @@ def run_demo(
     n_prompts: int = 16,
     cache_dir: str | None = None,
     save_model: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
     say: Callable[[str], None] = lambda s: None,
 ) -> DemoResult:
@@ -75,13 +78,16 @@ def run_demo(
     ``n_per_length`` examples per list length are split 50/25/25 into train (discovery and fitting, at
     ``search_lengths``), dev (choices) and test (the report only). ``compare_heads`` adds the fits of the
     discovered heads and of as many random heads (``control_budget`` components each; several minutes more).
+    ``device`` and ``dtype`` go to :func:`th_edit.models.load_model` (None: CPU, float32); what was used is
+    recorded in ``summary.json`` and the report (``runtime``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     lap = _Laps()
     say(f"loading {model} ...")
-    lm, tokenizer = load_model(model, cache_dir=cache_dir)
+    lm, tokenizer = load_model(model, cache_dir=cache_dir, device=device, dtype=dtype)
+    runtime = runtime_record(lm)
     editor = ChannelEditor(lm, tokenizer=tokenizer)
     lap("load")
     data = laundry_list(tokenizer, lengths=lengths, n_per_length=n_per_length, seed=seed)
@@ -123,6 +129,7 @@ def run_demo(
     fit.components.to_csv(out / "fitted_components.csv", index=False)
     plot_learned_scales(fit.components, editor.n_layers, editor.n_heads, out / "learned_scales.png")
     summary = _summary(model, seed, fit, before, after, findings, comparison, lap.timings)
+    summary["runtime"] = runtime
     summary["edit_carried_by"] = carried
     report = write_report(out, title=f"th_edit demo: {model}", before=before, after=after, channel_map=cmap,
                           findings=findings, guard=(fit.guard_before, fit.guard_after),
@@ -130,7 +137,8 @@ def run_demo(
                           + _carried_section(carried, before.accuracy_by_length(), after.accuracy_by_length(),
                                              fit, search_lengths),
                           meta={"model": model, "seed": seed, "lengths": list(lengths), "examples per length": n_per_length,
-                                "fit lengths": list(search_lengths), "stage times (s)": lap.timings, **_versions()})
+                                "fit lengths": list(search_lengths), "stage times (s)": lap.timings, **_versions(),
+                                "device": runtime["device"], "dtype": runtime["dtype"]})
     lap("report")
     summary.update(timings=lap.timings, report=str(report))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")

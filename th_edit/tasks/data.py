@@ -30,9 +30,6 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from datasets import Dataset, DatasetDict, Features, Sequence as DSequence, Value
-from datasets.exceptions import DatasetGenerationError
-
 from ..errors import InvalidArgumentError
 
 __all__ = [
@@ -75,15 +72,26 @@ NAMES = (
     "Sophie Michael Clare Steven Julia Robert Helen Simon Grace Henry Emily George Rose Frank Alan Ruth"
 ).split()
 
-FEATURES = Features({
-    "example_id": Value("int32"),
-    "prompt": Value("string"),
-    "items": DSequence(Value("string")),
-    "target": Value("string"),
-    "target_index": Value("int32"),
-    "list_length": Value("int32"),
-    "template": Value("string"),
-})
+def _features():
+    """The ``datasets.Features`` of every task split (imported lazily: th_edit runs without ``datasets``)."""
+    from datasets import Features, Sequence as DSequence, Value
+
+    return Features({
+        "example_id": Value("int32"),
+        "prompt": Value("string"),
+        "items": DSequence(Value("string")),
+        "target": Value("string"),
+        "target_index": Value("int32"),
+        "list_length": Value("int32"),
+        "template": Value("string"),
+    })
+
+
+def __getattr__(name: str):
+    if name == "FEATURES":  # module attribute built on first use, so importing th_edit never needs datasets
+        return _features()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: omitted-item wordings: ``{name}``, ``{friend}`` (another name), ``{items}`` (the list) and ``{others}``
 #: (the list without the answer, shuffled, with articles); every prompt ends where the answer must come
@@ -198,7 +206,7 @@ def split_sizes(n_per_length: int, fractions: Sequence[float] = (0.5, 0.25, 0.25
 
 
 def _build(template: str, tokenizer, lengths: Sequence[int], n_per_length: int, seed: int,
-           items: Sequence[str] | None, names: Sequence[str] | None, splits: dict[str, int]) -> DatasetDict:
+           items: Sequence[str] | None, names: Sequence[str] | None, splits: dict[str, int]):
     if template not in TEMPLATES:
         raise InvalidArgumentError(f"template={template!r} is not one of {TEMPLATES}.")
     if isinstance(items, str):
@@ -228,6 +236,11 @@ def _build(template: str, tokenizer, lengths: Sequence[int], n_per_length: int, 
             )
         if template == "recall" and n > len(name_pool):
             raise InvalidArgumentError(f"recall lists need a distinct name per item: at most {len(name_pool)}.")
+    try:
+        from datasets import Dataset, DatasetDict
+        from datasets.exceptions import DatasetGenerationError
+    except ImportError:  # without datasets: plain lists of row dicts (evaluate and fit_edit take them)
+        Dataset = DatasetDict = None
     out, start = {}, [0] * len(lengths)
     for split, count in splits.items():
         if count <= 0:
@@ -235,15 +248,19 @@ def _build(template: str, tokenizer, lengths: Sequence[int], n_per_length: int, 
         # tuples, not lists: datasets would read lists as shards to parallelise over
         kwargs = dict(template=template, words=tuple(words), names=tuple(name_pool), lengths=tuple(lengths),
                       counts=(count,) * len(lengths), start=tuple(start), seed=int(seed))
+        if Dataset is None:
+            out[split] = list(_generate(**kwargs))
+            start = [s + count for s in start]
+            continue
         try:
-            out[split] = Dataset.from_generator(_generate, features=FEATURES, gen_kwargs=kwargs)
+            out[split] = Dataset.from_generator(_generate, features=_features(), gen_kwargs=kwargs)
         except DatasetGenerationError as exc:  # surface our own error, not datasets' wrapper
             cause = exc.__cause__ or exc.__context__
             if isinstance(cause, InvalidArgumentError):
                 raise cause from None
             raise
         start = [s + count for s in start]
-    return DatasetDict(out)
+    return out if DatasetDict is None else DatasetDict(out)
 
 
 def laundry_list(
@@ -256,7 +273,7 @@ def laundry_list(
     items: Sequence[str] | str | None = None,
     names: Sequence[str] | None = None,
     fractions: Sequence[float] = (0.5, 0.25, 0.25),
-) -> DatasetDict:
+) -> "DatasetDict":
     """The Laundry List task as a ``DatasetDict`` with ``train``/``dev``/``test`` splits.
 
     Args:
@@ -273,7 +290,7 @@ def laundry_list(
 
 
 def ioi(tokenizer, *, n: int = 200, seed: int = 0, names: Sequence[str] | None = None,
-        fractions: Sequence[float] = (0.5, 0.25, 0.25)) -> DatasetDict:
+        fractions: Sequence[float] = (0.5, 0.25, 0.25)) -> "DatasetDict":
     """IOI prompts ("When Mary and John went to the store, John gave a drink to" -> " Mary"): ``items``
     is ``[indirect object, subject]`` and the target is the indirect object."""
     return _build("ioi", tokenizer, [2], n, seed, None, names, split_sizes(n, fractions))
@@ -290,4 +307,4 @@ def describe_fields() -> list[tuple[str, str, str]]:
         "list_length": "number of items in the list",
         "template": "omitted, recall or ioi<k>",
     }
-    return [(k, str(v.dtype if hasattr(v, "dtype") else "list[string]"), meaning[k]) for k, v in FEATURES.items()]
+    return [(k, str(v.dtype if hasattr(v, "dtype") else "list[string]"), meaning[k]) for k, v in _features().items()]
