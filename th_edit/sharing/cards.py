@@ -77,11 +77,14 @@ def model_card(
     evidence: Sequence[Mapping[str, Any]] | None = None,
     evaluation: Mapping[str, Any] | None = None,
     license: str | None = None,
+    runtime: Mapping[str, Any] | None = None,
 ) -> ModelCard:
-    """The card of a full edited checkpoint (``README.md``)."""
+    """The card of a full edited checkpoint (``README.md``); ``runtime`` (device, dtype, versions: see
+    :func:`th_edit.utils.devices.runtime_record`) goes into the metadata as ``th_edit_runtime``."""
+    extra = {"th_edit_runtime": dict(runtime)} if runtime else {}
     data = ModelCardData(
         library_name="transformers", pipeline_tag="text-generation", license=license,
-        tags=["th_edit", "model-editing", "talking-heads"], **base_model_meta(plan),
+        tags=["th_edit", "model-editing", "talking-heads"], **base_model_meta(plan), **extra,
     )
     rows = []
     if evaluation:

@@ -24,6 +24,7 @@ from ..errors import PlanMismatchError
 from ..utils.distributed import is_main_process, wait_for_everyone
 from ..utils.files import atomic_directory
 from . import hub
+from ..utils.devices import runtime_record
 from .cards import CardData, model_card, plan_card
 
 __all__ = ["export_plan", "verify_plan", "apply_plan", "load_plan", "save_plan", "save_pretrained", "push_to_hub",
@@ -131,7 +132,8 @@ def save_pretrained(
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             plan.save(staging)
-            model_card(plan, repo_id=repo_id, evidence=card.evidence, evaluation=card.evaluation).save(staging / "README.md")
+            model_card(plan, repo_id=repo_id, evidence=card.evidence, evaluation=card.evaluation,
+                       runtime=runtime_record(model)).save(staging / "README.md")
         logger.info("saved the edited model to %s", directory)
     wait_for_everyone()
     return directory

@@ -99,7 +99,7 @@ def runtime_record(model, *, batch_size: int | str | None = None) -> dict[str, A
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters() if p.is_floating_point()})
     out: dict[str, Any] = {"device": devices[0] if len(devices) == 1 else devices,
                            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-                           "torch": torch.__version__, "transformers": transformers.__version__}
+                           "torch": str(torch.__version__), "transformers": str(transformers.__version__)}
     device_map = getattr(model, "hf_device_map", None)
     if device_map:
         out["device_map"] = {str(k): str(v) for k, v in device_map.items()}
