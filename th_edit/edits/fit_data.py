@@ -15,10 +15,11 @@ from ..tasks.batching import rows as dataset_rows
 from ..tasks.data import first_token
 from ..tasks.evaluate import guard_loss
 from ..tasks.guard_text import GUARD_TEXTS
+from ..utils.distributed import process_rank_and_count
 from .fit_config import FitConfig
 from .reparam import ChannelFit
 
-__all__ = ["TaskBatch", "split_rows", "task_batches", "FitProblem", "NullContext"]
+__all__ = ["TaskBatch", "split_rows", "task_batches", "task_ce", "FitProblem", "NullContext"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class TaskBatch:
     lengths: torch.Tensor  # [B] list lengths (CPU)
     rows: list[int]  # example indices
     width: int = 0  # padded token length of the batch
+    total: int = 0  # prompts of the whole batch over all processes (this process holds ``rows``)
 
 
 def split_rows(dataset, what: str) -> list[dict[str, Any]]:
@@ -44,15 +46,24 @@ def split_rows(dataset, what: str) -> list[dict[str, Any]]:
     return rows
 
 
-def task_batches(cache: LayerCache, tokenizer, rows, batch_size: int, device, out_device=None) -> list[TaskBatch]:
+def task_batches(cache: LayerCache, tokenizer, rows, batch_size: int, device, out_device=None,
+                 part: tuple[int, int] = (0, 1)) -> list[TaskBatch]:
     """Right-padded, length-sorted batches of ``rows`` added to ``cache`` (inputs on ``device``); answer
-    positions, candidates and targets live on ``out_device`` (where the logits are; default ``device``)."""
+    positions, candidates and targets live on ``out_device`` (where the logits are; default ``device``).
+    ``part=(rank, world)``: the batches are cut as in one process, and this process keeps the prompts
+    ``rank::world`` of each (a batch with none of them is skipped; ``total`` is the whole batch's size)."""
     out_device = device if out_device is None else out_device
+    rank, world = part
     seqs = tokenizer([r["prompt"] for r in rows])["input_ids"]
     pad = pad_token_id(tokenizer)
     tok_of: dict[str, int] = {}
     out = []
-    for idx in plan_batches([len(s) for s in seqs], batch_size):
+    for whole in plan_batches([len(s) for s in seqs], batch_size):
+        idx = whole[rank::world]
+        if not idx:  # kept (empty) so every process steps through the same batch sequence
+            none = torch.zeros(0, dtype=torch.long, device=out_device)
+            out.append(TaskBatch(-1, none, none[:, None], none[:, None].bool(), none, none.cpu(), [], 0, len(whole)))
+            continue
         ids, mask = pad_sequences([seqs[i] for i in idx], pad, "right")
         n = max(len(rows[i]["items"]) for i in idx)
         cand = torch.zeros(len(idx), n, dtype=torch.long)
@@ -69,11 +80,24 @@ def task_batches(cache: LayerCache, tokenizer, rows, batch_size: int, device, ou
         k = cache.add(input_ids=ids.to(device), attention_mask=mask.to(device))
         out.append(TaskBatch(k, (mask.sum(1) - 1).to(out_device), cand.to(out_device), ok.to(out_device),
                              target.to(out_device), torch.tensor([len(rows[i]["items"]) for i in idx]), idx,
-                             int(ids.shape[1])))
+                             int(ids.shape[1]), len(whole)))
     return out
 
 
 # ----- the fitting loop ---------------------------------------------------------------------------
+def task_ce(problem: "FitProblem", cache: LayerCache, b: TaskBatch, theta: torch.Tensor, world: int):
+    """``(ce, candidate logits)`` of batch ``b``: the mean cross-entropy over the whole batch. In one process
+    the batch mean; over ``world`` processes this process's share of it (its rows' sum over the whole
+    batch's size; zero, still attached to ``theta``, when it holds no row), so the sum over processes is
+    the single-process mean."""
+    if not b.rows:
+        return (theta * 0).sum(), None
+    cl = problem.candidate_logits(cache, b)
+    if world == 1:
+        return torch.nn.functional.cross_entropy(cl, b.target), cl
+    return torch.nn.functional.cross_entropy(cl, b.target, reduction="sum") / b.total, cl
+
+
 class FitProblem:
     """Training, dev and guard data prepared for one model (tokenised, cached from a first layer)."""
 
@@ -100,7 +124,7 @@ class FitProblem:
         if layer not in self._caches:
             cache = LayerCache(self.model, self.editor.layout, layer, max_bytes=self.config.cache_bytes)
             train = task_batches(cache, self.tokenizer, self.train_rows, self.config.batch_size, self.device,
-                                 self.out_device)
+                                 self.out_device, part=process_rank_and_count())
             dev = task_batches(cache, self.tokenizer, self.dev_rows, 32, self.device, self.out_device)
             g = self.config.guard_texts_per_step
             guard = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["distributed_state", "is_main_process", "wait_for_everyone", "process_rank_and_count"]
+__all__ = ["distributed_state", "is_main_process", "wait_for_everyone", "process_rank_and_count", "all_reduce_sum"]
 
 
 def distributed_state():
@@ -42,3 +42,16 @@ def process_rank_and_count() -> tuple[int, int]:
     """``(rank, world_size)`` of this process (``(0, 1)`` outside distributed runs)."""
     state = distributed_state()
     return (0, 1) if state is None else (state.process_index, state.num_processes)
+
+
+def all_reduce_sum(tensor):
+    """Sum ``tensor`` over the Accelerate processes, in place, and return it (unchanged in a single
+    process). Every process must call it with a tensor of the same shape and dtype (gloo on CPU, NCCL on
+    GPU: then the tensor must be on this process's GPU)."""
+    state = distributed_state()
+    if state is None or state.num_processes <= 1:
+        return tensor
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
