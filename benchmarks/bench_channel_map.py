@@ -124,12 +124,21 @@ def one_process():
         os.environ["WORLD_SIZE"] = saved
 
 
+def reset_peak(device: str) -> None:
+    """Reset CUDA's peak-memory counter; CUDA is initialised on ``device`` first (resetting before any CUDA
+    call raises "Invalid device argument")."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.zeros(1, device=device)  # creates the context
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def time_map(editor: ChannelEditor, repeats: int, device: str, matmul_dtype: str):
     """Fastest of ``repeats`` channel maps (q, k, v) and the memory peak of the first (MB)."""
     rss0, best, cmap, peak = rss_mb(), float("inf"), None, 0.0
     for i in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(device)
+        reset_peak(device)
         t0 = time.perf_counter()
         cmap = editor.channel_map(("q", "k", "v"), progress=False, baseline_samples=16, device=device,
                                   matmul_dtype=matmul_dtype)

@@ -15,6 +15,7 @@ from .editor import ChannelEditor, WeightsOnlyEditor, channel_map_from_checkpoin
 from .edits.fit import FitConfig, FitResult
 from .errors import (
     AnalysisOnlyError,
+    DeviceError,
     FitError,
     FitInterruptedError,
     AdapterError,
@@ -41,6 +42,7 @@ __all__ = [
     "AnalysisOnlyError",
     "WeightsOnlyEditor",
     "channel_map_from_checkpoint",
+    "DeviceError",
     "FitConfig",
     "FitError",
     "FitInterruptedError",

@@ -315,7 +315,10 @@ class ChannelEditor:
 
     def model_card(self, repo_id: str | None = None) -> ModelCard:
         """The ``huggingface_hub.ModelCard`` that :meth:`save_pretrained` writes."""
-        return model_card(self.export_plan(), repo_id=repo_id, evidence=self.card.evidence, evaluation=self.card.evaluation)
+        from .utils.devices import runtime_record
+
+        return model_card(self.export_plan(), repo_id=repo_id, evidence=self.card.evidence, evaluation=self.card.evaluation,
+                          runtime=runtime_record(self.model))
 
     def save_pretrained(self, directory: str | os.PathLike, *, tokenizer: Any = None, repo_id: str | None = None,
                         **save_kwargs: Any) -> Path:

@@ -19,6 +19,11 @@ class InvalidArgumentError(ThEditError, ValueError):
     """A layer, head, component, circuit name or scale is out of range or malformed."""
 
 
+class DeviceError(InvalidArgumentError):
+    """A device, dtype or device map cannot be used here (no GPU, a GPU index out of range, float16 on CPU,
+    layers offloaded to disk); the message names the setting that works."""
+
+
 class PlanMismatchError(ThEditError, ValueError):
     """An edit plan was made for a different base model (its weight fingerprint does not match)."""
 

@@ -179,7 +179,7 @@ def receiver_gap(model, batches: list[PromptBatch], receivers: Sequence[tuple[in
 
     ``cache``: a :class:`th_edit.core.layer_cache.LayerCache` holding ``batches`` (in order, e.g. from
     :func:`prompt_cache`); only the layers from its ``first_layer`` run, which must not be above a receiver."""
-    total = torch.zeros(len(receivers))
+    gaps: list[torch.Tensor] = []  # per batch [R], on the attentions' device (one host copy at the end)
     n = 0
     offset = 0 if cache is None else cache.first_layer
     if any(l < offset for l, _ in receivers):
@@ -191,11 +191,13 @@ def receiver_gap(model, batches: list[PromptBatch], receivers: Sequence[tuple[in
             else:
                 keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
                 atts = cache.forward(i, output_attentions=True, **keep).attentions
-            for r, (l, h) in enumerate(receivers):
-                tgt, oth = pb.split_attention(atts[l - offset][:, h:h + 1].cpu())
-                total[r] += (oth - tgt).sum()
+            parts = []
+            for l, h in receivers:
+                tgt, oth = pb.split_attention(atts[l - offset][:, h:h + 1])
+                parts.append((oth - tgt).sum())
+            gaps.append(torch.stack(parts).to(gaps[0].device if gaps else parts[0].device))
             n += len(pb)
-    return total / n
+    return torch.stack(gaps).sum(0).cpu() / n
 
 
 def prompt_cache(editor: HeadEditor, batches: list[PromptBatch], first_layer: int) -> LayerCache:

@@ -49,9 +49,25 @@ class _Out:
 
 
 def _load(args):
+    """``(model, tokenizer)`` on ``--device`` in ``--dtype`` (or spread by ``--device-map``)."""
     from ..sharing.models import load_model
 
-    return load_model(args.model, gguf_file=args.gguf_file, revision=args.revision, cache_dir=args.cache_dir)
+    device = None if args.device_map and args.device == "auto" else args.device
+    return load_model(args.model, gguf_file=args.gguf_file, revision=args.revision, cache_dir=args.cache_dir,
+                      device=device, dtype=args.dtype, device_map=args.device_map)
+
+
+def _batch_size(args, model, tokenizer, rows) -> int:
+    """``--batch-size`` as a number (``auto``: the largest evaluation batch that fits, remembered)."""
+    from ..tasks.evaluate import evaluation_batch_size
+
+    return evaluation_batch_size(model, tokenizer, rows, args.batch_size)
+
+
+def _runtime(model, batch_size=None) -> dict[str, Any]:
+    from ..utils.devices import runtime_record
+
+    return runtime_record(model, batch_size=batch_size)
 
 
 def _data(args, tokenizer):
@@ -69,17 +85,23 @@ def cmd_analyze(args, out: _Out) -> dict[str, Any]:
     from ..analysis.roles import sequence_roles
 
     settings = dict(modes=tuple(args.modes), progress=not args.quiet, seed=args.seed,
-                    memory_limit_mb=args.memory_limit_mb, device=args.device)
+                    memory_limit_mb=args.memory_limit_mb)
     if args.weights_only:
+        from ..utils.devices import resolve_device, resolve_dtype
+
         if args.gguf_file:
             raise InvalidArgumentError("--weights-only reads safetensors checkpoints; drop --gguf-file.")
-        editor, roles = ChannelEditor.from_checkpoint(args.model, device=args.device, revision=args.revision), None
-        cmap = editor.channel_map(**settings)
+        device = resolve_device(args.device)
+        editor = ChannelEditor.from_checkpoint(args.model, device=device, dtype=resolve_dtype(args.dtype, device),
+                                               revision=args.revision)
+        cmap, roles = editor.channel_map(device=device, **settings), None
+        runtime = {"device": str(device), "weights_only": True}
     else:
         model, _ = _load(args)
         editor = ChannelEditor(model)
         cmap = editor.channel_map(**settings)
         roles = sequence_roles(model, seed=args.seed)
+        runtime = _runtime(model)
     folder = Path(args.out)
     top = cmap.top_channels(args.modes[0], k=args.top)
     if out.main:
@@ -88,7 +110,7 @@ def cmd_analyze(args, out: _Out) -> dict[str, Any]:
     out.say(f"wrote tables and plots to {folder} (channel map from {cmap.meta['processes']} process(es)"
             f"{', weights only' if args.weights_only else ''})")
     return {"out": str(folder), "processes": cmap.meta["processes"], "weights_only": bool(args.weights_only),
-            "top": top.to_dict("records")}
+            "top": top.to_dict("records"), "runtime": runtime}
 
 
 def _write_analysis(folder: Path, cmap, roles, top, mode: str, n_layers: int, n_heads: int) -> None:
@@ -127,7 +149,8 @@ def cmd_find(args, out: _Out) -> dict[str, Any]:
     out.say("duplicate-detection channels:\n" + f.top("duplicate", 10)[cols].to_string(index=False))
     out.say(f"rank correlation (weight vs causal): {f.rank_correlation}")
     return {"movers": f.meta["movers"], "inhibition_heads": f.inhibition_heads, "rank_correlation": f.rank_correlation,
-            "inhibition": f.top("inhibition", 10).to_dict("records"), "duplicate": f.top("duplicate", 10).to_dict("records")}
+            "inhibition": f.top("inhibition", 10).to_dict("records"), "duplicate": f.top("duplicate", 10).to_dict("records"),
+            "runtime": _runtime(model)}
 
 
 def cmd_edit(args, out: _Out) -> dict[str, Any]:
@@ -148,7 +171,7 @@ def cmd_edit(args, out: _Out) -> dict[str, Any]:
         editor.save_adapter(Path(args.out) / "adapter", layout=args.adapter_layout, max_rank=args.max_lora_rank)
         payload["adapter"] = str(Path(args.out) / "adapter")
     out.say(f"{len(editor.edits)} edit(s); saved the edited model, its plan and card to {args.out}")
-    return {**payload, "out": args.out, "n_edits": len(editor.edits)}
+    return {**payload, "out": args.out, "n_edits": len(editor.edits), "runtime": _runtime(model, args.batch_size)}
 
 
 def _head_spec(text: str):
@@ -167,6 +190,7 @@ def _auto_edit(editor, args, out: _Out) -> dict[str, Any]:
     test = data["test"].filter(lambda r: r["list_length"] in set(args.search_lengths))
     if args.search == "grid":
         f = editor.find_channels(data["train"], seed=args.seed, progress=not args.quiet)
+        args.batch_size = _batch_size(args, editor.model, editor.tokenizer, data["test"])
         search = editor.search_edit(dev, data["test"], f, batch_size=args.batch_size, progress=not args.quiet,
                                     train=data["train"])  # train chose the channels, dev the edit
         out.say(search.summary().round(3).to_string(index=False))
@@ -200,8 +224,10 @@ def cmd_eval(args, out: _Out) -> dict[str, Any]:
             out.say(f"WARNING: {found.describe()}; the numbers below are inflated (--allow-overlap).")
         elif found.checked:
             out.say(f"no overlap: none of the {found.n_eval} evaluation prompts was used to make the edit.")
+    args.batch_size = _batch_size(args, model, tokenizer, split)
     before = evaluate(model, tokenizer, split, batch_size=args.batch_size, progress=not args.quiet, desc="evaluating")
-    payload["before"] = before.to_dict()
+    runtime = _runtime(model, args.batch_size)
+    payload.update(before=before.to_dict(), runtime=runtime)
     after = guard = None
     if plan is not None:
         g0 = guard_loss(model, tokenizer)
@@ -220,7 +246,7 @@ def cmd_eval(args, out: _Out) -> dict[str, Any]:
                             guard=guard, overlap=found,
                             meta={"model": args.model, "plan": args.plan, "split": args.split,
                                   "seed": args.seed, "template": args.template, "items": args.items or "household",
-                                  "examples per length": args.n})
+                                  "examples per length": args.n, **{f"runtime {k}": v for k, v in runtime.items()}})
         out.say(f"report: {path}")
         payload["report"] = str(path)
     return payload
@@ -263,7 +289,7 @@ def cmd_demo(args, out: _Out) -> dict[str, Any]:
     result = run_demo(args.out, model=args.model, seed=args.seed, n_per_length=args.n, lengths=args.lengths,
                       search_lengths=args.search_lengths, n_prompts=args.n_prompts, cache_dir=args.cache_dir,
                       heads=_head_spec(args.heads), budget=args.budget, control_budget=args.control_budget,
-                      compare_heads=args.compare_heads,
+                      compare_heads=args.compare_heads, device=args.device, dtype=args.dtype,
                       save_model=args.save_model, progress=not args.quiet, say=out.say)
     s = result.summary
     out.say("test accuracy by list length (before -> after): " + ", ".join(

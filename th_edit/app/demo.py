@@ -20,6 +20,8 @@ from ..editor import ChannelEditor
 from ..edits.fit import FitResult
 from ..sharing.models import load_model
 from ..tasks.data import Rows, laundry_list
+from ..tasks.evaluate import evaluate
+from ..utils.devices import runtime_record
 from .demo_controls import heads_carrying_edit, refit_on_heads
 from .plots import plot_learned_scales
 from .report import write_report
@@ -66,6 +68,8 @@ def run_demo(
     n_prompts: int = 16,
     cache_dir: str | None = None,
     save_model: bool = False,
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
     say: Callable[[str], None] = lambda s: None,
 ) -> DemoResult:
@@ -74,12 +78,15 @@ def run_demo(
     ``n_per_length`` examples per list length are split 50/25/25 into train (discovery and fitting, at
     ``search_lengths``), dev (choices) and test (the report only). ``compare_heads`` adds the fits of the
     discovered heads and of as many random heads (``control_budget`` components each; several minutes more).
+    ``device`` and ``dtype`` go to :func:`th_edit.models.load_model` (None: CPU, float32); what was used is
+    recorded in ``summary.json`` and the report (``runtime``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     lap = _Laps()
-    editor, data = _load(model, cache_dir, lengths, n_per_length, seed, lap, say)
+    editor, data = _load(model, cache_dir, lengths, n_per_length, seed, lap, say, device=device, dtype=dtype)
+    runtime = runtime_record(editor.model)
     weak = set(search_lengths)
     train, dev, test_weak = (data[s].filter(lambda r: r["list_length"] in weak) for s in ("train", "dev", "test"))
     lap("data")
@@ -96,6 +103,7 @@ def run_demo(
     before, after = fit.test_results["before"], fit.test_results["after"]
     _write_outputs(editor, fit, out, save_model)
     summary = _summary(model, seed, fit, before, after, findings, comparison, lap.timings)
+    summary["runtime"] = runtime
     summary["edit_carried_by"] = carried
     what = (f"A fitted edit rescaled {fit.n_components} singular components in {summary['changed_heads']} "
             f"attention heads of {model} (of the {len(fit.heads)} heads fitted, heads={heads}), learned on "
@@ -106,7 +114,8 @@ def run_demo(
                           + _carried_section(carried, before.accuracy_by_length(), after.accuracy_by_length(),
                                              fit, search_lengths),
                           meta={"model": model, "seed": seed, "lengths": list(lengths), "examples per length": n_per_length,
-                                "fit lengths": list(search_lengths), "stage times (s)": lap.timings, **_versions()})
+                                "fit lengths": list(search_lengths), "stage times (s)": lap.timings, **_versions(),
+                                "device": runtime["device"], "dtype": runtime["dtype"]})
     lap("report")
     summary.update(timings=lap.timings, report=str(report))
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
@@ -114,10 +123,11 @@ def run_demo(
 
 
 def _load(model: str, cache_dir: str | None, lengths: Sequence[int], n_per_length: int, seed: int, lap: _Laps,
-          say: Callable[[str], None]) -> tuple[ChannelEditor, Any]:
-    """The editor on the loaded model (with its tokenizer) and the Laundry List splits at every length."""
+          say: Callable[[str], None], *, device: Any = None, dtype: Any = None) -> tuple[ChannelEditor, Any]:
+    """The editor on the loaded model (with its tokenizer, on ``device`` in ``dtype``) and the Laundry List
+    splits at every length."""
     say(f"loading {model} ...")
-    lm, tokenizer = load_model(model, cache_dir=cache_dir)
+    lm, tokenizer = load_model(model, cache_dir=cache_dir, device=device, dtype=dtype)
     editor = ChannelEditor(lm, tokenizer=tokenizer)
     lap("load")
     return editor, laundry_list(tokenizer, lengths=lengths, n_per_length=n_per_length, seed=seed)

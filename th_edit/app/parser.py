@@ -31,6 +31,29 @@ def _model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     p.add_argument("--gguf-file", help="GGUF file inside MODEL to load (de-quantized to float32)")
     p.add_argument("--revision", help="Hub revision of MODEL")
     p.add_argument("--cache-dir", help="converted-model cache for bundled models")
+    _device_args(p)
+
+
+def _device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (default: the first GPU when there is one, else the CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="parameter dtype (default auto: float32 on the CPU, bfloat16 on a GPU)")
+    p.add_argument("--device-map", choices=["auto"], default=None,
+                   help="auto: spread a model larger than one GPU over the GPUs and CPU memory (accelerate)")
+
+
+def batch_size_arg(text: str) -> int | str:
+    """``--batch-size``: a positive integer or ``auto`` (the largest that fits on the GPU; 16 on the CPU)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer or 'auto'")
+    return value
 
 
 def _data_args(p: argparse.ArgumentParser, lengths=(3, 5, 8, 10, 15, 20), n=60) -> None:
@@ -41,7 +64,9 @@ def _data_args(p: argparse.ArgumentParser, lengths=(3, 5, 8, 10, 15, 20), n=60) 
                         "or ioi (th_edit.data.TEMPLATES)")
     p.add_argument("--items", default=None,
                    help="item pool: household (default), toys or hardware (th_edit.data.ITEM_POOLS)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
+    p.add_argument("--batch-size", type=batch_size_arg, default=16,
+                   help="prompts per forward pass, or auto: the largest that fits on the GPU, found once and "
+                        "remembered in $TH_EDIT_CACHE/batch_sizes.json (16 on the CPU; default 16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +100,6 @@ def _add_analyze(sub, common) -> None:
     p.add_argument("--weights-only", action="store_true",
                    help="read the safetensors files (directory or Hub id: only the shards with attention weights are "
                         "downloaded) without loading the model; no data-based head roles")
-    p.add_argument("--device", default="cpu", help="where to compute the channel map (default cpu; e.g. cuda)")
 
 
 def _add_find(sub, common) -> None:
@@ -141,6 +165,7 @@ def _add_demo(sub, common) -> None:
     p = sub.add_parser("demo", parents=[common], help="the whole story on a real model, with a report")
     p.add_argument("--model", default="smollm2", help="bundled model or path (default smollm2)")
     p.add_argument("--cache-dir", help="converted-model cache for bundled models")
+    _device_args(p)
     p.add_argument("--out", default="th_edit_demo", help="output directory (default ./th_edit_demo)")
     p.add_argument("--n", type=int, default=100, help="examples per list length, split 50/25/25 (default 100)")
     p.add_argument("--lengths", type=int, nargs="+", default=[3, 5, 8, 10, 15, 20], help="list lengths (default %(default)s)")

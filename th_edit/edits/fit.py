@@ -55,7 +55,8 @@ from ..tasks.data import Rows
 from ..tasks.evaluate import EvalResult, evaluate
 from ..utils.progress import progress_bar
 from .fit_config import FitConfig, FitResult
-from .fit_data import FitProblem, split_rows
+from ..utils.distributed import all_reduce_sum, process_rank_and_count
+from .fit_data import FitProblem, split_rows, task_ce
 from .scale import EditLog
 from .reparam import ChannelFit
 
@@ -108,6 +109,7 @@ def _train(problem: FitProblem, fit: ChannelFit, steps: int, guard_weight: float
     rng = random.Random(seed)
     losses = []
     g_per = cfg.guard_texts_per_step
+    world = process_rank_and_count()[1]
     for step in range(steps):
         if not order:
             order = list(range(len(train)))
@@ -115,17 +117,21 @@ def _train(problem: FitProblem, fit: ChannelFit, steps: int, guard_weight: float
         b = train[order.pop()]
         opt.zero_grad(set_to_none=True)
         with fit.hooks(theta):
-            cl = problem.candidate_logits(cache, b)
-            ce = torch.nn.functional.cross_entropy(cl, b.target)
+            ce, cl = task_ce(problem, cache, b, theta, world)
             gi = step % len(guard)
             kl = problem.guard_kl(cache, guard[gi], gi * g_per) if guard_weight > 0 else torch.zeros(())
-        loss = ce + guard_weight * kl + l1_weight * (theta * fit.mask).abs().sum()
+        # under N processes each computes the whole guard and L1 terms: 1/N of them each, summed by the all-reduce
+        loss = ce + (guard_weight * kl + l1_weight * (theta * fit.mask).abs().sum()) / world
+        loss.backward()
+        if world > 1:  # one all-reduce of the gradient and the loss: every process takes the same step
+            reduced = all_reduce_sum(torch.cat([theta.grad.flatten(), loss.detach().reshape(1).to(theta.grad)]))
+            theta.grad.copy_(reduced[:-1].view_as(theta.grad))
+            loss = reduced[-1]
         if not torch.isfinite(loss):
             raise FitError(
                 f"the {phase} loss became non-finite at step {step + 1} (ce={float(ce):.4g}, kl={float(kl):.4g}); "
                 "the model was left unchanged. Lower FitConfig.lr or max_log_scale, or raise guard_weights."
             )
-        loss.backward()
         theta.grad.mul_(fit.mask)
         opt.step()
         with torch.no_grad():
@@ -135,7 +141,7 @@ def _train(problem: FitProblem, fit: ChannelFit, steps: int, guard_weight: float
         losses.append(float(loss))
         logger.debug("%s step %d/%d: loss %.4f (ce %.4f, kl %.5f)", phase, step + 1, steps, float(loss),
                      float(ce.detach()), float(kl.detach()))
-        acc = float((cl.argmax(1) == b.target).float().mean())
+        acc = float((cl.argmax(1) == b.target).float().mean()) if cl is not None else float("nan")
         bar.set_postfix_str(f"{phase} loss={float(loss):.3f} ce={float(ce.detach()):.3f} kl={float(kl.detach()):.4f} train_acc={acc:.2f}")
         bar.update(1)
     fit.theta = theta.detach().clone()
@@ -153,10 +159,13 @@ def _attribution(problem: FitProblem, fit: ChannelFit) -> torch.Tensor:
     random.Random(problem.config.seed).shuffle(order)
     n_batches = max(1, math.ceil(problem.config.attribution_prompts / problem.config.batch_size))
     for b in (train[i] for i in order[:n_batches]):
+        if not b.rows:  # this process holds none of the batch's prompts
+            continue
         with fit.hooks(theta):
             ce = torch.nn.functional.cross_entropy(problem.candidate_logits(cache, b), b.target, reduction="sum")
         (g,) = torch.autograd.grad(ce, theta)
         total += g
+    all_reduce_sum(total)  # each process summed its share of the prompts
     return (fit.theta * total).abs() * fit.mask
 
 

@@ -13,15 +13,16 @@ from torch import nn
 from ..core.layer_cache import LayerCache
 from ..core.layout import AttentionLayout
 from ..errors import InvalidArgumentError
-from ..tasks.batching import accepts_logits_to_keep, input_device, pad_sequences, pad_token_id, plan_batches
+from ..tasks.batching import accepts_logits_to_keep, input_device, output_device, pad_sequences, pad_token_id, plan_batches
 from ..tasks.batching import rows as dataset_rows
 from ..tasks.data import Rows, first_token
 from ..tasks.evaluate import guard_loss
 from ..tasks.guard_text import GUARD_TEXTS
+from ..utils.distributed import process_rank_and_count
 from .fit_config import FitConfig
 from .reparam import ChannelFit
 
-__all__ = ["TaskBatch", "CachedSplits", "split_rows", "task_batches", "FitProblem"]
+__all__ = ["TaskBatch", "CachedSplits", "split_rows", "task_batches", "task_ce", "FitProblem"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,10 @@ class TaskBatch:
     cand: torch.Tensor  # [B, N] candidate first tokens (padded)
     cand_ok: torch.Tensor  # [B, N] bool
     target: torch.Tensor  # [B]
-    lengths: torch.Tensor  # [B] list lengths
+    lengths: torch.Tensor  # [B] list lengths (CPU)
     rows: list[int]  # example indices
+    width: int = 0  # padded token length of the batch
+    total: int = 0  # prompts of the whole batch over all processes (this process holds ``rows``)
 
 
 @dataclass
@@ -61,12 +64,24 @@ def split_rows(dataset: Rows, what: str) -> list[dict[str, Any]]:
     return rows
 
 
-def task_batches(cache: LayerCache, tokenizer, rows, batch_size: int, device) -> list[TaskBatch]:
+def task_batches(cache: LayerCache, tokenizer, rows, batch_size: int, device, out_device=None,
+                 part: tuple[int, int] = (0, 1)) -> list[TaskBatch]:
+    """Right-padded, length-sorted batches of ``rows`` added to ``cache`` (inputs on ``device``); answer
+    positions, candidates and targets live on ``out_device`` (where the logits are; default ``device``).
+    ``part=(rank, world)``: the batches are cut as in one process, and this process keeps the prompts
+    ``rank::world`` of each (a batch with none of them is skipped; ``total`` is the whole batch's size)."""
+    out_device = device if out_device is None else out_device
+    rank, world = part
     seqs = tokenizer([r["prompt"] for r in rows])["input_ids"]
     pad = pad_token_id(tokenizer)
     tok_of: dict[str, int] = {}
     out = []
-    for idx in plan_batches([len(s) for s in seqs], batch_size):
+    for whole in plan_batches([len(s) for s in seqs], batch_size):
+        idx = whole[rank::world]
+        if not idx:  # kept (empty) so every process steps through the same batch sequence
+            none = torch.zeros(0, dtype=torch.long, device=out_device)
+            out.append(TaskBatch(-1, none, none[:, None], none[:, None].bool(), none, none.cpu(), [], 0, len(whole)))
+            continue
         ids, mask = pad_sequences([seqs[i] for i in idx], pad, "right")
         n = max(len(rows[i]["items"]) for i in idx)
         cand = torch.zeros(len(idx), n, dtype=torch.long)
@@ -81,12 +96,26 @@ def task_batches(cache: LayerCache, tokenizer, rows, batch_size: int, device) ->
             ok[b, :len(items)] = True
             target[b] = items.index(rows[i]["target"])
         k = cache.add(input_ids=ids.to(device), attention_mask=mask.to(device))
-        out.append(TaskBatch(k, mask.sum(1) - 1, cand, ok, target,
-                              torch.tensor([len(rows[i]["items"]) for i in idx]), idx))
+        out.append(TaskBatch(k, (mask.sum(1) - 1).to(out_device), cand.to(out_device), ok.to(out_device),
+                             target.to(out_device), torch.tensor([len(rows[i]["items"]) for i in idx]), idx,
+                             int(ids.shape[1]), len(whole)))
     return out
 
 
 # ----- the fitting loop ---------------------------------------------------------------------------
+def task_ce(problem: "FitProblem", cache: LayerCache, b: TaskBatch, theta: torch.Tensor, world: int):
+    """``(ce, candidate logits)`` of batch ``b``: the mean cross-entropy over the whole batch. In one process
+    the batch mean; over ``world`` processes this process's share of it (its rows' sum over the whole
+    batch's size; zero, still attached to ``theta``, when it holds no row), so the sum over processes is
+    the single-process mean."""
+    if not b.rows:
+        return (theta * 0).sum(), None
+    cl = problem.candidate_logits(cache, b)
+    if world == 1:
+        return torch.nn.functional.cross_entropy(cl, b.target), cl
+    return torch.nn.functional.cross_entropy(cl, b.target, reduction="sum") / b.total, cl
+
+
 class FitProblem:
     """Training, dev and guard data prepared for one model (tokenised, cached from a first layer)."""
 
@@ -94,6 +123,7 @@ class FitProblem:
                  dev_rows: list[dict[str, Any]], config: FitConfig) -> None:
         self.model, self.layout, self.tokenizer, self.config = model, layout, tokenizer, config
         self.device = input_device(self.model)
+        self.out_device = output_device(self.model)
         self.keep = accepts_logits_to_keep(self.model)
         self.train_rows, self.dev_rows = train_rows, dev_rows
         ids = [tokenizer(t)["input_ids"][: config.guard_tokens] for t in GUARD_TEXTS]
@@ -104,15 +134,16 @@ class FitProblem:
         with torch.no_grad():
             out = self.model(input_ids=self.guard_ids.to(self.device), attention_mask=self.guard_mask.to(self.device),
                              use_cache=False)
-            self.guard_ref = out.logits[:, :-1].float().log_softmax(-1).cpu()  # [G, T-1, V]
-        self.guard_valid = (self.guard_mask[:, 1:] * self.guard_mask[:, :-1]).bool()
+            self.guard_ref = out.logits[:, :-1].float().log_softmax(-1)  # [G, T-1, V] float32, on the logits' device
+        self.guard_valid = (self.guard_mask[:, 1:] * self.guard_mask[:, :-1]).bool().to(self.guard_ref.device)
 
     def data_from(self, layer: int) -> CachedSplits:
         """The train, dev and guard batches in a layer cache from ``layer`` (the three most recent kept)."""
         if layer not in self._caches:
             cache = LayerCache(self.model, self.layout, layer, max_bytes=self.config.cache_bytes)
-            train = task_batches(cache, self.tokenizer, self.train_rows, self.config.batch_size, self.device)
-            dev = task_batches(cache, self.tokenizer, self.dev_rows, 32, self.device)
+            train = task_batches(cache, self.tokenizer, self.train_rows, self.config.batch_size, self.device,
+                                 self.out_device, part=process_rank_and_count())
+            dev = task_batches(cache, self.tokenizer, self.dev_rows, 32, self.device, self.out_device)
             g = self.config.guard_texts_per_step
             guard = []
             for s in range(0, len(self.guard_ids), g):
@@ -128,19 +159,29 @@ class FitProblem:
         return self._caches[layer]
 
     def candidate_logits(self, cache: LayerCache, b: TaskBatch) -> torch.Tensor:
-        """``[B, N]`` float32 logits of the candidates at the answer position (pads: -inf)."""
+        """``[B, N]`` float32 logits of the candidates at the answer position (pads: -inf), on the logits'
+        device. Only the last ``width - min(last)`` positions' logits are computed (an int
+        ``logits_to_keep``, which every transformers version with the argument understands; batches are
+        length-sorted, so that is a few positions), then each row's answer position is picked."""
         if self.keep:
-            logits = cache.forward(b.index, logits_to_keep=b.last[:, None].to(self.device)).logits[:, 0]
+            keep = b.width - int(b.last.min())
+            logits = cache.forward(b.index, logits_to_keep=keep).logits  # [B, keep, V]
+            pos = b.last - (b.width - keep)
         else:
-            logits = cache.forward(b.index).logits[torch.arange(len(b.last)), b.last.to(self.device)]
-        cl = logits.float().cpu().gather(1, b.cand)
-        return cl.masked_fill(~b.cand_ok, float("-inf"))
+            logits = cache.forward(b.index).logits  # [B, T, V]
+            pos = b.last
+        rows = torch.arange(len(b.last), device=logits.device)
+        at = logits[rows, pos.to(logits.device)].float()  # [B, V]
+        cl = at.gather(1, b.cand.to(logits.device))
+        return cl.masked_fill(~b.cand_ok.to(logits.device), float("-inf"))
 
     def guard_kl(self, cache: LayerCache, index: int, start: int) -> torch.Tensor:
-        out = cache.forward(index).logits[:, :-1].float().cpu().log_softmax(-1)
+        """Mean KL(unedited || edited) per valid next-token position of guard batch ``index`` (its texts
+        start at ``start``); float32, computed on the logits' device."""
+        out = cache.forward(index).logits[:, :-1].float().log_softmax(-1)
         n = out.shape[0]
-        ref = self.guard_ref[start:start + n]
-        valid = self.guard_valid[start:start + n]
+        ref = self.guard_ref[start:start + n].to(out.device)
+        valid = self.guard_valid[start:start + n].to(out.device)
         kl = (ref.exp() * (ref - out)).sum(-1)
         return kl[valid].mean()
 
@@ -159,7 +200,7 @@ class FitProblem:
                 cl = self.candidate_logits(data.cache, b)
                 correct.append(cl.argmax(1) == b.target)
                 lengths.append(b.lengths)
-        correct, lengths = torch.cat(correct), torch.cat(lengths)
+        correct, lengths = torch.cat(correct).cpu(), torch.cat(lengths)  # the one host copy
         out = {"all": float(correct.float().mean())}
         for n in sorted(set(lengths.tolist())):
             out[str(n)] = float(correct[lengths == n].float().mean())

@@ -116,13 +116,16 @@ def model_card(
     evidence: Sequence[Mapping[str, Any]] | None = None,
     evaluation: Mapping[str, Any] | None = None,
     license: str | None = None,
+    runtime: Mapping[str, Any] | None = None,
 ) -> ModelCard:
-    """The card of a full edited checkpoint (``README.md``)."""
+    """The card of a full edited checkpoint (``README.md``); ``runtime`` (device, dtype, versions: see
+    :func:`th_edit.utils.devices.runtime_record`) goes into the metadata as ``th_edit_runtime``."""
     results = eval_results(evaluation)
     fields = card_fields(plan, repo_id)
+    extra = {"th_edit_runtime": dict(runtime)} if runtime else {}
     data = ModelCardData(
         library_name="transformers", pipeline_tag="text-generation", license=card_license(plan, license),
-        tags=["th_edit", "model-editing", "talking-heads"], **base_model_meta(plan),
+        tags=["th_edit", "model-editing", "talking-heads"], **base_model_meta(plan), **extra,
         **({"eval_results": results, "model_name": fields["model_name"]} if results else {}),
     )
     rows = []

@@ -26,6 +26,7 @@ from ..errors import OutputDirectoryError, PlanMismatchError
 from ..utils.distributed import is_main_process, run_on_main_process, wait_for_everyone
 from ..utils.files import atomic_directory
 from . import hub
+from ..utils.devices import runtime_record
 from .cards import CardData, model_card, plan_card
 from .models import published_name
 
@@ -180,7 +181,8 @@ def save_pretrained(
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
             plan.save(staging)
-            model_card(plan, repo_id=repo_id, evidence=card.evidence, evaluation=card.evaluation).save(staging / "README.md")
+            model_card(plan, repo_id=repo_id, evidence=card.evidence, evaluation=card.evaluation,
+                       runtime=runtime_record(model)).save(staging / "README.md")
         logger.info("saved the edited model to %s", directory)
 
     run_on_main_process(write)  # the others wait, and raise the main process's error if it fails

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InvalidArgumentError, ModelFileError, ModelNotInstalledError
+from ..errors import DeviceError, InvalidArgumentError, ModelFileError, ModelNotInstalledError
 
 __all__ = ["BUNDLED", "DEFAULT_MODEL", "cache_root", "published_name", "published_license", "smollm2_gguf_path", "bundled_gguf_path", "load_model",
            "load_default_model", "ModelNotInstalledError"]
@@ -153,29 +153,48 @@ def load_model(
     gguf_file: str | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
     trust_remote_code: bool = False,
 ):
-    """Load ``(model, tokenizer)`` in eval mode with eager attention.
+    """Load ``(model, tokenizer)`` in eval mode with eager attention, on ``device`` in ``dtype``.
 
     Args:
         source: a bundled model name (``"smollm2"``, ``"gemma3-270m"``), a local directory, or a Hub id.
         gguf_file: a GGUF file inside ``source`` (de-quantized and converted in memory).
         cache_dir: the cache root for bundled models (default :func:`cache_root`); the converted copy
             lives in its own subdirectory ``cache_dir / <name>``, and nothing else there is touched.
+        dtype: ``float32``, ``bfloat16``, ``float16`` (a name or torch dtype) or ``"auto"`` (float32 on the
+            CPU, bfloat16 on a GPU). None: float32 (``"auto"`` when ``device`` is given).
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``auto`` (a GPU when there is one). None: the CPU.
+        device_map: ``"auto"`` (or a transformers device map) to spread a model larger than one GPU over
+            the GPUs and CPU memory (accelerate hooks; edits follow them). Layers offloaded to disk are
+            refused: th_edit edits weights in place.
         trust_remote_code: passed to transformers; off by default, th_edit never needs it.
 
-    >>> model, tokenizer = load_model()                      # doctest: +SKIP
-    >>> model, tokenizer = load_model("gemma3-270m")         # doctest: +SKIP
+    Raises:
+        DeviceError: no GPU for ``cuda``, a GPU index that does not exist, float16 on the CPU, a device map
+            that offloads to disk.
+
+    >>> model, tokenizer = load_model()                                   # doctest: +SKIP
+    >>> model, tokenizer = load_model("gemma3-270m", device="cuda", dtype="bfloat16")  # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..utils.devices import resolve_device, resolve_dtype
+
+    target_device = resolve_device("auto" if device_map is not None and device is None else (device or "cpu"))
+    dtype = resolve_dtype(dtype if dtype is not None or device is not None else torch.float32, target_device)
+    _check_device_map(device_map)
     if source in BUNDLED:
-        return _load_bundled(BUNDLED[source], source, cache_dir, dtype)
+        model, tokenizer = _load_bundled(BUNDLED[source], source, cache_dir, dtype)
+        return model.to(target_device), tokenizer
     elif gguf_file is not None:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, revision=revision)
-        return _plain_copy(AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, revision=revision,
-                                                                dtype=torch.float32)).to(dtype).eval(), tokenizer
+        model = _plain_copy(AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, revision=revision,
+                                                                 dtype=torch.float32)).to(dtype)
+        return model.to(target_device).eval(), tokenizer
     elif Path(source).is_dir() and not (Path(source) / "config.json").is_file():
         raise ModelFileError(
             f"{source} is a directory without config.json, so it is no transformers checkpoint. Pass the "
@@ -187,8 +206,18 @@ def load_model(
         raise InvalidArgumentError(
             f"model {source!r} is not a bundled model ({', '.join(BUNDLED)}), a local directory, or a Hub id 'owner/name'."
         )
-    model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, attn_implementation="eager",
-                                                 trust_remote_code=trust_remote_code).eval()
+    kwargs = {"device_map": device_map} if device_map is not None else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, attn_implementation="eager",
+                                                     trust_remote_code=trust_remote_code, **kwargs).eval()
+    except ValueError as exc:
+        if "disk" in str(exc) and "offload" in str(exc):
+            raise DeviceError(_DISK_FIX.format(what=f"device_map={device_map!r} would offload {source} to disk")) from exc
+        raise
+    if device_map is None:
+        model.to(target_device)
+    else:
+        _check_loaded_map(model, source)
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
     return model, tokenizer
 
@@ -210,9 +239,34 @@ def _load_bundled(b: Bundled, short: str, cache_dir, dtype: torch.dtype):
     return model, tokenizer
 
 
-def load_default_model(*, cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+_DISK_FIX = ("{what}, and th_edit edits weights in place, which disk-offloaded layers do not allow. Load in "
+             "bfloat16 (--dtype bfloat16), use more GPUs, or give CPU memory room (device_map='auto' with "
+             "max_memory), so that every layer fits on a GPU or in CPU memory.")
+
+
+def _check_device_map(device_map) -> None:
+    if device_map is None or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return
+    if not isinstance(device_map, dict):
+        raise InvalidArgumentError(f"device_map={device_map!r}: use 'auto' or a dict of module name -> device.")
+    if any(str(v) == "disk" for v in device_map.values()):
+        raise DeviceError(_DISK_FIX.format(what="the device map puts layers on 'disk'"))
+
+
+def _check_loaded_map(model, source: str) -> None:
+    placed = {str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()}
+    if "disk" in placed:
+        raise DeviceError(_DISK_FIX.format(what=f"the device map placed part of {source} on disk"))
+    if "cpu" in placed and len(placed) > 1:
+        logger.warning("part of %s is offloaded to CPU memory (device map %s): it runs, slowly; edits still write "
+                       "the real weights. More GPU memory or --dtype bfloat16 keeps it all on GPUs.", source,
+                       sorted(placed))
+
+
+def load_default_model(*, cache_dir: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
+                       device: str | torch.device | None = None):
     """``load_model("smollm2")``: SmolLM2-135M-Instruct as a plain transformers model (eval, eager)."""
-    return load_model(DEFAULT_MODEL, cache_dir=cache_dir, dtype=dtype)
+    return load_model(DEFAULT_MODEL, cache_dir=cache_dir, dtype=dtype, device=device)
 
 
 def _converted(target: Path) -> bool:

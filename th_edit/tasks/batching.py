@@ -18,7 +18,7 @@ from ..errors import InvalidArgumentError
 from .data import first_token
 
 __all__ = [
-    "input_device", "accepts_logits_to_keep", "plan_batches", "pad_token_id", "pad_sequences", "eager_attention",
+    "input_device", "output_device", "accepts_logits_to_keep", "plan_batches", "pad_token_id", "pad_sequences", "eager_attention",
     "item_positions", "rows", "PromptBatch", "prompt_batches",
 ]
 
@@ -32,6 +32,14 @@ def input_device(model) -> torch.device:
     """Where the model's inputs go: the input embedding's device (CPU if it is offloaded to ``meta``)."""
     device = model.get_input_embeddings().weight.device
     return torch.device("cpu") if device.type == "meta" else device
+
+
+def output_device(model) -> torch.device:
+    """Where the model's logits come out: the output embedding's device (the input device if there is
+    none or it is offloaded to ``meta``)."""
+    head = model.get_output_embeddings()
+    device = head.weight.device if head is not None else input_device(model)
+    return input_device(model) if device.type == "meta" else device
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -138,12 +146,12 @@ class PromptBatch:
 
     def split_attention(self, att: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From ``att [B, H, T, T]``: attention at the final position to the target ``[B, H]`` and the mean
-        attention to each other item ``[B, H]``."""
-        rows = torch.arange(len(self))
-        final = att[rows, :, self.last, :].float()  # [B, H, T]
+        attention to each other item ``[B, H]`` (float32, on ``att``'s device)."""
+        rows = torch.arange(len(self), device=att.device)
+        final = att[rows, :, self.last.to(att.device), :].float()  # [B, H, T]
         tgt, oth = [], []
         for b in range(len(self)):
-            pos = torch.tensor(self.positions[b])
+            pos = torch.tensor(self.positions[b], device=att.device)
             t = self.targets[b]
             tgt.append(final[b, :, pos[t]])
             others = torch.cat([pos[:t], pos[t + 1:]])

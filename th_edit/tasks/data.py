@@ -1,4 +1,4 @@
-"""Laundry List and IOI task datasets, built with ``datasets.Dataset.from_generator``.
+"""Laundry List and IOI task datasets (``datasets.Dataset`` splits; plain lists of rows without ``datasets``).
 
 Every example has the same :data:`FEATURES`: ``prompt`` (ends where the answer's first token must come),
 ``items`` (the candidates, in list order), ``target`` (the answer item), ``target_index`` (its 0-based
@@ -32,12 +32,13 @@ import logging
 import math
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
-
-from datasets import Dataset, DatasetDict, Features, Sequence as DSequence, Value
+from typing import TYPE_CHECKING, Any, Union
 
 from ..errors import InvalidArgumentError
 from .provenance import prompt_key, recipe_info, split_of
+
+if TYPE_CHECKING:  # pragma: no cover - datasets is imported only where a dataset is built
+    from datasets import Dataset, DatasetDict
 
 __all__ = [
     "ITEMS", "TOY_ITEMS", "HARDWARE_ITEMS", "ITEM_POOLS", "OMITTED_TEMPLATES", "NAMES", "FEATURES", "TEMPLATES",
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 #: what every function taking task data accepts: a ``datasets.Dataset`` or a sequence of row dicts with the
 #: :data:`FEATURES` (at least ``prompt``, ``items``, ``target``)
-Rows = Union[Dataset, Sequence[Mapping[str, Any]]]
+Rows = Union["Dataset", Sequence[Mapping[str, Any]]]
 
 ITEMS = (
     "apples bananas bread butter cheese eggs flour grapes honey jam juice lemons milk onions oranges pasta "
@@ -83,15 +84,26 @@ NAMES = (
     "Sophie Michael Clare Steven Julia Robert Helen Simon Grace Henry Emily George Rose Frank Alan Ruth"
 ).split()
 
-FEATURES = Features({
-    "example_id": Value("int32"),
-    "prompt": Value("string"),
-    "items": DSequence(Value("string")),
-    "target": Value("string"),
-    "target_index": Value("int32"),
-    "list_length": Value("int32"),
-    "template": Value("string"),
-})
+def _features():
+    """The ``datasets.Features`` of every task split (imported lazily: th_edit runs without ``datasets``)."""
+    from datasets import Features, Sequence as DSequence, Value
+
+    return Features({
+        "example_id": Value("int32"),
+        "prompt": Value("string"),
+        "items": DSequence(Value("string")),
+        "target": Value("string"),
+        "target_index": Value("int32"),
+        "list_length": Value("int32"),
+        "template": Value("string"),
+    })
+
+
+def __getattr__(name: str):
+    if name == "FEATURES":  # module attribute built on first use, so importing th_edit never needs datasets
+        return _features()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: omitted-item wordings: ``{name}``, ``{friend}`` (another name), ``{items}`` (the list) and ``{others}``
 #: (the list without the answer, shuffled, with articles); every prompt ends where the answer must come
@@ -234,7 +246,7 @@ def split_sizes(n_per_length: int, fractions: Sequence[float] = (0.5, 0.25, 0.25
 
 
 def _build(template: str, tokenizer, lengths: Sequence[int], n_per_length: int, seed: int,
-           items: Sequence[str] | None, names: Sequence[str] | None, fractions: Sequence[float]) -> DatasetDict:
+           items: Sequence[str] | None, names: Sequence[str] | None, fractions: Sequence[float]) -> "DatasetDict":
     splits = split_sizes(n_per_length, fractions)
     pool_name = items if isinstance(items, str) else ("household" if items is None else "custom:" + _words_key(items))
     if template not in TEMPLATES:
@@ -269,12 +281,19 @@ def _build(template: str, tokenizer, lengths: Sequence[int], n_per_length: int, 
         if template == "recall" and n > len(name_pool):
             raise InvalidArgumentError(f"recall lists need a distinct name per item: at most {len(name_pool)}.")
     generated = _generate(template, words, name_pool, lengths, splits, int(seed), fractions)
+    generated = {split: rows for split, rows in generated.items() if splits[split] > 0}
     recipe = {"task": "ioi" if template == "ioi" else "laundry_list", "template": template,
               "items": pool_name, "pool_size": len(pool), "lengths": lengths, "n_per_length": n_per_length,
               "seed": int(seed), "fractions": [float(f) for f in fractions], "split_sizes": dict(splits),
               "split_rule": "th_edit.tasks.provenance.split_of(prompt_key(prompt, target), seed, fractions)"}
-    return DatasetDict({split: Dataset.from_list(rows, features=FEATURES, info=recipe_info(recipe, FEATURES))
-                        for split, rows in generated.items() if splits[split] > 0})
+    try:
+        from datasets import Dataset, DatasetDict
+    except ImportError:  # without datasets: plain lists of row dicts (evaluate and fit_edit take them)
+        logger.info("datasets is not installed: the splits are plain lists of rows (no recipe attached)")
+        return generated
+    features = _features()
+    return DatasetDict({split: Dataset.from_list(rows, features=features, info=recipe_info(recipe, features))
+                        for split, rows in generated.items()})
 
 
 def laundry_list(
@@ -287,7 +306,7 @@ def laundry_list(
     items: Sequence[str] | str | None = None,
     names: Sequence[str] | None = None,
     fractions: Sequence[float] = (0.5, 0.25, 0.25),
-) -> DatasetDict:
+) -> "DatasetDict":
     """The Laundry List task as a ``DatasetDict`` with ``train``/``dev``/``test`` splits.
 
     Args:
@@ -304,7 +323,7 @@ def laundry_list(
 
 
 def ioi(tokenizer, *, n: int = 200, seed: int = 0, names: Sequence[str] | None = None,
-        fractions: Sequence[float] = (0.5, 0.25, 0.25)) -> DatasetDict:
+        fractions: Sequence[float] = (0.5, 0.25, 0.25)) -> "DatasetDict":
     """IOI prompts ("When Mary and John went to the store, John gave a drink to" -> " Mary"): ``items``
     is ``[indirect object, subject]`` and the target is the indirect object."""
     return _build("ioi", tokenizer, [2], n, seed, None, names, fractions)
@@ -321,4 +340,4 @@ def describe_fields() -> list[tuple[str, str, str]]:
         "list_length": "number of items in the list",
         "template": "omitted, recall or ioi<k>",
     }
-    return [(k, str(v.dtype if hasattr(v, "dtype") else "list[string]"), meaning[k]) for k, v in FEATURES.items()]
+    return [(k, str(v.dtype if hasattr(v, "dtype") else "list[string]"), meaning[k]) for k, v in _features().items()]

@@ -38,7 +38,7 @@ from .guard_text import GUARD_TEXTS
 from ..utils.distributed import process_rank_and_count
 from ..utils.progress import progress_bar
 
-__all__ = ["EvalResult", "evaluate", "guard_loss", "wilson_interval"]
+__all__ = ["EvalResult", "evaluate", "evaluation_batch_size", "guard_loss", "wilson_interval"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class EvalResult:
 
 
 def _last_logits(model, seqs: list[list[int]], pad_id: int, padding_side: str, device) -> torch.Tensor:
-    """Logits [B, V] (float32) at each sequence's last token."""
+    """Logits [B, V] (float32, on the model's output device) at each sequence's last token."""
     lens = torch.tensor([len(s) for s in seqs])
     width = int(lens.max())
     ids, mask = pad_sequences(seqs, pad_id, padding_side)
@@ -113,7 +113,54 @@ def _last_logits(model, seqs: list[list[int]], pad_id: int, padding_side: str, d
     else:
         rows = rows + (width - keep)
     logits = model(**kwargs).logits
-    return logits[torch.arange(len(seqs)), rows.to(logits.device)].float().cpu()
+    return logits[torch.arange(len(seqs), device=logits.device), rows.to(logits.device)].float()
+
+
+def _scores(logits: torch.Tensor, cands: list[list[int]], targets: list[int]) -> dict[str, list]:
+    """Per-row scores of ``logits [B, V]`` computed where the logits live; only ``[B]`` results reach the host.
+
+    ``cands[b]``: candidate first tokens of row ``b``; ``targets[b]``: the target's index among them."""
+    dev, B = logits.device, len(cands)
+    n = max(len(c) for c in cands)
+    cand = torch.zeros(B, n, dtype=torch.long)
+    ok = torch.zeros(B, n, dtype=torch.bool)
+    for b, c in enumerate(cands):
+        cand[b, :len(c)], ok[b, :len(c)] = torch.tensor(c), True
+    cand, ok = cand.to(dev), ok.to(dev)
+    rows, t = torch.arange(B, device=dev), torch.tensor(targets, device=dev)
+    cl = logits.gather(1, cand).masked_fill(~ok, float("-inf"))  # [B, N]
+    tok = cand[rows, t]
+    others = cl.clone()
+    others[rows, t] = float("-inf")
+    best_other = others.max(1).values
+    diff = torch.where(torch.isfinite(best_other), cl[rows, t] - best_other, torch.full_like(best_other, float("nan")))
+    out = torch.stack([(cl.argmax(1) == t).float(), (logits.argmax(1) == tok).float(),
+                       logits.log_softmax(-1)[rows, tok].exp(), diff]).cpu()  # the one host copy: [4, B]
+    return {"correct": out[0].bool().tolist(), "correct_vocab": out[1].bool().tolist(), "p_target": out[2].tolist(),
+            "logit_diff": out[3].tolist()}
+
+
+def evaluation_batch_size(model, tokenizer, dataset, batch_size: int | str, *, start: int = 256) -> int:
+    """``batch_size`` as a number: an int is returned as is; ``"auto"`` is the largest batch of the
+    dataset's longest prompt that runs on the model's device without running out of memory (halving from
+    ``start``), found once per model, dtype and device and remembered (:func:`th_edit.utils.devices.auto_batch_size`;
+    16 on the CPU)."""
+    if batch_size != "auto":
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidArgumentError(f"batch_size={batch_size!r} must be a positive integer or 'auto'.")
+        return batch_size
+    from ..utils.devices import auto_batch_size
+
+    longest = max((tokenizer(r["prompt"])["input_ids"] for r in dataset_rows(dataset)), key=len)
+    device = input_device(model)
+    dtype = next(model.parameters()).dtype
+
+    def probe(b: int) -> None:
+        with torch.no_grad():
+            _last_logits(model, [longest] * b, pad_token_id(tokenizer), "right", device)
+
+    key = f"{getattr(model.config, '_name_or_path', '')}|{dtype}|eval|{len(longest)}"
+    return auto_batch_size(probe, key, device, start=start)
 
 
 def evaluate(
@@ -154,8 +201,10 @@ def evaluate(
         with torch.no_grad(), progress_bar(total=len(batches), desc=desc, enabled=progress and rank == 0) as bar:
             for batch in batches:
                 logits = _last_logits(model, [seqs[i] for i in batch], pad_id, padding_side, device)
-                logp = logits.log_softmax(-1)
-                records += [_record(i, rows[i], logits[b], logp[b], token_of) for b, i in enumerate(batch)]
+                targets = [rows[i]["items"].index(rows[i]["target"]) for i in batch]
+                scores = _scores(logits, [[token_of[w] for w in rows[i]["items"]] for i in batch], targets)
+                records += [_record(i, rows[i], t, {k: v[b] for k, v in scores.items()})
+                            for b, (i, t) in enumerate(zip(batch, targets))]
                 bar.update(1)
     finally:
         model.train(was_training)
@@ -207,20 +256,11 @@ def _checked_rows(dataset: Rows, batch_size: int, padding_side: str) -> list[dic
     return rows
 
 
-def _record(i: int, r: dict[str, Any], logits: torch.Tensor, logp: torch.Tensor,
-            token_of: dict[str, int]) -> dict[str, Any]:
-    """One example's record from its answer-position logits and log-probabilities (``[V]`` each; candidates
-    scored by their first token)."""
-    cand = torch.tensor([token_of[w] for w in r["items"]])
-    t = r["items"].index(r["target"])
-    cl = logits[cand]
-    others = torch.cat([cl[:t], cl[t + 1:]])
+def _record(i: int, r: dict[str, Any], target: int, scores: dict[str, Any]) -> dict[str, Any]:
+    """One example's record: its identity columns and its ``scores`` (see :func:`_scores`)."""
     return {
         "index": i, "example_id": int(r.get("example_id", i)), "list_length": int(r.get("list_length", len(r["items"]))),
-        "target_index": int(r.get("target_index", t)), "template": str(r.get("template", "")),
-        "correct": bool(int(cl.argmax()) == t), "correct_vocab": bool(int(logits.argmax()) == int(cand[t])),
-        "p_target": float(logp[cand[t]].exp()),
-        "logit_diff": float(cl[t] - others.max()) if len(others) else float("nan"),
+        "target_index": int(r.get("target_index", target)), "template": str(r.get("template", "")), **scores,
     }
 
 

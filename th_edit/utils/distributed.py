@@ -9,7 +9,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["distributed_state", "is_main_process", "wait_for_everyone", "process_rank_and_count", "run_on_main_process"]
+__all__ = ["distributed_state", "is_main_process", "wait_for_everyone", "process_rank_and_count", "run_on_main_process",
+           "all_reduce_sum"]
 
 
 def distributed_state():
@@ -85,3 +86,14 @@ def _picklable(outcome: tuple[str, Any]) -> tuple[str, Any]:
         if kind == "error":
             return kind, ThEditError(f"the main process failed: {type(value).__name__}: {value}")
         return kind, None
+def all_reduce_sum(tensor):
+    """Sum ``tensor`` over the Accelerate processes, in place, and return it (unchanged in a single
+    process). Every process must call it with a tensor of the same shape and dtype (gloo on CPU, NCCL on
+    GPU: then the tensor must be on this process's GPU)."""
+    state = distributed_state()
+    if state is None or state.num_processes <= 1:
+        return tensor
+    import torch.distributed as dist
+
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
