@@ -170,7 +170,7 @@ def bounded_channel_map(
     sender_S = torch.zeros(hi - lo, r)
     recv_layers = sorted({l for l, _ in receivers_l})
     steps = sum(sum(1 for rl in recv_layers if rl > senders_l[a][0]) for a, _ in chunks)
-    bar = progress_bar(enabled=progress and rank == 0, total=steps, desc="channel map (weights only)") if steps else progress_bar(enabled=False)
+    bar = progress_bar(enabled=progress and rank == 0 and steps > 0, total=steps, desc="channel map (weights only)")
     receiver_T: dict[str, torch.Tensor] = {m: torch.zeros(Nr, r) for m in config.modes}
     visited: set[int] = set()
     with bar:
@@ -206,7 +206,7 @@ def _receiver_layer(layout, receivers_l, rl, config, folded, V, send_w, send_lay
         receiver_T[mode][idx_t] = T.cpu()
         recv_w = T / T.norm(dim=1, keepdim=True).clamp_min(torch.finfo(T.dtype).tiny)
         h, c, tv, tr, tc = stream_mode(V, send_w, send_layer, A, recv_w, recv_layer, budget_bytes=plan.block_bytes,
-                                        keep_top=config.keep_top, progress=progress_bar(enabled=False),
+                                        keep_top=config.keep_top, progress=progress_bar(total=0, desc="", enabled=False),
                                         matmul_dtype=MATMUL_DTYPES[config.matmul_dtype])
         n = V.shape[0]
         heads[mode][a - lo:a - lo + n, idx_t] = h.cpu()

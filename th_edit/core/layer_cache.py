@@ -84,8 +84,28 @@ def hidden_entering(model: nn.Module, layout, layer: int, **inputs: Any) -> torc
     raise RuntimeError(f"layer {layer} was never called by the model's forward pass")  # pragma: no cover
 
 
+class _SkippedOutput(torch.Tensor):
+    """The hidden state a skipped layer hands on. Current transformers decoder loops take a layer's output as
+    the hidden state itself; older ones (e.g. GPT-J in transformers 5.17) read ``output[0]`` as the hidden
+    state and ``output[1]`` as the attention weights. This tensor answers both: ``[0]`` is itself, ``[1]``
+    is None (no attention: the layer did not run). The first layer that runs gets the cached state instead."""
+
+    def __getitem__(self, index):
+        if isinstance(index, int) and index in (0, 1):
+            return self if index == 0 else None
+        return super().__getitem__(index)
+
+
 def _noop_forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-    return _hidden_arg(args, kwargs)
+    hidden = _hidden_arg(args, kwargs)
+    return hidden if isinstance(hidden, _SkippedOutput) else hidden.as_subclass(_SkippedOutput)
+
+
+def ran_attentions(attentions, n_ran: int) -> tuple:
+    """The attentions of the ``n_ran`` layers that ran: models whose loop also records the skipped layers
+    (as None, see :class:`_SkippedOutput`) give one entry per layer; the skipped ones are dropped."""
+    attentions = tuple(attentions)
+    return attentions[len(attentions) - n_ran:] if len(attentions) > n_ran else attentions
 
 
 @contextlib.contextmanager
@@ -124,7 +144,10 @@ def skip_layers(layout, layer: int, hidden: torch.Tensor) -> Iterator[None]:
 def run_from(model: nn.Module, layout, layer: int, hidden: torch.Tensor, **inputs: Any):
     """``model(**inputs)`` computed from ``hidden``, the cached state entering ``layer``."""
     with skip_layers(layout, layer, hidden):
-        return model(**inputs)
+        out = model(**inputs)
+    if getattr(out, "attentions", None) is not None:
+        out.attentions = ran_attentions(out.attentions, layout.n_layers - layer)
+    return out
 
 
 class LayerCache:
@@ -312,7 +335,7 @@ class LowerLayerReuse:
 
     def _join(self, lower: tuple, upper) -> tuple:
         """The attentions of every layer: the remembered lower ones, then those of the layers that ran."""
-        upper = tuple(upper)
+        upper = ran_attentions(upper, self.layout.n_layers - self.first_layer)
         if len(upper) != self.layout.n_layers - self.first_layer:  # pragma: no cover - a model that records otherwise
             raise RuntimeError(f"expected attentions of {self.layout.n_layers - self.first_layer} layers, got {len(upper)}")
         return tuple(lower) + upper
