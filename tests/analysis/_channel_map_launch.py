@@ -1,7 +1,9 @@
 """Launched by tests/analysis/test_channels_distributed.py under ``accelerate launch --num_processes 2``.
 
 Every process computes the channel map of a saved model and saves it as ``OUT/rank{R}.pt``; then every
-process runs ``th-edit analyze`` (only the main process writes its tables, in ``OUT/analyze``).
+process runs ``th-edit analyze`` (only the main process writes its tables, in ``OUT/analyze``); the same again
+from the checkpoint files alone (``weights_only_rank{R}.pt``, ``th-edit analyze --weights-only`` into
+``OUT/analyze_weights_only``).
 """
 
 import json
@@ -30,6 +32,10 @@ def run(model_dir: str, out: str) -> None:
     cmap = ChannelEditor(model).channel_map(progress=False, **SETTINGS)
     rank, _ = process_rank_and_count()
     torch.save(dump(cmap), Path(out) / f"rank{rank}.pt")
+    weights_only = ChannelEditor.from_checkpoint(model_dir).channel_map(progress=False, **SETTINGS)
+    torch.save(dump(weights_only), Path(out) / f"weights_only_rank{rank}.pt")
+    cli_main(["analyze", model_dir, "--weights-only", "--out", str(Path(out) / "analyze_weights_only"), "--quiet",
+              "--top", "5", "--memory-limit-mb", "0.002"])
     code = cli_main(["analyze", model_dir, "--out", str(Path(out) / "analyze"), "--quiet", "--top", "5",
                      "--memory-limit-mb", "0.002"])
     (Path(out) / f"cli{rank}.json").write_text(json.dumps({"code": code}))

@@ -130,6 +130,13 @@ def test_two_accelerate_processes_return_the_single_process_map(tiny_model_dir, 
         pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "analyze" / name), pd.read_csv(tmp_path / "one" / name),
                                       rtol=1e-5)
     assert (tmp_path / "analyze" / "heatmap.png").is_file()
+    # weights only (th_edit.analysis.weights_only): the same split, the same map, bit for bit
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"weights_only_rank{r}.pt")
+        assert got["meta"]["processes"] == 2 and got["meta"]["sender_blocks"] == ranks[r]["meta"]["sender_blocks"]
+        assert_same_map(got, ranks[r], exact_scores=True)
+    for name in ("channels_pairs.csv", "channels_heads.csv"):
+        assert (tmp_path / "analyze_weights_only" / name).read_bytes() == (tmp_path / "analyze" / name).read_bytes()
 
 
 def test_bfloat16_gemms_stay_close_to_float32_and_bad_dtypes_are_refused():

@@ -217,3 +217,30 @@ def test_hub_id_downloads_only_attention_shards(hub, tmp_path):
     fetched = {p.rsplit("/", 1)[-1] for m, p in hub.requests[n:] if m == "GET" and "/resolve/" in p}
     assert fetched == wanted | {"config.json", INDEX_FILE}
     assert_maps_equal(cmap, ChannelEditor(model).channel_map(**SETTINGS))
+
+
+# ----- memory: bounded by design ------------------------------------------------------------------------------------
+def test_peak_rss_growth_stays_within_the_bound_on_a_checkpoint_four_times_larger(tmp_path):
+    """A fresh process maps a 24-layer checkpoint (96 MB of attention weights) with memory_limit_mb=24: the
+    peak RSS growth during the map (VmHWM reset first) stays within the plan's bound plus the result."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=2048, num_hidden_layers=24, num_attention_heads=2, num_key_value_heads=2,
+                         head_dim=64, intermediate_size=8, vocab_size=16, max_position_embeddings=8)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "ckpt", max_shard_size="16MB")
+    attention_bytes = 24 * 4 * 2048 * 128 * 4
+    limit_mb = 24
+    assert attention_bytes >= 4 * limit_mb * 2**20
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("_checkpoint_memory.py")), str(tmp_path / "ckpt"),
+                          str(limit_mb)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["chunks"] > 4 and got["bound"] == limit_mb * 2**20 or got["bound"] < 1.2 * limit_mb * 2**20
+    assert got["growth"] <= got["bound"] + got["result"] + 4 * 2**20, got
+    assert got["growth"] < attention_bytes / 3, got
