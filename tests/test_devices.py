@@ -166,9 +166,10 @@ def test_candidate_logits_int_keep_equal_full_forward(arch):
     model, tok = laundry_model(arch, seed=1)
     ds = laundry_list(tok, lengths=[2, 3, 5], n_per_length=8, seed=0)
     editor = ChannelEditor(model, tokenizer=tok)
-    problem = FitProblem(editor, tok, split_rows(ds["train"], "train"), split_rows(ds["dev"], "dev"),
+    problem = FitProblem(model, editor.layout, tok, split_rows(ds["train"], "train"), split_rows(ds["dev"], "dev"),
                          FitConfig(batch_size=5))
-    cache, train, dev, _ = problem.data_from(1)
+    data = problem.data_from(1)
+    cache, train, dev = data.cache, data.train, data.dev
     assert problem.keep
     with torch.no_grad():
         for b in train + dev:

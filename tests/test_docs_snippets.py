@@ -37,16 +37,7 @@ NO_TEST = "<!-- no-test -->"
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 #: (file, first line of the block) -> why it fails; marked xfail (non-strict) until the docs are fixed
-KNOWN_FAILING: dict[tuple[str, str], str] = {
-    ("README.md", "from th_edit.data import laundry_list"):
-        "the block before ends with `editor = ChannelEditor.from_plan(base_model, ...)`, an editor without a "
-        "tokenizer, so find_channels / fit_edit refuse (InvalidArgumentError: this needs a tokenizer)",
-    ("README.md", 'editor.save_adapter("adapter/")             # adapter_config.json + adapter_model.safetensors + plan + card'):
-        "the editor holds no edit at this point (the first block ends with undo(), the second failed), and "
-        "`PeftModel` is never imported",
-    ("README.md", 'result = editor.fit_edit(data["train"], data["dev"], heads="all", budget=256, test=data["test"])'):
-        "same editor without a tokenizer as the Laundry List block",
-}
+KNOWN_FAILING: dict[tuple[str, str], str] = {}
 
 
 def extract_blocks(text: str) -> list[tuple[int, str, bool]]:
