@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .analysis import composition, discovery, edit_search
+from .analysis import circuit as circuit_discovery, composition, discovery, edit_search
 from .core import circuits
 from .core.architectures import ArchSpec
 from .core.circuits import MODES, HeadWeights, SVDResult, check_circuit
@@ -179,6 +179,14 @@ class ChannelEditor:
         :func:`th_edit.analysis.discovery.find_channels` (``settings`` override ``config`` fields)."""
         return discovery.find_channels(self, self._tokenizer(tokenizer), dataset, config, channel_map=channel_map,
                                        progress=progress, **settings)
+
+    def find_circuit(self, dataset, config: circuit_discovery.CircuitConfig | None = None, *, tokenizer: Any = None,
+                     channel_map=None, progress: bool = True, **settings: Any) -> circuit_discovery.Circuit:
+        """The circuit that writes the task's answer, found backward from the answer through composition
+        steps confirmed causally; see :func:`th_edit.analysis.circuit.find_circuit`. Pass train or dev
+        prompts, never test."""
+        return circuit_discovery.find_circuit(self, self._tokenizer(tokenizer), dataset, config,
+                                              channel_map=channel_map, progress=progress, **settings)
 
     def search_edit(self, dev, test, findings, config: edit_search.EditSearchConfig | None = None, *,
                     tokenizer: Any = None, candidates=None, progress: bool = True, **settings: Any) -> edit_search.EditSearch:
