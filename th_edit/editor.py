@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Sequence, Union
 import torch
 from torch import nn
 
-from .analysis import composition, discovery, edit_search, weights_only
+from .analysis import circuit as circuit_discovery, composition, discovery, edit_search, weights_only
 from .analysis.channels import ChannelMap
 from .core import circuits
 from .core.architectures import ArchSpec
@@ -197,6 +197,14 @@ class ChannelEditor:
         cfg = discovery.DiscoveryConfig.merged(config, **settings)
         return discovery.find_channels(self, self._tokenizer(tokenizer), dataset, cfg, channel_map=channel_map,
                                        progress=progress)
+
+    def find_circuit(self, dataset: Rows, config: circuit_discovery.CircuitConfig | None = None, *, tokenizer: Any = None,
+                     channel_map=None, progress: bool = True, **settings: Any) -> circuit_discovery.Circuit:
+        """The circuit that writes the task's answer, found backward from the answer through composition
+        steps confirmed causally; see :func:`th_edit.analysis.circuit.find_circuit`. Pass train or dev
+        prompts, never test."""
+        return circuit_discovery.find_circuit(self, self._tokenizer(tokenizer), dataset, config,
+                                              channel_map=channel_map, progress=progress, **settings)
 
     def search_edit(self, dev: Rows, test: Rows, findings: discovery.ChannelFindings,
                     config: edit_search.EditSearchConfig | None = None, *, tokenizer: Any = None,

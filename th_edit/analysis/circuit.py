@@ -1,0 +1,385 @@
+"""Circuit discovery from the answer backward: which heads and channels carry a task's answer.
+
+:func:`find_circuit` starts where the answer is written and walks back through the composition graph:
+
+1. **Seed heads**: every head whose direct effect on the answer's logit difference (its output at the
+   final position through the final norm, and Gemma2/3's post-attention norm, with their scales frozen;
+   ``logit_diff`` of :func:`th_edit.analysis.roles.mover_scores`) is at least ``direct_fraction`` of the
+   largest such effect in absolute value. No fixed head count: a model with one dominant head gets few
+   seeds, a model with many similar heads gets many.
+2. **One step back**: for every head of the circuit found in the previous step (the *receivers*), the OV
+   components of earlier heads (the *senders*) whose composition score into the receiver (Q, K or V; the
+   channel map's component level) lies ``z_min`` or more standard deviations above its random-matrix
+   baseline are candidates (at most ``max_candidates`` per receiver and mode, strongest first). Each
+   candidate is then confirmed causally: the component is removed (an exact rank-1 weight edit, undone at
+   once) and the change of the answer's logit difference (target minus the mean of the other listed
+   items) is measured on every prompt. A candidate is kept when ``|mean| / standard error >= t_min``;
+   its head joins the circuit.
+3. **Stop** when a step adds no head, when what it adds (the sum of its kept components' ``|effect|``) is
+   below ``min_gain`` times what the circuit holds already, or after ``max_depth`` steps.
+
+Every measured candidate (kept or not) is recorded with its weight score and causal effect, so the
+agreement of the weight-based and the causal ranking is reported per composition mode (Spearman).
+Each head gets a data-based role (mover, inhibition, duplicate-token, induction, previous-token or other,
+see :func:`head_role`); roles are reported, never required. Measurements run through one
+:class:`~th_edit.core.layer_cache.LayerCache` advanced by sender layer, so the layers below each sender run
+once in all. All choices use the prompts given (train or dev), never test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+
+from ..errors import InvalidArgumentError
+from ..tasks.batching import PromptBatch, accepts_logits_to_keep, prompt_batches
+from ..utils.progress import progress_bar
+from .protocol import HeadEditor
+from .roles import mover_scores, prompt_cache, sequence_roles
+
+__all__ = ["CircuitConfig", "CircuitHead", "CircuitEdge", "Circuit", "find_circuit", "head_role"]
+
+logger = logging.getLogger(__name__)
+
+Head = tuple[int, int]
+Component = tuple[int, int, int]
+ROLES = ("mover", "inhibition", "duplicate_token", "induction", "previous_token", "other")
+
+
+@dataclass
+class CircuitConfig:
+    """Settings of :func:`find_circuit` (saved in ``Circuit.meta["config"]``).
+
+    >>> CircuitConfig(t_min=3.0).t_min
+    3.0
+    """
+
+    n_prompts: int = field(default=32, metadata={"help": "task prompts for the direct and causal effects"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
+    direct_fraction: float = field(default=0.25, metadata={
+        "help": "seed heads: |direct effect| at least this fraction of the largest one"})
+    z_min: float = field(default=3.0, metadata={"help": "candidates: composition z-score over the random baseline"})
+    max_candidates: int = field(default=8, metadata={"help": "candidates measured per receiver head and mode"})
+    t_min: float = field(default=2.5, metadata={"help": "kept: |mean effect| / standard error over prompts"})
+    min_gain: float = field(default=0.05, metadata={
+        "help": "stop when a step adds less than this fraction of the circuit's total effect"})
+    max_depth: int = field(default=3, metadata={"help": "composition steps back from the seed heads"})
+    modes: tuple[str, ...] = field(default=("q", "k", "v"), metadata={"help": "composition modes followed"})
+    seed: int = field(default=0, metadata={"help": "seed of the role sequences and the channel map's baselines"})
+
+    def __post_init__(self) -> None:
+        self.modes = tuple(self.modes)
+        problems = []
+        for name in ("n_prompts", "batch_size", "max_candidates", "max_depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        for name in ("direct_fraction", "z_min", "t_min", "min_gain"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                problems.append(f"{name}={value!r} must be a finite number >= 0")
+        if not 0 < self.direct_fraction <= 1:
+            problems.append(f"direct_fraction={self.direct_fraction!r} must lie in (0, 1]")
+        if not self.modes or set(self.modes) - {"q", "k", "v"}:
+            problems.append(f"modes={self.modes!r} must be a non-empty subset of ('q', 'k', 'v')")
+        if problems:
+            raise InvalidArgumentError("CircuitConfig: " + "; ".join(problems) + ".")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "modes": list(self.modes)}
+
+
+@dataclass
+class CircuitHead:
+    """A head of the circuit: ``step`` 0 for a seed head, k for a head found k composition steps back;
+    ``direct_effect`` its direct logit-difference effect; ``role`` its data-based role; ``scores`` the
+    role scores behind it."""
+
+    layer: int
+    head: int
+    step: int
+    direct_effect: float
+    role: str
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CircuitEdge:
+    """A sender OV component composing into a receiver head. ``weight_z``: the component's composition
+    score in ``mode`` as a z-score over the random baseline (``weight_score`` raw). ``effect``: mean change
+    of the answer's logit difference when the component is removed (negative: it helped the answer),
+    ``t`` that mean over its standard error; ``kept``: whether it passed ``t_min``."""
+
+    sender: Component
+    receiver: Head
+    mode: str
+    weight_score: float
+    weight_z: float
+    effect: float
+    t: float
+    kept: bool
+
+
+@dataclass
+class Circuit:
+    """What :func:`find_circuit` found: heads, measured edges (``kept`` ones form the circuit) and
+    ``meta`` (settings, Spearman per mode, why the walk stopped, timings)."""
+
+    heads: list[CircuitHead]
+    edges: list[CircuitEdge]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def head_list(self) -> list[Head]:
+        """The circuit's heads, sorted, as ``fit_edit(heads=...)`` takes them."""
+        return sorted((h.layer, h.head) for h in self.heads)
+
+    def kept_edges(self) -> list[CircuitEdge]:
+        return [e for e in self.edges if e.kept]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per measured edge."""
+        return pd.DataFrame([{"sender_layer": e.sender[0], "sender_head": e.sender[1], "sender_component": e.sender[2],
+                              "receiver_layer": e.receiver[0], "receiver_head": e.receiver[1], "mode": e.mode,
+                              "weight_score": e.weight_score, "weight_z": e.weight_z, "effect": e.effect, "t": e.t,
+                              "kept": e.kept} for e in self.edges])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"heads": [asdict(h) for h in self.heads], "edges": [asdict(e) for e in self.edges], "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Circuit":
+        heads = [CircuitHead(**h) for h in data["heads"]]
+        edges = [CircuitEdge(**{**e, "sender": tuple(e["sender"]), "receiver": tuple(e["receiver"])})
+                 for e in data["edges"]]
+        return cls(heads=heads, edges=edges, meta=dict(data.get("meta", {})))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the circuit as JSON (no pickle) and return the path."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1, default=float))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Circuit":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def head_role(scores: dict[str, float], *, has_mover_edge: bool, threshold: float = 0.3) -> str:
+    """The data-based role of a circuit head from its ``scores``:
+
+    ``mover`` when it attends more to the answer than to the other items and writes it (positive
+    ``logit_diff``) with ``mover_share >= threshold`` of the strongest mover in the model; else the
+    strongest of ``duplicate_token``, ``induction`` and ``previous_token`` when at least ``threshold``;
+    else ``inhibition`` when it composes into a mover's query or key (``has_mover_edge``); else ``other``.
+
+    >>> head_role({"mover_share": 0.9, "attn_target": 0.5, "attn_others": 0.1, "logit_diff": 1.0}, has_mover_edge=False)
+    'mover'
+    >>> head_role({"induction": 0.6, "duplicate_token": 0.1}, has_mover_edge=True)
+    'induction'
+    """
+    if (scores.get("mover_share", 0.0) >= threshold and scores.get("logit_diff", 0.0) > 0
+            and scores.get("attn_target", 0.0) > scores.get("attn_others", 0.0)):
+        return "mover"
+    pattern = {k: scores.get(k, 0.0) for k in ("duplicate_token", "induction", "previous_token")}
+    best = max(pattern, key=pattern.get)
+    if pattern[best] >= threshold:
+        return best
+    return "inhibition" if has_mover_edge else "other"
+
+
+def _check_single_token_targets(batches: Sequence[PromptBatch]) -> None:
+    for pb in batches:
+        for cands in pb.candidates:
+            if len(set(cands)) != len(cands):
+                raise InvalidArgumentError(
+                    "the listed items do not start with distinct tokens, so the answer's logit cannot be told "
+                    "apart; build the dataset with th_edit.data (it filters item pools per tokenizer).")
+
+
+def _margins(out, pb: PromptBatch, width: int) -> torch.Tensor:
+    """``[B]`` float32: the answer's logit minus the mean logit of the other listed items, at each final token."""
+    logits = out.logits
+    offset = width - logits.shape[1]
+    rows = torch.arange(len(pb), device=logits.device)
+    final = logits[rows, (pb.last - offset).to(logits.device)].float()  # [B, V]
+    margin = torch.empty(len(pb), device=logits.device)
+    for b, (cands, t) in enumerate(zip(pb.candidates, pb.targets)):
+        vals = final[b, torch.tensor(cands, device=logits.device)]
+        margin[b] = vals[t] - torch.cat([vals[:t], vals[t + 1:]]).mean()
+    return margin.cpu()
+
+
+def _all_margins(cache, batches: Sequence[PromptBatch]) -> torch.Tensor:
+    """``[N]`` answer margins over all prompts, running only the cache's layers."""
+    out = []
+    with torch.no_grad():
+        for i, pb in enumerate(batches):
+            width = pb.input_ids.shape[1]
+            keep = {"logits_to_keep": int(width - int(pb.last.min()))} if accepts_logits_to_keep(cache.model) else {}
+            out.append(_margins(cache.forward(i, **keep), pb, width))
+    return torch.cat(out)
+
+
+def _seed_heads(movers: pd.DataFrame, cfg: CircuitConfig) -> dict[Head, float]:
+    """Heads whose |direct effect| is at least ``direct_fraction`` of the largest: ``{head: effect}``."""
+    effects = {(int(r.layer), int(r.head)): float(r.logit_diff) for r in movers.itertuples()}
+    top = max((abs(v) for v in effects.values()), default=0.0)
+    if not math.isfinite(top) or top == 0.0:
+        return {}
+    return {h: v for h, v in effects.items() if abs(v) >= cfg.direct_fraction * top}
+
+
+def _candidates(cmap, receivers: Sequence[Head], n_heads: int, cfg: CircuitConfig) -> list[tuple[Component, Head, str, float, float]]:
+    """``(sender component, receiver, mode, score, z)`` above ``z_min``, the strongest ``max_candidates``
+    per receiver and mode."""
+    mean, std = cmap.baselines["component"]
+    out = []
+    for receiver in receivers:
+        senders = [(l, h) for l in range(receiver[0]) for h in range(n_heads)]
+        for mode in cfg.modes:
+            found = []
+            for sender in senders:
+                scores = cmap.component_scores(mode, sender, receiver)
+                z = (scores - mean) / (std if std > 0 else 1.0)
+                for c in torch.nonzero(z >= cfg.z_min).flatten().tolist():
+                    found.append(((sender[0], sender[1], c), receiver, mode, float(scores[c]), float(z[c])))
+            found.sort(key=lambda row: -row[4])
+            out += found[:cfg.max_candidates]
+    return out
+
+
+def _measure(editor: HeadEditor, batches: Sequence[PromptBatch], components: Sequence[Component],
+             base: torch.Tensor, progress: bool) -> dict[Component, tuple[float, float]]:
+    """``{component: (mean effect, t)}``: the change of the answer margin with the OV component removed
+    (an exact edit, undone before the next one), through one layer cache advanced by sender layer."""
+    if not components:
+        return {}
+    order = sorted(components)
+    cache = prompt_cache(editor, batches, order[0][0])
+    n = base.numel()
+    out = {}
+    with progress_bar(total=len(order), desc="circuit: causal effects", enabled=progress) as bar:
+        for comp in order:
+            cache.advance(comp[0])
+            editor.scale_component(comp[0], comp[1], "ov", comp[2], 0.0)
+            try:
+                diff = _all_margins(cache, batches) - base
+            finally:
+                editor.undo()
+            mean = float(diff.mean())
+            se = float(diff.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
+            out[comp] = (mean, mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean)))
+            bar.update(1)
+    return out
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    if len(a) < 3:
+        return float("nan")
+    return float(pd.Series(list(a)).rank().corr(pd.Series(list(b)).rank()))
+
+
+def _walk(editor: HeadEditor, batches, cmap, seeds: dict[Head, float], base: torch.Tensor, cfg: CircuitConfig,
+          progress: bool) -> tuple[dict[Head, int], list[CircuitEdge], str]:
+    """The backward walk (steps 2-3 of the module docstring): ``(head -> step, edges, why it stopped)``."""
+    steps = {h: 0 for h in seeds}
+    total = sum(abs(v) for v in seeds.values())
+    edges: list[CircuitEdge] = []
+    measured: dict[Component, tuple[float, float]] = {}
+    frontier, reason = sorted(seeds), f"reached max_depth={cfg.max_depth}"
+    for depth in range(1, cfg.max_depth + 1):
+        cands = _candidates(cmap, frontier, editor.n_heads, cfg)
+        if not cands:
+            reason = f"step {depth}: no sender component composes above z_min={cfg.z_min}"
+            break
+        measured.update(_measure(editor, batches, sorted({c[0] for c in cands} - measured.keys()), base, progress))
+        step_edges = [CircuitEdge(sender=comp, receiver=recv, mode=mode, weight_score=score, weight_z=z,
+                                  effect=measured[comp][0], t=measured[comp][1], kept=abs(measured[comp][1]) >= cfg.t_min)
+                      for comp, recv, mode, score, z in cands]
+        kept_components = {e.sender for e in step_edges if e.kept}
+        gain = sum(abs(measured[c][0]) for c in kept_components)
+        new_heads = {(c[0], c[1]) for c in kept_components} - steps.keys()
+        if not new_heads or gain < cfg.min_gain * total:
+            for e in step_edges:
+                e.kept = e.kept and bool(new_heads) and gain >= cfg.min_gain * total
+            edges += step_edges
+            reason = (f"step {depth}: no new head passed t_min={cfg.t_min}" if not new_heads else
+                      f"step {depth}: it would add {gain:.3g}, under min_gain={cfg.min_gain} of {total:.3g}")
+            break
+        edges += step_edges
+        steps.update({h: depth for h in new_heads})
+        total += gain
+        frontier = sorted(new_heads)
+    return steps, edges, reason
+
+
+def _circuit_heads(editor: HeadEditor, steps: dict[Head, int], movers: pd.DataFrame, edges: Sequence[CircuitEdge],
+                   seed: int) -> list[CircuitHead]:
+    """Each head of the walk with its direct effect, role scores and role (:func:`head_role`)."""
+    roles = sequence_roles(editor.model, seed=seed)
+    by_head = {(int(r.layer), int(r.head)): r for r in movers.itertuples()}
+    best_mover = max(float(movers.mover_score.max()), 1e-12)
+    mover_heads = {h for h, r in by_head.items()
+                   if r.mover_score >= 0.3 * best_mover and r.attn_target > r.attn_others and r.logit_diff > 0}
+    out = []
+    for (layer, head), step in sorted(steps.items()):
+        row = by_head[(layer, head)]
+        scores = {k: float(v[layer, head]) for k, v in roles.items()}
+        scores.update(attn_target=float(row.attn_target), attn_others=float(row.attn_others),
+                      logit_diff=float(row.logit_diff), mover_share=float(row.mover_score) / best_mover)
+        into_mover = any(e.kept and e.sender[:2] == (layer, head) and e.receiver in mover_heads and e.mode in "qk"
+                         for e in edges)
+        out.append(CircuitHead(layer=layer, head=head, step=step, direct_effect=float(row.logit_diff),
+                               role=head_role(scores, has_mover_edge=into_mover), scores=scores))
+    return out
+
+
+def find_circuit(editor: HeadEditor, tokenizer, dataset, config: CircuitConfig | None = None, *,
+                 channel_map=None, progress: bool = True, **overrides: Any) -> Circuit:
+    """Discover the circuit that writes the answer, walking back from it (see the module docstring).
+
+    Args:
+        editor: a :class:`th_edit.ChannelEditor` (left bit-identical: every removal is undone).
+        tokenizer: the model's tokenizer.
+        dataset: task prompts with ``prompt``, ``items``, ``target`` (e.g. the train split of
+            :func:`th_edit.data.laundry_list`); the first ``n_prompts`` are used. Never pass test prompts.
+        config: a :class:`CircuitConfig`; keyword ``overrides`` replace its fields.
+        channel_map: a precomputed map holding ``config.modes`` (else one is computed).
+
+    Returns:
+        A :class:`Circuit`. It is empty, with ``meta["reason"]``, when no head writes the answer.
+
+    Raises:
+        InvalidArgumentError: bad settings, no prompts, or listed items without distinct first tokens.
+    """
+    base_cfg = asdict(config) if config is not None else {}
+    cfg = CircuitConfig(**{**base_cfg, **overrides})
+    t0 = time.perf_counter()
+    batches = prompt_batches(tokenizer, dataset, cfg.batch_size, cfg.n_prompts)
+    if not batches:
+        raise InvalidArgumentError("find_circuit needs at least one prompt; pass the train (or dev) split.")
+    _check_single_token_targets(batches)
+    movers = mover_scores(editor, tokenizer, dataset, batch_size=cfg.batch_size, limit=cfg.n_prompts, progress=progress)
+    seeds = _seed_heads(movers, cfg)
+    meta: dict[str, Any] = {"config": cfg.to_dict(), "n_prompts": sum(len(pb) for pb in batches), "seeds": sorted(seeds)}
+    if not seeds:
+        meta["reason"] = "no head has a non-zero direct effect on the answer's logit difference"
+        return Circuit(heads=[], edges=[], meta=meta)
+    cmap = channel_map if channel_map is not None else editor.channel_map(modes=cfg.modes, progress=progress, seed=cfg.seed)
+    base = _all_margins(prompt_cache(editor, batches, 0), batches)
+    steps, edges, reason = _walk(editor, batches, cmap, seeds, base, cfg, progress)
+    heads = _circuit_heads(editor, steps, movers, edges, cfg.seed)
+    meta.update(reason=reason, base_margin=float(base.mean()), seconds=time.perf_counter() - t0,
+                spearman={m: _spearman([e.weight_z for e in edges if e.mode == m],
+                                       [abs(e.effect) for e in edges if e.mode == m]) for m in cfg.modes})
+    logger.info("circuit: %d heads, %d kept edges (%s) in %.1f s", len(heads), sum(e.kept for e in edges), reason,
+                meta["seconds"])
+    return Circuit(heads=heads, edges=edges, meta=meta)
