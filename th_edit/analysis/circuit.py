@@ -41,7 +41,10 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..tasks.batching import PromptBatch, accepts_logits_to_keep, prompt_batches
+from ..utils.distributed import process_rank_and_count
 from ..utils.progress import progress_bar
+from ..utils.settings import Settings
+from ..utils.sharding import gather_from_processes
 from .protocol import HeadEditor
 from .roles import mover_scores, prompt_cache, sequence_roles
 
@@ -55,7 +58,7 @@ ROLES = ("mover", "inhibition", "duplicate_token", "induction", "previous_token"
 
 
 @dataclass
-class CircuitConfig:
+class CircuitConfig(Settings):
     """Settings of :func:`find_circuit` (saved in ``Circuit.meta["config"]``).
 
     >>> CircuitConfig(t_min=3.0).t_min
@@ -75,7 +78,7 @@ class CircuitConfig:
     modes: tuple[str, ...] = field(default=("q", "k", "v"), metadata={"help": "composition modes followed"})
     seed: int = field(default=0, metadata={"help": "seed of the role sequences and the channel map's baselines"})
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         self.modes = tuple(self.modes)
         problems = []
         for name in ("n_prompts", "batch_size", "max_candidates", "max_depth"):
@@ -92,9 +95,6 @@ class CircuitConfig:
             problems.append(f"modes={self.modes!r} must be a non-empty subset of ('q', 'k', 'v')")
         if problems:
             raise InvalidArgumentError("CircuitConfig: " + "; ".join(problems) + ".")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "modes": list(self.modes)}
 
 
 @dataclass
@@ -259,26 +259,33 @@ def _candidates(cmap, receivers: Sequence[Head], n_heads: int, cfg: CircuitConfi
 def _measure(editor: HeadEditor, batches: Sequence[PromptBatch], components: Sequence[Component],
              base: torch.Tensor, progress: bool) -> dict[Component, tuple[float, float]]:
     """``{component: (mean effect, t)}``: the change of the answer margin with the OV component removed
-    (an exact edit, undone before the next one), through one layer cache advanced by sender layer."""
-    if not components:
-        return {}
-    order = sorted(components)
-    cache = prompt_cache(editor, batches, order[0][0])
-    n = base.numel()
-    out = {}
-    with progress_bar(total=len(order), desc="circuit: causal effects", enabled=progress) as bar:
-        for comp in order:
-            cache.advance(comp[0])
-            editor.scale_component(comp[0], comp[1], "ov", comp[2], 0.0)
-            try:
-                diff = _all_margins(cache, batches) - base
-            finally:
-                editor.undo()
-            mean = float(diff.mean())
-            se = float(diff.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
-            out[comp] = (mean, mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean)))
-            bar.update(1)
-    return out
+    (an exact edit, undone before the next one), through one layer cache advanced by sender layer. Under
+    ``accelerate launch`` each process measures every N-th component (in layer order) and all get the
+    whole result."""
+    rank, world = process_rank_and_count()
+    mine = sorted(components)[rank::world]
+    out: dict[Component, tuple[float, float]] = {}
+    if mine:
+        cache = prompt_cache(editor, batches, mine[0][0])
+        with progress_bar(total=len(mine), desc="circuit: causal effects", enabled=progress and rank == 0) as bar:
+            for comp in mine:
+                cache.advance(comp[0])
+                out[comp] = _effect(editor, cache, batches, comp, base)
+                bar.update(1)
+    return {k: v for part in gather_from_processes(out, world) for k, v in part.items()}
+
+
+def _effect(editor: HeadEditor, cache, batches: Sequence[PromptBatch], comp: Component,
+            base: torch.Tensor) -> tuple[float, float]:
+    """``(mean, t)`` of the per-prompt margin change with ``comp`` removed (undone before returning)."""
+    editor.scale_component(comp[0], comp[1], "ov", comp[2], 0.0)
+    try:
+        diff = _all_margins(cache, batches) - base
+    finally:
+        editor.undo()
+    n, mean = base.numel(), float(diff.mean())
+    se = float(diff.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
+    return mean, (mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean)))
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -360,8 +367,7 @@ def find_circuit(editor: HeadEditor, tokenizer, dataset, config: CircuitConfig |
     Raises:
         InvalidArgumentError: bad settings, no prompts, or listed items without distinct first tokens.
     """
-    base_cfg = asdict(config) if config is not None else {}
-    cfg = CircuitConfig(**{**base_cfg, **overrides})
+    cfg = CircuitConfig.merged(config, **overrides)
     t0 = time.perf_counter()
     batches = prompt_batches(tokenizer, dataset, cfg.batch_size, cfg.n_prompts)
     if not batches:

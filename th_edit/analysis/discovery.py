@@ -28,7 +28,9 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..tasks.batching import prompt_batches
+from ..utils.distributed import process_rank_and_count
 from ..utils.progress import progress_bar
+from ..utils.sharding import gather_from_processes
 from ..utils.settings import Settings
 from .protocol import HeadEditor
 from .roles import inhibition_score, mover_scores, prompt_cache, receiver_gap, sequence_roles
@@ -134,25 +136,34 @@ def _measure(editor: HeadEditor, batches, movers, base_gap, rows: list[dict[str,
 
     Rows are measured in order of sender layer through one :class:`~th_edit.core.layer_cache.LayerCache`
     advanced to each sender layer: removing a component changes nothing below it, so the layers below run
-    once in all, and each measurement runs only the layers from its sender up."""
-    if not rows:
-        return
-    order = sorted(range(len(rows)), key=lambda i: rows[i]["sender_layer"])
-    cache = prompt_cache(editor, batches, int(rows[order[0]]["sender_layer"]))
-    with progress_bar(total=len(rows), desc=desc, enabled=progress) as bar:
-        for row in (rows[i] for i in order):
-            cache.advance(int(row["sender_layer"]))
-            receivers = [m for m in movers if m[0] >= cache.first_layer]
-            gap = base_gap[[movers.index(m) for m in receivers]]
-            sender = (row["sender_layer"], row["sender_head"], row["sender_component"])
-            effect = dict(zip(receivers, inhibition_score(editor, batches, sender, receivers, base_gap=gap,
-                                                          cache=cache).tolist()))
-            effect.update({m: 0.0 for m in movers if m not in effect})  # a head cannot affect layers below it
-            if row["kind"] == "inhibition":
-                row["inhibition_score"] = float(effect[(row["receiver_layer"], row["receiver_head"])])
-            else:
-                row["inhibition_score"] = float(sum(effect[m] for m in movers) / len(movers))
-            bar.update(1)
+    once in all, and each measurement runs only the layers from its sender up. Under ``accelerate launch``
+    each process measures every N-th row (in that order) and every process gets all the scores."""
+    rank, world = process_rank_and_count()
+    mine = sorted(range(len(rows)), key=lambda i: rows[i]["sender_layer"])[rank::world]
+    scores: dict[int, float] = {}
+    if mine:
+        cache = prompt_cache(editor, batches, int(rows[mine[0]]["sender_layer"]))
+        with progress_bar(total=len(mine), desc=desc, enabled=progress and rank == 0) as bar:
+            for i in mine:
+                scores[i] = _inhibition_of(editor, batches, movers, base_gap, rows[i], cache)
+                bar.update(1)
+    for part in gather_from_processes(scores, world):
+        for i, value in part.items():
+            rows[i]["inhibition_score"] = value
+
+
+def _inhibition_of(editor: HeadEditor, batches, movers, base_gap, row: dict[str, Any], cache) -> float:
+    """The causal score of one row: its receiver's inhibition (inhibition rows) or the mean over the movers."""
+    cache.advance(int(row["sender_layer"]))
+    receivers = [m for m in movers if m[0] >= cache.first_layer]
+    gap = base_gap[[movers.index(m) for m in receivers]]
+    sender = (row["sender_layer"], row["sender_head"], row["sender_component"])
+    effect = dict(zip(receivers, inhibition_score(editor, batches, sender, receivers, base_gap=gap,
+                                                  cache=cache).tolist()))
+    effect.update({m: 0.0 for m in movers if m not in effect})  # a head cannot affect layers below it
+    if row["kind"] == "inhibition":
+        return float(effect[(row["receiver_layer"], row["receiver_head"])])
+    return float(sum(effect[m] for m in movers) / len(movers))
 
 
 def _inhibition_rows(cmap, all_heads, movers, cfg: DiscoveryConfig) -> tuple[list[dict], list[dict]]:
