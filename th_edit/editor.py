@@ -224,12 +224,14 @@ class ChannelEditor:
         return result
 
     def fit_edit(self, train: Rows, dev: Rows, *, heads: Any = None, circuits: Sequence[str] | None = None,
-                 budget: int | None = None, test: Rows | None = None, findings: discovery.ChannelFindings | None = None,
+                 budget: int | None = None, test: Rows | None = None,
+                 findings: discovery.ChannelFindings | circuit_discovery.Circuit | None = None,
                  config: fit.FitConfig | None = None, tokenizer: Any = None, **settings: Any) -> fit.FitResult:
         """Learn one scale per singular component of the chosen heads' circuits on ``train``, keep at most
         ``budget`` components, choose on ``dev`` and apply the result as ordinary edits (``test``, when given,
-        is evaluated once for the report). ``heads`` (default ``"all"``): ``"all"``, ``"discovered"`` (the heads of
-        :meth:`find_channels` on ``train``, or of ``findings``) or ``(layer, head)`` pairs. See
+        is evaluated once for the report). ``heads`` (default ``"all"``): ``"all"``, ``"upper"``, ``"discovered"``
+        (the heads of :meth:`find_channels` on ``train``, or of ``findings``), ``"circuit"`` (the heads of
+        :meth:`find_circuit` on ``train``, or of ``findings``) or ``(layer, head)`` pairs. See
         :func:`th_edit.edits.fit.fit_edit`; ``settings`` override :class:`~th_edit.edits.fit.FitConfig` fields.
 
         >>> result = editor.fit_edit(data["train"], data["dev"], heads="discovered", budget=256)  # doctest: +SKIP
@@ -239,6 +241,8 @@ class ChannelEditor:
         cfg = (config or fit.FitConfig()).with_overrides(**{k: v for k, v in given.items() if v is not None}, **settings)
         if cfg.heads == "discovered" and findings is None:
             findings = self.find_channels(train, progress=cfg.progress)
+        elif cfg.heads == "circuit" and findings is None:
+            findings = self.find_circuit(train, progress=cfg.progress)
         result = fit.fit_edit(self.layout, self.log, tokenizer, train, dev, cfg, test=test, folded=self.folded,
                               heads=self.resolve_heads(cfg.heads, findings=findings))
         self._fits.append((result.edits, {"fit_config": cfg.to_dict(), "data": data_provenance(train, dev)}))
@@ -246,9 +250,10 @@ class ChannelEditor:
         self.card = CardData(evidence=findings.evidence() if findings is not None else [], evaluation=result.evaluation)
         return result
 
-    def resolve_heads(self, heads: Any = "all", *, findings: discovery.ChannelFindings | None = None) -> list[tuple[int, int]]:
-        """The ``(layer, head)`` pairs a head spec names (``"all"``, ``"upper"``, ``"discovered"`` with
-        ``findings``, or pairs); see :func:`th_edit.edits.fit.resolve_heads`."""
+    def resolve_heads(self, heads: Any = "all", *,
+                      findings: discovery.ChannelFindings | circuit_discovery.Circuit | None = None) -> list[tuple[int, int]]:
+        """The ``(layer, head)`` pairs a head spec names (``"all"``, ``"upper"``, ``"discovered"`` or
+        ``"circuit"`` with ``findings``, or pairs); see :func:`th_edit.edits.fit.resolve_heads`."""
         return fit.resolve_heads(self.layout, heads, findings)
 
     def _tokenizer(self, tokenizer: Any) -> Any:

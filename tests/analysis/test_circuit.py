@@ -110,3 +110,22 @@ def test_circuit_drawn_as_png_and_svg(walked, tmp_path, suffix):
     path = plot_circuit(c, tmp_path / f"circuit.{suffix}", n_heads=editor.n_heads)
     data = open(path, "rb").read()
     assert data.startswith(b"\x89PNG") if suffix == "png" else b"<svg" in data[:2000]
+
+
+def test_fit_on_the_circuit_fits_exactly_its_heads(walked):
+    editor, tok, data, c, _ = walked
+    result = editor.fit_edit(data["train"], data["dev"], heads="circuit", findings=c, budget=4, steps=2, refit_steps=1,
+                             k_fractions=(1.0,), batch_size=4, progress=False)
+    try:
+        assert result.heads == c.head_list()
+        assert {(e.layer, e.head) for e in editor.edits} <= set(c.head_list())
+        assert editor.export_plan().provenance["fit_config"]["heads"] == "circuit"
+    finally:
+        editor.reset()
+
+
+def test_an_empty_circuit_is_refused_with_its_reason(walked):
+    editor, tok, data, *_ = walked
+    empty = Circuit(heads=[], edges=[], meta={"reason": "no head has a non-zero direct effect"})
+    with pytest.raises(InvalidArgumentError, match="non-zero direct effect"):
+        editor.fit_edit(data["train"], data["dev"], heads="circuit", findings=empty, budget=4, progress=False)

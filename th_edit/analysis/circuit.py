@@ -144,6 +144,12 @@ class Circuit:
     def kept_edges(self) -> list[CircuitEdge]:
         return [e for e in self.edges if e.kept]
 
+    def evidence(self, k: int = 5) -> list[dict[str, Any]]:
+        """The ``k`` kept edges of largest causal effect, as rows for the model card."""
+        top = sorted(self.kept_edges(), key=lambda e: -abs(e.effect))[:k]
+        return [{"sender": f"{e.sender[0]}.{e.sender[1]}[{e.sender[2]}]", "receiver": f"{e.receiver[0]}.{e.receiver[1]}",
+                 "mode": e.mode, "score": e.weight_score, "baseline": None, "cosine": None} for e in top]
+
     def to_frame(self) -> pd.DataFrame:
         """One row per measured edge."""
         return pd.DataFrame([{"sender_layer": e.sender[0], "sender_head": e.sender[1], "sender_component": e.sender[2],

@@ -175,12 +175,12 @@ def cmd_edit(args, out: _Out) -> dict[str, Any]:
 
 
 def _head_spec(text: str):
-    if text in ("all", "upper", "discovered"):
+    if text in ("all", "upper", "discovered", "circuit"):
         return text
     try:
         return [tuple(int(x) for x in part.split(".")) for part in text.split(",") if part]
     except ValueError as exc:
-        raise InvalidArgumentError(f"--heads {text!r}: use all, upper, discovered or L.H,L.H,... (e.g. 20.0,20.1)") from exc
+        raise InvalidArgumentError(f"--heads {text!r}: use all, upper, discovered, circuit or L.H,L.H,... (e.g. 20.0,20.1)") from exc
 
 
 def _auto_edit(editor, args, out: _Out) -> dict[str, Any]:

@@ -123,7 +123,7 @@ def _add_edit(sub, common) -> None:
                    help="--auto: learn per-component scales (fit, default) or the greedy single-component grid")
     p.add_argument("--heads", default="all",
                    help="--auto --search fit: 'all' (default, as fit_edit), 'upper' (layers >= L/2), 'discovered' "
-                        "(movers, inhibition and duplicate heads of find_channels) or L.H,L.H,...")
+                        "(movers, inhibition and duplicate heads of find_channels), 'circuit' (find_circuit's heads) or L.H,L.H,...")
     p.add_argument("--budget", type=int, default=256, help="--auto --search fit: most components changed")
     p.add_argument("--adapter", action="store_true", help="also write a PEFT LoRA adapter to OUT/adapter")
     p.add_argument("--adapter-layout", choices=["compact", "uniform"], default="compact",

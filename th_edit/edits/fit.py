@@ -66,14 +66,15 @@ logger = logging.getLogger(__name__)
 
 
 # ----- heads --------------------------------------------------------------------------------------
-_HEAD_SPEC = "use 'all', 'upper', 'discovered' or a list of (layer, head) pairs"
+_HEAD_SPEC = "use 'all', 'upper', 'discovered', 'circuit' or a list of (layer, head) pairs"
 
 
 def resolve_heads(layout: AttentionLayout, spec: Any, findings: Any = None) -> list[tuple[int, int]]:
     """The sorted ``(layer, head)`` list of a head spec: ``"all"``, ``"upper"`` (every head of layers
     ``>= n_layers // 2``: cheaper to fit, the layer cache skips the lower half), ``"discovered"`` (the heads
-    of ``findings``, a :class:`~th_edit.analysis.discovery.ChannelFindings`) or explicit pairs. Pure: reads
-    only the layout's geometry."""
+    of ``findings``, a :class:`~th_edit.analysis.discovery.ChannelFindings`), ``"circuit"`` (the heads of
+    ``findings``, a :class:`~th_edit.analysis.circuit.Circuit`) or explicit pairs. Pure: reads only the
+    layout's geometry."""
     if isinstance(spec, str):
         if spec in ("all", "upper"):
             first = layout.n_layers // 2 if spec == "upper" else 0
@@ -85,6 +86,19 @@ def resolve_heads(layout: AttentionLayout, spec: Any, findings: Any = None) -> l
                     "or call ChannelEditor.fit_edit, which finds them on the train split."
                 )
             return findings.heads()
+        if spec == "circuit":
+            if findings is None or not hasattr(findings, "head_list"):
+                raise InvalidArgumentError(
+                    "heads='circuit' needs a circuit: pass findings=editor.find_circuit(train), or call "
+                    "ChannelEditor.fit_edit, which finds it on the train split."
+                )
+            heads = findings.head_list()
+            if not heads:
+                raise InvalidArgumentError(
+                    f"the circuit is empty ({findings.meta.get('reason', 'no head found')}), so there is nothing to "
+                    "fit: loosen CircuitConfig (direct_fraction, z_min, t_min) or name the heads yourself."
+                )
+            return heads
         raise InvalidArgumentError(f"heads={spec!r} is not a head spec: {_HEAD_SPEC}.")
     try:
         heads = sorted({(int(l), int(h)) for l, h in spec})

@@ -25,7 +25,7 @@ def _help(default: Any, text: str) -> Any:
     return field(default=default, metadata={"help": text})
 
 
-_HEAD_SPECS = ("all", "upper", "discovered")
+_HEAD_SPECS = ("all", "upper", "discovered", "circuit")
 
 
 @dataclass
@@ -41,7 +41,8 @@ class FitConfig(Settings):
     """
 
     heads: Any = _help("all", "'all', 'upper' (every head of layers >= n_layers // 2), 'discovered' (mover, "
-                              "inhibition and duplicate heads of find_channels) or a list of (layer, head) pairs")
+                              "inhibition and duplicate heads of find_channels), 'circuit' (the heads of find_circuit) or a list of "
+                              "(layer, head) pairs")
     circuits: tuple[str, ...] = _help(("ov",), "circuits whose components get a scale: ('ov',), ('qk',) or both")
     budget: int = _help(256, "most components the final edit may change")
     k_fractions: tuple[float, ...] = _help((1.0, 0.5, 0.25), "numbers of kept components tried on dev, as "
@@ -122,13 +123,13 @@ class FitConfig(Settings):
         if isinstance(self.heads, str):
             if self.heads not in _HEAD_SPECS:
                 raise InvalidArgumentError(f"heads={self.heads!r} is not a head spec: use 'all', 'upper', "
-                                           "'discovered' or a list of (layer, head) pairs.")
+                                           "'discovered', 'circuit' or a list of (layer, head) pairs.")
             return
         if not isinstance(self.heads, (list, tuple)) or not all(
                 isinstance(h, tuple) and len(h) == 2 and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in h)
                 for h in self.heads):
             raise InvalidArgumentError(f"heads={self.heads!r} is not a head spec: use 'all', 'upper', "
-                                       "'discovered' or a list of (layer, head) pairs.")
+                                       "'discovered', 'circuit' or a list of (layer, head) pairs.")
 
 
 def _check_int(name: str, value: Any, least: int | None) -> None:
