@@ -12,6 +12,7 @@ Results are written after every condition, so an interrupted run keeps what it f
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -36,6 +37,14 @@ SETTINGS = {
     "smollm2": dict(weak=(5, 8, 10), n_train=48),
     "gemma3-270m": dict(weak=(8, 10, 15), n_train=48),
 }
+
+
+def prompt_set_hash(rows) -> str:
+    """SHA-256 of the ordered (prompt, target) pairs: per-prompt outcomes are only comparable on equal sets."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r["prompt"], r["target"]]).encode())
+    return h.hexdigest()
 
 
 # ----- statistics -------------------------------------------------------------------------------
@@ -219,9 +228,15 @@ class Science:
     def _baseline(self) -> dict[str, list[bool]]:
         """Unedited per-example outcomes, computed before any edit (kept in the results file to resume)."""
         stored = self.results.setdefault("baseline_outcomes", {})
+        keys = self.results.setdefault("prompt_sets", {})
         base: dict = {}
         assert not self.editor.edits
         for name, scorer in self.scorers.items():
+            digest = prompt_set_hash(scorer.rows)
+            if keys.get(name) not in (None, digest):
+                raise SystemExit(f"{self.out} was measured on other {name} prompts (the data code changed since): "
+                                 "write a new results file (--out) instead of mixing prompt sets.")
+            keys[name] = digest
             if name in stored and len(stored[name]) == len(scorer.rows):
                 base[name] = [c == "1" for c in stored[name]]
             else:
@@ -475,6 +490,26 @@ class Science:
         self.record("h_fit_heads_32", info)
         self.editor.reset()
 
+    def circuit_32(self) -> None:
+        """(i) the heads of ``find_circuit`` on the train split (backward from the answer, confirmed causally),
+        fitted at budget 32 exactly as (c) and (h)."""
+        if not self.want("i_circuit_32"):
+            return
+        t1 = time.perf_counter()
+        circuit = self.editor.find_circuit(self.train, progress=False)
+        heads = circuit.head_list()
+        self.results["circuit"] = {"heads": heads, "roles": {f"{h.layer}.{h.head}": h.role for h in circuit.heads},
+                                   "steps": {f"{h.layer}.{h.head}": h.step for h in circuit.heads},
+                                   "kept_edges": len(circuit.kept_edges()), "measured_edges": len(circuit.edges),
+                                   "meta": circuit.meta, "seconds": time.perf_counter() - t1}
+        self.save()
+        if not heads:
+            return
+        _, info = self.fit(FitConfig(heads=heads, budget=32, **self.dense_cfg))
+        info.update(selection="find_circuit on the train split", n_heads=len(heads))
+        self.record("i_circuit_32", info)
+        self.editor.reset()
+
     def finish(self) -> None:
         self.results["seconds"] = time.perf_counter() - self.t0
         self.save()
@@ -509,6 +544,7 @@ def main() -> None:
     run.whole_head()
     run.heads_of_256()
     run.fit_heads_32()
+    run.circuit_32()
     run.finish()
 
 
