@@ -15,7 +15,7 @@ from th_edit.sharing.models import load_model
 from th_edit.tasks.data import laundry_list
 from th_edit.utils import devices
 from th_edit.utils.devices import auto_batch_size, resolve_device, resolve_dtype
-from tiny_models import laundry_model, make_model
+from tiny_models import laundry_model
 
 
 def _gpus(monkeypatch, n: int, bf16: bool = True):

@@ -24,8 +24,6 @@ block is fixed (the test then must pass).
 
 from __future__ import annotations
 
-import os
-import re
 import traceback
 from pathlib import Path
 

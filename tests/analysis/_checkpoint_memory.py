@@ -5,7 +5,6 @@ import json
 import sys
 
 import psutil
-import torch
 
 from th_edit import ChannelEditor
 from th_edit.analysis.weights_only import plan_memory

@@ -2,8 +2,6 @@
 an in-process simulation of 2 and 3 ranks, and a real 2-process ``accelerate launch`` (gloo on CPU) that
 also runs ``th-edit analyze``."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from th_edit.analysis.channels_shard import canonical_top, merge_parts, sender_b
 from th_edit.app.cli import main as cli_main
 from th_edit.utils.sharding import balanced_blocks
 from tiny_models import make_model
+from launching import launch_two
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -113,14 +112,7 @@ def test_two_accelerate_processes_return_the_single_process_map(tiny_model_dir, 
     single = dump(ChannelEditor(model).channel_map(progress=False, **SETTINGS))
     assert cli_main(["analyze", model_dir, "--out", str(tmp_path / "one"), "--quiet", "--top", "5",
                      "--memory-limit-mb", "0.002"]) == 0
-    env = {**os.environ, "TH_EDIT_DISABLE_PROGRESS": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(HERE / "_channel_map_launch.py"),
-         model_dir, str(tmp_path)], env=env, capture_output=True, text=True, timeout=400,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    launch_two(HERE / "_channel_map_launch.py", model_dir, str(tmp_path), timeout=400)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for got in ranks:
         assert got["meta"]["processes"] == 2

@@ -2,25 +2,18 @@
 find_channels and find_circuit are split over the processes and equal the single-process ones."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from launching import launch_two, run_alone
 
 SCRIPT = str(Path(__file__).resolve().parent / "_discovery_launch.py")
 
 
 def test_two_processes_measure_what_one_does(tmp_path):
-    env = {**os.environ, "TH_EDIT_DISABLE_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, SCRIPT, str(tmp_path / "one.json")], check=True, env=env, capture_output=True)
-    launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", SCRIPT, str(tmp_path / "two.json")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    run_alone(SCRIPT, str(tmp_path / "one.json"))
+    launch_two(SCRIPT, str(tmp_path / "two.json"))
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     alone = json.loads((tmp_path / "one.json.rank0").read_text())
     split = [json.loads((tmp_path / f"two.json.rank{r}").read_text()) for r in (0, 1)]

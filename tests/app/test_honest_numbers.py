@@ -5,10 +5,9 @@ import json
 from collections import Counter
 
 import pytest
-from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
-from th_edit import ChannelEditor, DataOverlapError, EditPlan
+from th_edit import DataOverlapError, EditPlan
 from th_edit.app.cli import main
 from th_edit.data import laundry_list
 from th_edit.evaluate import check_overlap, evaluate, prompt_key, recipe_of

@@ -2,26 +2,19 @@
 processes, the log-scale gradients all-reduced; the fitted edit equals the single-process fit (fp32)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from launching import launch_two, run_alone
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = str(HERE / "_fit_launch.py")
 
 
 def test_two_processes_fit_the_same_edit_as_one(tmp_path):
-    env = {**os.environ, "TH_EDIT_DISABLE_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, SCRIPT, str(tmp_path / "one.json")], check=True, env=env, capture_output=True)
-    launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", SCRIPT, str(tmp_path / "two.json")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    run_alone(SCRIPT, str(tmp_path / "one.json"))
+    launch_two(SCRIPT, str(tmp_path / "two.json"))
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert one["world"] == 1 and two["world"] == 2
     assert one["dense"].keys() == two["dense"].keys()

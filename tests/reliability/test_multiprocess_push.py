@@ -6,14 +6,13 @@ on CPU against the loopback Hub."""
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
 
 from th_edit import ChannelEditor
 from tiny_models import make_model
+from launching import launch_env, launch_two
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -22,15 +21,8 @@ ROOT = HERE.parents[1]
 def test_two_processes_push_once_and_return_the_same_commit(hub, tmp_path):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
-    env = {**os.environ, "TH_EDIT_DISABLE_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_ENDPOINT": hub.endpoint,
-           "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", str(HERE / "_push_launch.py"),
-         str(tmp_path), hub.token], env=env, capture_output=True, text=True, timeout=400,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    env = launch_env(HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1")
+    launch_two(HERE / "_push_launch.py", str(tmp_path), hub.token, env=env, timeout=400)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and ranks[0]["world"] == 2
     assert ranks[0]["denied"] == "HubError"  # on both processes, and neither hung at a barrier

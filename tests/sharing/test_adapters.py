@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from th_edit import ChannelEditor, Edit, EditPlan, PlanMismatchError
 from th_edit.sharing.adapters import (
     ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, adapter_modules, adapter_state,
-    load_adapter_edits, push_adapter_to_hub, save_adapter,
+    load_adapter_edits, save_adapter,
 )
 from th_edit.core.architectures import ARCHITECTURES
 from th_edit.core.layout import AttentionLayout

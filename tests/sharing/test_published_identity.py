@@ -2,7 +2,6 @@
 machine-readable (model-index) results."""
 
 import json
-from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard

@@ -3,9 +3,6 @@ metric, device_map dispatch, and 2-process ``accelerate launch`` equal to one pr
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from th_edit.data import laundry_list
 from th_edit.evaluate import evaluate, guard_loss, plan_batches, wilson_interval
 from th_edit.tasks.guard_text import GUARD_TEXTS
 from tiny_models import laundry_model
+from launching import launch_two, run_alone
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -130,17 +128,9 @@ def test_two_accelerate_processes_equal_one_exactly(tmp_path):
     model, tok = laundry_model("gpt2", seed=2)
     ChannelEditor(model).save_pretrained(tmp_path / "m", tokenizer=tok)
     args = ["--model", str(tmp_path / "m"), "--lengths", "2", "5", "--n", "24", "--batch-size", "3"]
-    env = {**os.environ, "TH_EDIT_DISABLE_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    script = str(ROOT / "examples" / "scripted_eval.py")
-    subprocess.run([sys.executable, script, *args, "--out", str(tmp_path / "one.json")], check=True, env=env,
-                   capture_output=True)
-    launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--multi_gpu", script, *args,
-         "--out", str(tmp_path / "two.json"), "--save-to", str(tmp_path / "saved")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert launched.returncode == 0, launched.stderr[-3000:]
+    script = ROOT / "examples" / "scripted_eval.py"
+    run_alone(script, *args, "--out", str(tmp_path / "one.json"))
+    launch_two(script, *args, "--out", str(tmp_path / "two.json"), "--save-to", str(tmp_path / "saved"), timeout=300)
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert one["processes"] == 1 and two["processes"] == 2
     assert two["records"] == one["records"]  # exact: same batches, same numbers

@@ -20,7 +20,6 @@ from ..editor import ChannelEditor
 from ..edits.fit import FitResult
 from ..sharing.models import load_model
 from ..tasks.data import Rows, laundry_list
-from ..tasks.evaluate import evaluate
 from ..utils.devices import runtime_record
 from .demo_controls import heads_carrying_edit, refit_on_heads
 from .plots import plot_learned_scales

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from importlib import resources
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData

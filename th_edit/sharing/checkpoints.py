@@ -23,7 +23,7 @@ from ..edits.plan_checks import REMAKE_HINT
 from ..edits.plan import PLAN_FILES, BaseModelIdentity, Edit, EditPlan
 from ..edits.scale import EditLog, head_fingerprint, make_edit
 from ..errors import OutputDirectoryError, PlanMismatchError
-from ..utils.distributed import is_main_process, run_on_main_process, wait_for_everyone
+from ..utils.distributed import is_main_process, run_on_main_process
 from ..utils.files import atomic_directory
 from . import hub
 from ..utils.devices import runtime_record
