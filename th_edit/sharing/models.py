@@ -206,6 +206,15 @@ def load_model(
         raise InvalidArgumentError(
             f"model {source!r} is not a bundled model ({', '.join(BUNDLED)}), a local directory, or a Hub id 'owner/name'."
         )
+    return _load_pretrained(source, revision, dtype, device_map, target_device, trust_remote_code)
+
+
+def _load_pretrained(source: str, revision: str | None, dtype: torch.dtype, device_map, target_device: torch.device,
+                     trust_remote_code: bool):
+    """``(model, tokenizer)`` of a checkpoint directory or Hub id, on ``target_device`` or spread by
+    ``device_map`` (disk offload refused with :class:`DeviceError`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     kwargs = {"device_map": device_map} if device_map is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype, attn_implementation="eager",
