@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 from ..core.layout import AttentionLayout
 from ..edits.plan import PLAN_JSON, EditPlan
 from ..errors import AdapterError, PlanFormatError
-from ..utils.distributed import is_main_process, wait_for_everyone
+from ..utils.distributed import run_on_main_process
 from ..utils.files import atomic_directory
 from . import hub
 from .adapter_checks import check_adapter_config
@@ -185,7 +185,8 @@ def save_adapter(
     config, tensors, modules = state_of(layout, plan, dtype, None, uniform_rank, adapter_layout=adapter_layout,
                                         max_rank=max_rank)
     directory = Path(directory)
-    if is_main_process():
+
+    def write() -> None:
         with atomic_directory(directory) as staging:
             # one metadata key: safetensors writes several in hash order and the bytes must be reproducible
             save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -197,7 +198,8 @@ def save_adapter(
                          license=license, layout=adapter_layout).save(staging / "README.md")
         logger.info("saved a %s LoRA adapter of %d edit(s) on %d module(s) to %s", adapter_layout, len(plan.edits),
                     len(modules), directory)
-    wait_for_everyone()
+
+    run_on_main_process(write)  # the others wait, and raise the main process's error if it fails
     return directory
 
 
