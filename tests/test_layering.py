@@ -90,12 +90,18 @@ def test_every_module_sits_in_a_layer():
         layer_of(module_name(root, path, "th_edit"))
 
 
-def test_the_checker_catches_an_upward_import(tmp_path):
+def _fake_package(tmp_path: Path, *subpackages: str) -> Path:
+    """An empty ``th_edit`` package under ``tmp_path`` with the given (empty) sub-packages."""
     pkg = tmp_path / "th_edit"
-    for sub in ("core", "app"):
+    for sub in subpackages:
         (pkg / sub).mkdir(parents=True)
         (pkg / sub / "__init__.py").write_text("")
     (pkg / "__init__.py").write_text("")
+    return pkg
+
+
+def test_the_checker_catches_an_upward_import(tmp_path):
+    pkg = _fake_package(tmp_path, "core", "app")
     (pkg / "core" / "maths.py").write_text("def f():\n    from ..app import cli  # lazy, still upward\n")
     (pkg / "app" / "cli.py").write_text("from ..core.maths import f\n")
     assert upward_imports(pkg, "th_edit") == ["th_edit.core.maths -> th_edit.app (core imports app)",
@@ -140,11 +146,7 @@ def test_no_editor_is_passed_below_the_facade():
 
 
 def test_the_checker_catches_an_editor_parameter(tmp_path):
-    pkg = tmp_path / "th_edit"
-    for sub in ("edits", "analysis"):
-        (pkg / sub).mkdir(parents=True)
-        (pkg / sub / "__init__.py").write_text("")
-    (pkg / "__init__.py").write_text("")
+    pkg = _fake_package(tmp_path, "edits", "analysis")
     (pkg / "edits" / "fit.py").write_text("def fit(editor, tokenizer):\n    pass\n")
     (pkg / "analysis" / "roles.py").write_text(
         "def a(editor: HeadEditor):\n    pass\n\ndef b(editor):\n    pass\n\nclass C:\n    def m(self, *, editor=None):\n        pass\n")
@@ -199,10 +201,7 @@ def test_no_import_circle():
 
 
 def test_the_checker_catches_a_circle(tmp_path):
-    pkg = tmp_path / "th_edit"
-    (pkg / "edits").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "edits" / "__init__.py").write_text("")
+    pkg = _fake_package(tmp_path, "edits")
     (pkg / "edits" / "plan.py").write_text("from . import plan_checks\n")
     (pkg / "edits" / "plan_checks.py").write_text("def f():\n    from .scale import make_edit  # lazy\n")
     (pkg / "edits" / "scale.py").write_text("from .plan import Edit\n")
