@@ -104,14 +104,9 @@ def hub_server(tmp_path_factory):
 @pytest.fixture
 def hub(hub_server, monkeypatch):
     """Point the real, unpatched huggingface_hub client (and transformers) at the test server."""
-    from huggingface_hub import constants, hf_api
+    from hub_server import point_hub_at
 
-    endpoint = hub_server.endpoint
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    point_hub_at(monkeypatch, hub_server.endpoint)
     hub_server.faults.clear()
     hub_server.token = HUB_TOKEN
     hub_server.other_token = OTHER_TOKEN

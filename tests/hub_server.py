@@ -376,3 +376,14 @@ def serve(root: Path, tokens: dict[str, str]) -> tuple[ThreadingHTTPServer, HubS
     state.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, state
+
+
+def point_hub_at(monkeypatch, endpoint: str) -> None:
+    """Point the real, unpatched huggingface_hub client (and transformers) at ``endpoint`` (the loopback Hub)."""
+    from huggingface_hub import constants, hf_api
+
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")

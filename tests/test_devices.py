@@ -62,12 +62,10 @@ def test_resolve_dtype(monkeypatch):
     assert resolve_dtype("auto", "cuda:0") == torch.float16
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    model, tok = laundry_model("llama", seed=3)
-    folder = tmp_path_factory.mktemp("m") / "model"
-    ChannelEditor(model).save_pretrained(folder, tokenizer=tok)
-    return folder
+@pytest.fixture
+def model_dir(tiny_model_dir):
+    """The session's tiny saved llama (conftest ``tiny_model_dir``)."""
+    return tiny_model_dir
 
 
 def test_load_model_device_dtype_and_map(model_dir, monkeypatch):

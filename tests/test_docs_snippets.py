@@ -71,8 +71,7 @@ def _tiny():
 @pytest.fixture(scope="module")
 def doc_runs(tmp_path_factory):
     """Run every file's blocks once in order; ``{(file, line): exception text or None}``."""
-    from hub_server import serve
-    from huggingface_hub import constants, hf_api
+    from hub_server import point_hub_at, serve
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from th_edit import ChannelEditor
@@ -98,12 +97,7 @@ def doc_runs(tmp_path_factory):
         return real_tok(path if str(name) in models_mod.BUNDLED else name, *a, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        endpoint = state.endpoint
-        mp.setattr(constants, "ENDPOINT", endpoint)
-        mp.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        mp.setattr(hf_api.api, "endpoint", endpoint)
-        mp.setattr(constants, "HF_HUB_OFFLINE", False)
-        mp.setenv("HF_HUB_OFFLINE", "0")
+        point_hub_at(mp, state.endpoint)
         mp.setenv("HF_TOKEN", "hf_test_me_write")
         mp.setattr(models_mod, "load_model", load_tiny)
         mp.setattr(models_mod, "load_default_model", load_tiny)
