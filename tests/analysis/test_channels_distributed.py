@@ -15,7 +15,7 @@ from th_edit.analysis.channels_shard import canonical_top, merge_parts, sender_b
 from th_edit.app.cli import main as cli_main
 from th_edit.utils.sharding import balanced_blocks
 from tiny_models import make_model
-from launching import launch_two
+from launching import launch_two, simulated_ranks
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -48,29 +48,13 @@ def test_canonical_top_breaks_ties_by_row_then_col_whatever_the_input_order():
 
 
 def _simulated(editor, world, monkeypatch, **settings):
-    """Every rank of a ``world``-process run, computed in this process: first each rank's own parts are
-    recorded (one per mode), then each rank is rerun with its i-th gather answering every rank's i-th part."""
-    parts: dict[int, list] = {}
-    maps = []
-    for phase in ("record", "merge"):
-        for rank in range(world):
-            calls = iter(range(100))
+    """Every rank of a ``world``-process channel map, computed in this process (see
+    :func:`launching.simulated_ranks`); each rerun must gather the same work it recorded."""
+    def same_work(part, recorded):
+        assert torch.equal(part[1], recorded[1])
 
-            def gather(part, n, rank=rank, calls=calls, phase=phase):
-                if phase == "record":
-                    parts.setdefault(rank, []).append(part)
-                    return [part] * n
-                i = next(calls)
-                assert torch.equal(part[1], parts[rank][i][1])  # the same work as recorded
-                return [parts[q][i] for q in range(n)]
-
-            monkeypatch.setattr(channels, "process_rank_and_count", lambda r=rank: (r, world))
-            monkeypatch.setattr(channels, "gather_from_processes", gather)
-            cmap = editor.channel_map(progress=False, **settings)
-            if phase == "merge":
-                maps.append(cmap)
-    monkeypatch.undo()
-    return maps
+    return simulated_ranks(channels, world, monkeypatch, lambda: editor.channel_map(progress=False, **settings),
+                           same_work=same_work)
 
 
 def assert_same_map(a: dict, b: dict, exact_scores: bool = False):

@@ -17,6 +17,7 @@ from th_edit import (AnalysisOnlyError, ChannelEditor, ModelFileError, Quantized
                      channel_map_from_checkpoint)
 from th_edit.app.cli import main as cli_main
 from th_edit.core.checkpoint import INDEX_FILE, CheckpointLayout
+from launching import simulated_ranks
 from tiny_models import ARCHS, make_model
 
 SETTINGS = dict(baseline_samples=4, keep_top=60, memory_limit_mb=0.002, progress=False)
@@ -173,24 +174,9 @@ def test_simulated_ranks_return_the_single_process_map(world, tmp_path, monkeypa
     model = make_model("gpt2", num_hidden_layers=4)
     disk = ChannelEditor.from_checkpoint(_save(model, tmp_path / "ckpt"))
     single = ChannelEditor(model).channel_map(**SETTINGS)
-    recorded: dict[int, list] = {}
-    for phase in ("record", "merge"):
-        for rank in range(world):
-            calls = iter(range(100))
-
-            def gather(part, n, rank=rank, calls=calls, phase=phase):
-                if phase == "record":
-                    recorded.setdefault(rank, []).append(part)
-                    return [part] * n
-                i = next(calls)
-                return [recorded[q][i] for q in range(n)]
-
-            monkeypatch.setattr(weights_only, "process_rank_and_count", lambda r=rank: (r, world))
-            monkeypatch.setattr(weights_only, "gather_from_processes", gather)
-            cmap = disk.channel_map(**SETTINGS)
-            if phase == "merge":
-                assert cmap.meta["processes"] == world and cmap.meta["sender_blocks"] == _blocks(single, world)
-                assert_maps_equal(cmap, single)
+    for cmap in simulated_ranks(weights_only, world, monkeypatch, lambda: disk.channel_map(**SETTINGS)):
+        assert cmap.meta["processes"] == world and cmap.meta["sender_blocks"] == _blocks(single, world)
+        assert_maps_equal(cmap, single)
 
 
 def _blocks(cmap, world):
