@@ -178,6 +178,13 @@ class Circuit:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
+def _is_mover(scores: dict[str, float], threshold: float = 0.3) -> bool:
+    """Attends more to the answer than to the other items, writes it, and has a mover score at least
+    ``threshold`` of the model's strongest mover (``mover_share``)."""
+    return (scores.get("mover_share", 0.0) >= threshold and scores.get("logit_diff", 0.0) > 0
+            and scores.get("attn_target", 0.0) > scores.get("attn_others", 0.0))
+
+
 def head_role(scores: dict[str, float], *, has_mover_edge: bool, threshold: float = 0.3) -> str:
     """The data-based role of a circuit head from its ``scores``:
 
@@ -191,8 +198,7 @@ def head_role(scores: dict[str, float], *, has_mover_edge: bool, threshold: floa
     >>> head_role({"induction": 0.6, "duplicate_token": 0.1}, has_mover_edge=True)
     'induction'
     """
-    if (scores.get("mover_share", 0.0) >= threshold and scores.get("logit_diff", 0.0) > 0
-            and scores.get("attn_target", 0.0) > scores.get("attn_others", 0.0)):
+    if _is_mover(scores, threshold):
         return "mover"
     pattern = {k: scores.get(k, 0.0) for k in ("duplicate_token", "induction", "previous_token")}
     best = max(pattern, key=pattern.get)
@@ -341,7 +347,8 @@ def _circuit_heads(editor: HeadEditor, steps: dict[Head, int], movers: pd.DataFr
     by_head = {(int(r.layer), int(r.head)): r for r in movers.itertuples()}
     best_mover = max(float(movers.mover_score.max()), 1e-12)
     mover_heads = {h for h, r in by_head.items()
-                   if r.mover_score >= 0.3 * best_mover and r.attn_target > r.attn_others and r.logit_diff > 0}
+                   if _is_mover({"mover_share": r.mover_score / best_mover, "logit_diff": r.logit_diff,
+                                 "attn_target": r.attn_target, "attn_others": r.attn_others})}
     out = []
     for (layer, head), step in sorted(steps.items()):
         row = by_head[(layer, head)]

@@ -175,7 +175,9 @@ def cmd_edit(args, out: _Out) -> dict[str, Any]:
 
 
 def _head_spec(text: str):
-    if text in ("all", "upper", "discovered", "circuit"):
+    from ..edits.fit_config import HEAD_SPECS
+
+    if text in HEAD_SPECS:
         return text
     try:
         return [tuple(int(x) for x in part.split(".")) for part in text.split(",") if part]

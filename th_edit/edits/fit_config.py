@@ -18,14 +18,15 @@ from ..errors import InvalidArgumentError
 from ..utils.settings import Settings
 from .plan import Edit
 
-__all__ = ["FitConfig", "FitResult"]
+__all__ = ["FitConfig", "FitResult", "HEAD_SPECS"]
 
 
 def _help(default: Any, text: str) -> Any:
     return field(default=default, metadata={"help": text})
 
 
-_HEAD_SPECS = ("all", "upper", "discovered", "circuit")
+#: the named head specs ``FitConfig.heads`` (and ``th-edit edit --heads``) accept besides (layer, head) pairs
+HEAD_SPECS = ("all", "upper", "discovered", "circuit")
 
 
 @dataclass
@@ -121,7 +122,7 @@ class FitConfig(Settings):
 
     def _check_heads(self) -> None:
         if isinstance(self.heads, str):
-            if self.heads not in _HEAD_SPECS:
+            if self.heads not in HEAD_SPECS:
                 raise InvalidArgumentError(f"heads={self.heads!r} is not a head spec: use 'all', 'upper', "
                                            "'discovered', 'circuit' or a list of (layer, head) pairs.")
             return
