@@ -111,6 +111,13 @@ def resolve_heads(layout: AttentionLayout, spec: Any, findings: Any = None) -> l
     return heads
 
 
+def _schedule(opt: torch.optim.Optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of one fit phase: constant, or cosine from ``lr`` to ``lr / 20``."""
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=opt.defaults["lr"] / 20)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
 def _train(problem: FitProblem, fit: ChannelFit, steps: int, guard_weight: float, l1_weight: float, *,
            seed: int, bar, phase: str, lr: float) -> list[float]:
     """Adam on ``fit.theta`` (active entries) for ``steps`` steps; returns the losses."""
@@ -118,7 +125,10 @@ def _train(problem: FitProblem, fit: ChannelFit, steps: int, guard_weight: float
     data = problem.data_from(fit.first_layer())
     cache, train, guard = data.cache, data.train, data.guard
     theta = fit.theta.clone().requires_grad_(True)
-    opt = torch.optim.Adam([theta], lr=lr)
+    coupling = None if fit.coupling is None else fit.coupling.clone().requires_grad_(True)
+    params = [theta] if coupling is None else [theta, coupling]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = _schedule(opt, cfg.lr_schedule, steps)
     order: list[int] = []
     rng = random.Random(seed)
     losses = []
@@ -130,16 +140,25 @@ def _train(problem: FitProblem, fit: ChannelFit, steps: int, guard_weight: float
             rng.shuffle(order)
         b = train[order.pop()]
         opt.zero_grad(set_to_none=True)
-        with fit.hooks(theta):
+        with fit.hooks(theta, coupling):
             ce, cl = task_ce(problem, cache, b, theta, world)
             gi = step % len(guard)
             kl = problem.guard_kl(cache, guard[gi], gi * g_per) if guard_weight > 0 else torch.zeros(())
         # under N processes each computes the whole guard and L1 terms: 1/N of them each, summed by the all-reduce
-        loss = ce + (guard_weight * kl + l1_weight * (theta * fit.mask).abs().sum()) / world
+        l1 = (theta * fit.mask).abs().sum()
+        if coupling is not None:
+            l1 = l1 + (coupling * fit.coupling_mask).abs().sum()
+        loss = ce + (guard_weight * kl + l1_weight * l1) / world
         loss.backward()
-        if world > 1:  # one all-reduce of the gradient and the loss: every process takes the same step
-            reduced = all_reduce_sum(torch.cat([theta.grad.flatten(), loss.detach().reshape(1).to(theta.grad)]))
-            theta.grad.copy_(reduced[:-1].view_as(theta.grad))
+        for p in params:  # a process holding no prompt of the batch gets no gradient through the couplings
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if world > 1:  # one all-reduce of the gradients and the loss: every process takes the same step
+            reduced = all_reduce_sum(torch.cat([p.grad.flatten() for p in params] + [loss.detach().reshape(1).to(theta.grad)]))
+            offset = 0
+            for p in params:
+                p.grad.copy_(reduced[offset:offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
             loss = reduced[-1]
         if not torch.isfinite(loss):
             raise FitError(
@@ -147,10 +166,15 @@ def _train(problem: FitProblem, fit: ChannelFit, steps: int, guard_weight: float
                 "the model was left unchanged. Lower FitConfig.lr or max_log_scale, or raise guard_weights."
             )
         theta.grad.mul_(fit.mask)
+        if coupling is not None:
+            coupling.grad.mul_(fit.coupling_mask)
         opt.step()
+        sched.step()
         with torch.no_grad():
             theta.clamp_(-cfg.max_log_scale, cfg.max_log_scale)
             theta.mul_(fit.mask)
+            if coupling is not None:
+                coupling.clamp_(-cfg.max_log_scale, cfg.max_log_scale).mul_(fit.coupling_mask)
         loss = loss.detach()
         losses.append(float(loss))
         logger.debug("%s step %d/%d: loss %.4f (ce %.4f, kl %.5f)", phase, step + 1, steps, float(loss),
@@ -159,6 +183,8 @@ def _train(problem: FitProblem, fit: ChannelFit, steps: int, guard_weight: float
         bar.set_postfix_str(f"{phase} loss={float(loss):.3f} ce={float(ce.detach()):.3f} kl={float(kl.detach()):.4f} train_acc={acc:.2f}")
         bar.update(1)
     fit.theta = theta.detach().clone()
+    if coupling is not None:
+        fit.coupling = coupling.detach().clone()
     return losses
 
 
@@ -285,6 +311,8 @@ class _Search:
                     for r, size in enumerate(sizes):
                         by = cfg.rank_by if r == 0 or cfg.rank_by != "attribution" else "effect"
                         cand.keep_top(size, by=by, importance=importance)
+                        if cfg.coupling_band and r == len(sizes) - 1:
+                            cand.enable_couplings(cfg.coupling_band)
                         _train(problem, cand, cfg.refit_steps, gw, l1, seed=cfg.seed + 1, bar=bar,
                                phase=f"refit k={size}", lr=cfg.refit_lr)
             with _timed(self.timings, "dev_selection"):
@@ -294,12 +322,15 @@ class _Search:
         """Dev accuracy and guard of ``cand``, then of its log-scales shrunk by each ``guard_shrink``
         factor (toward scale 1) until the guard change is within ``max_guard_change``."""
         fitted = cand.theta.clone()
+        coupled = None if cand.coupling is None else cand.coupling.clone()
         for shrink in (1.0, *self.config.guard_shrink):
             cand.theta = fitted * shrink
+            if coupled is not None:
+                cand.coupling = coupled * shrink
             acc = self.problem.dev_accuracy(cand)
             guard = self.problem.guard(cand)
             change = guard / self.guard_before - 1.0
-            row = {"guard_weight": gw, "l1_weight": l1, "k": cand.n_active, "shrink": shrink,
+            row = {"guard_weight": gw, "l1_weight": l1, "k": cand.n_active, "couplings": cand.n_couplings, "shrink": shrink,
                    "dev_accuracy": acc["all"], "guard_change": change, "chosen": False,
                    **{f"dev_{n}": v for n, v in acc.items() if n != "all"}}
             self.trials.append(row)
@@ -474,6 +505,7 @@ def fit_edit(layout: AttentionLayout, log: EditLog, tokenizer: Any, train: Rows,
     _check(train_rows, dev_rows)
     heads = resolve_heads(layout, config.heads if heads is None else heads)
     _check_dense_from(dense_from, heads, config.circuits)
+    config.check_coupling_memory(len(heads), layout.d_head)
     folded = bool(folded) if config.folded is None else bool(config.folded)
     model, timings = layout.model, {}
     first = min(l for l, _ in heads)

@@ -57,6 +57,8 @@ class FitConfig(Settings):
     lr: float = _help(0.05, "Adam learning rate of the dense fit (Adam moves every log-scale by about lr per "
                             "step, so keep it small when thousands of components are fitted at once)")
     refit_lr: float = _help(0.1, "Adam learning rate of the refits of the kept components")
+    lr_schedule: str = _help("constant", "learning-rate schedule of every fit phase: 'constant' or 'cosine' "
+                                         "(from lr down to lr / 20 over the phase's steps)")
     batch_size: int = _help(8, "training prompts per step (cycled through train in a seeded order)")
     guard_tokens: int = _help(32, "tokens of each guard paragraph used in the KL term while fitting")
     guard_texts_per_step: int = _help(4, "guard paragraphs per step (rotating through all of them)")
@@ -67,6 +69,12 @@ class FitConfig(Settings):
                          "amount, so this ranks poorly after a short fit)")
     attribution_prompts: int = _help(64, "training prompts (whole batches, in a seeded order) over which the "
                                          "attribution ranking is summed")
+    coupling_band: int = _help(0, "couplings between a head's own kept components, fitted with the final refit: "
+                                  "component a may also write along v_b for |a - b| <= coupling_band (0: none). "
+                                  "Still an exact change of W_O[h] / W_Q[h] of rank <= the kept components: a "
+                                  "plan (schema 3), a card and a LoRA adapter")
+    memory_limit_mb: float = _help(1024.0, "bound on the couplings' optimiser memory (coupling_band > 0): "
+                                           "16 bytes per head, circuit and d_head^2, checked before fitting")
     max_log_scale: float = _help(3.0, "bound on |theta| (> 0; 3 allows scales between exp(-3) and exp(3))")
     max_guard_change: float = _help(0.01, "largest relative guard-loss increase a dev candidate may have to be "
                                           "chosen (finite, >= 0)")
@@ -103,7 +111,11 @@ class FitConfig(Settings):
                      "attribution_prompts", "cache_bytes"):
             _check_int(name, getattr(self, name), 0 if name in ("refit_steps", "cache_bytes") else 1)
         _check_int("seed", self.seed, None)
-        for name in ("lr", "refit_lr", "max_log_scale"):
+        _check_int("coupling_band", self.coupling_band, 0)
+        if self.coupling_band and not self.refit_steps:
+            raise InvalidArgumentError("FitConfig.coupling_band > 0 needs refit_steps > 0: the couplings are "
+                                       "fitted in the refit of the kept components.")
+        for name in ("lr", "refit_lr", "max_log_scale", "memory_limit_mb"):
             _check_number(name, getattr(self, name), "a positive finite number", lambda v: v > 0)
         _check_number("max_guard_change", self.max_guard_change, "a finite number >= 0 (0.01 = 1% worse)",
                       lambda v: v >= 0)
@@ -111,6 +123,8 @@ class FitConfig(Settings):
         _check_values("guard_weights", self.guard_weights, "finite and >= 0", lambda v: v >= 0)
         _check_values("l1_weights", self.l1_weights, "finite and >= 0", lambda v: v >= 0)
         _check_values("guard_shrink", self.guard_shrink, "in (0, 1)", lambda v: 0 < v < 1, empty_ok=True)
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise InvalidArgumentError(f"FitConfig.lr_schedule={self.lr_schedule!r} must be 'constant' or 'cosine'.")
         if self.rank_by not in ("attribution", "effect", "log_scale"):
             raise InvalidArgumentError(
                 f"FitConfig.rank_by={self.rank_by!r} must be 'attribution', 'effect' or 'log_scale'.")
@@ -119,6 +133,18 @@ class FitConfig(Settings):
             if not isinstance(value, bool) and not (name == "folded" and value is None):
                 raise InvalidArgumentError(f"FitConfig.{name}={value!r} must be True or False"
                                            + (" (or None: the editor's default)." if name == "folded" else "."))
+
+    def check_coupling_memory(self, n_heads: int, d_head: int) -> None:
+        """Raise :class:`InvalidArgumentError` before fitting when the couplings of ``n_heads`` heads (each
+        circuit a ``d_head x d_head`` core with its gradient and two Adam moments) exceed ``memory_limit_mb``."""
+        if not self.coupling_band:
+            return
+        need_mb = 16 * n_heads * len(self.circuits) * d_head ** 2 / 2 ** 20
+        if need_mb > self.memory_limit_mb:
+            raise InvalidArgumentError(
+                f"coupling_band={self.coupling_band} on {n_heads} heads of head dimension {d_head} needs "
+                f"{need_mb:.0f} MB for the couplings, above memory_limit_mb={self.memory_limit_mb:g}: fit fewer "
+                "heads, raise memory_limit_mb or set coupling_band=0.")
 
     def _check_heads(self) -> None:
         if isinstance(self.heads, str):
@@ -205,6 +231,16 @@ class FitResult:
     def n_components(self) -> int:
         return len(self.components)
 
+    @property
+    def n_couplings(self) -> int:
+        """Non-zero couplings of the applied edits (``FitConfig.coupling_band``; 0 without)."""
+        return sum(len(e.couplings or ()) for e in self.edits)
+
+    @property
+    def n_numbers(self) -> int:
+        """Numbers the edit changes: one scale per component plus one per coupling."""
+        return self.n_components + self.n_couplings
+
     def head_mass(self) -> pd.Series:
         """Sum of ``|log_scale|`` over each head's changed components, indexed by ``(layer, head)``."""
         c = self.components
@@ -229,7 +265,7 @@ class FitResult:
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary (for reports and model cards)."""
         return {
-            "n_components": self.n_components, "n_edits": len(self.edits), "heads": [list(h) for h in self.heads],
+            "n_components": self.n_components, "n_couplings": self.n_couplings, "n_edits": len(self.edits), "heads": [list(h) for h in self.heads],
             "dev_before": self.dev_before, "dev_after": self.dev_after, "test_before": self.test_before,
             "test_after": self.test_after, "guard_before": self.guard_before, "guard_after": self.guard_after,
             "guard_change": self.guard_change, "fit_data": self.fit_data, "timings": self.timings,

@@ -15,6 +15,7 @@ Loading never executes code or unpickles anything.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -35,8 +36,11 @@ PLAN_JSON = "edit_plan.json"
 PLAN_TENSORS = "edit_plan.safetensors"
 PLAN_FILES = (PLAN_JSON, PLAN_TENSORS)
 SCHEMA_VERSION = 2
-#: schema versions :meth:`EditPlan.load` reads (v1: uniform ``alpha`` only; v2 adds per-component ``alphas``)
-READABLE_SCHEMA_VERSIONS = (1, 2)
+#: the schema version of a plan with couplings (:attr:`Edit.couplings`); plans without them stay version 2
+COUPLED_SCHEMA_VERSION = 3
+#: schema versions :meth:`EditPlan.load` reads (v1: uniform ``alpha`` only; v2 adds per-component ``alphas``;
+#: v3 adds ``couplings``)
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 
 
 def _int(value: Any) -> int:
@@ -64,6 +68,10 @@ class Edit:
             (more than 10% of it lost to rounding, e.g. ``alpha=1.0001`` in bfloat16); see ``EditLog.apply``.
         alphas: per-component scale factors, aligned with ``components`` (None: every component is
             scaled by ``alpha``). Written by :func:`th_edit.edits.fit.fit_edit`; plan schema version 2.
+        couplings: ``(a, b, g)`` triples, each adding ``g * s_a * u_a v_b^T`` to the circuit: component
+            ``a`` of the head's own singular basis also writes along ``v_b`` (``a != b``, both in
+            ``components``). The change stays inside the span of the edited components (rank <= k).
+            Written by :func:`th_edit.edits.fit.fit_edit` with ``FitConfig.coupling_band``; schema version 3.
     """
 
     layer: int
@@ -77,6 +85,7 @@ class Edit:
     right: torch.Tensor = field(repr=False)
     partial: bool = False
     alphas: tuple[float, ...] | None = None
+    couplings: tuple[tuple[int, int, float], ...] | None = None
 
     @property
     def scales(self) -> tuple[float, ...]:
@@ -101,6 +110,10 @@ class Edit:
             d.pop("alphas", None)
         else:
             d["alphas"] = list(self.alphas)
+        if self.couplings is None:
+            d.pop("couplings", None)
+        else:
+            d["couplings"] = [[int(a), int(b), float(g)] for a, b, g in self.couplings]
         d["target"] = self.target
         return d
 
@@ -148,7 +161,7 @@ class EditPlan:
         from .._version import __version__
 
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": COUPLED_SCHEMA_VERSION if any(e.couplings for e in self.edits) else SCHEMA_VERSION,
             "th_edit_version": self.th_edit_version or __version__,
             "base_model": asdict(self.base),
             "tensors_file": PLAN_TENSORS,
@@ -212,6 +225,8 @@ class EditPlan:
                     folded=bool(e["folded"]), singular_values=tuple(float(s) for s in e["singular_values"]),
                     left=tensors[e["left"]], right=tensors[e["right"]], partial=bool(e.get("partial", False)),
                     alphas=None if e.get("alphas") is None else tuple(float(a) for a in e["alphas"]),
+                    couplings=None if e.get("couplings") is None else tuple(
+                        (_int(a), _int(b), float(g)) for a, b, g in e["couplings"]),
                 )
                 for e in data["edits"]
             ]
@@ -235,6 +250,9 @@ def check_edit_factors(edit: Edit, where: str) -> None:
         problem = f"components {list(edit.components)} must be distinct non-negative indices"
     elif len(edit.singular_values) != k:
         problem = f"{len(edit.singular_values)} singular values for {k} components"
+    elif edit.couplings and any(a == b or a not in edit.components or b not in edit.components or not math.isfinite(g)
+                                for a, b, g in edit.couplings):
+        problem = "a coupling (a, b, g) needs two different edited components a, b and a finite g"
     else:
         for name in ("left", "right"):
             t = getattr(edit, name)

@@ -17,6 +17,7 @@ from ..core import linalg
 from ..core.circuits import edit_factors, stacked_factors
 from ..core.layout import AttentionLayout
 from .plan import Edit
+from .scale import coupled_core
 
 __all__ = ["FitUnit", "ChannelFit", "FitHooks"]
 
@@ -44,8 +45,11 @@ class ChannelFit:
     """Per-component log-scales of a set of heads' circuits, applied to a model through forward hooks.
 
     ``theta [n_units, r]`` holds the log-scales, ``mask [n_units, r]`` which are active (inactive ones
-    contribute exactly nothing). Inside ``with fit.hooks():`` the model computes as if the edit
-    ``alpha = exp(theta)`` were written into its weights; nothing is written.
+    contribute exactly nothing). ``coupling [n_units, r, r]`` holds couplings between a head's own active
+    components (``coupling_mask`` says which may be non-zero; none until :meth:`enable_couplings`): entry
+    ``(a, b)`` adds ``g * s_a * u_a v_b^T`` to the circuit. Inside ``with fit.hooks():`` the model computes
+    as if the edit were written into its weights: per unit ``Delta = left @ M @ right^T`` with
+    ``M = diag(exp(theta) - 1) + coupling``; nothing is written.
     """
 
     def __init__(self, layout: AttentionLayout, heads: list[tuple[int, int]], circuits: Sequence[str],
@@ -66,17 +70,43 @@ class ChannelFit:
         r = layout.d_head
         self.theta = torch.zeros(len(self.units), r, dtype=torch.float32)
         self.mask = torch.ones(len(self.units), r, dtype=torch.float32)
+        self.coupling: torch.Tensor | None = None  # [n_units, r, r] once enable_couplings ran
+        self.coupling_mask: torch.Tensor | None = None
 
     def copy(self) -> "ChannelFit":
-        """A copy sharing the precomputed factors, with its own ``theta`` and ``mask``."""
+        """A copy sharing the precomputed factors, with its own ``theta``, ``mask`` and couplings."""
         new = ChannelFit.__new__(ChannelFit)
         new.__dict__.update(self.__dict__)
         new.theta, new.mask = self.theta.clone(), self.mask.clone()
+        if self.coupling is not None:
+            new.coupling, new.coupling_mask = self.coupling.clone(), self.coupling_mask.clone()
         return new
 
     @property
     def n_active(self) -> int:
         return int(self.mask.sum())
+
+    @property
+    def n_couplings(self) -> int:
+        """Couplings that may be non-zero (0 before :meth:`enable_couplings`)."""
+        return 0 if self.coupling_mask is None else int(self.coupling_mask.sum())
+
+    def enable_couplings(self, band: int) -> None:
+        """Let each pair of a unit's active components ``a != b`` with ``|a - b| <= band`` couple (starting
+        at 0, so the edit is unchanged until trained)."""
+        r = self.theta.shape[1]
+        idx = torch.arange(r)
+        near = ((idx[:, None] - idx[None, :]).abs() <= band) & (idx[:, None] != idx[None, :])
+        self.coupling_mask = self.mask[:, :, None] * self.mask[:, None, :] * near.to(self.mask)
+        self.coupling = torch.zeros_like(self.coupling_mask)
+
+    def core(self, theta: torch.Tensor, coupling: torch.Tensor | None, rows: torch.Tensor) -> tuple:
+        """``(c [n, r], g [n, r, r] or None)`` of units ``rows``: ``c = (exp(theta) - 1) * mask``, ``g`` the
+        masked couplings (None when there are none)."""
+        c = (torch.exp(theta[rows]) - 1.0) * self.mask[rows]
+        if coupling is None or self.coupling_mask is None:
+            return c, None
+        return c, coupling[rows] * self.coupling_mask[rows]
 
     def first_layer(self) -> int:
         active = [u.layer for u, m in zip(self.units, self.mask) if m.any()]
@@ -103,6 +133,7 @@ class ChannelFit:
         mask[order] = 1.0
         self.mask = mask.view_as(self.mask)
         self.theta = self.theta * self.mask
+        self.coupling = self.coupling_mask = None  # couplings join kept components only: enable them again
 
     def _hook_groups(self, theta: torch.Tensor):
         """Per (layer, circuit): unit indices with an active component."""
@@ -112,9 +143,10 @@ class ChannelFit:
                 groups.setdefault((u.layer, u.circuit), []).append(i)
         return groups
 
-    def hooks(self, theta: torch.Tensor | None = None):
-        """Context manager installing the hooks; ``theta`` (default :attr:`theta`) may require grad."""
-        return FitHooks(self, self.theta if theta is None else theta)
+    def hooks(self, theta: torch.Tensor | None = None, coupling: torch.Tensor | None = None):
+        """Context manager installing the hooks; ``theta`` and ``coupling`` (default :attr:`theta`,
+        :attr:`coupling`) may require grad."""
+        return FitHooks(self, self.theta if theta is None else theta, self.coupling if coupling is None else coupling)
 
     def edits(self) -> list[Edit]:
         """The fitted change as ordinary :class:`Edit` s (one per unit with active components), with
@@ -127,14 +159,27 @@ class ChannelFit:
                 continue
             alphas = torch.exp(self.theta[i, idx].double())
             coeff = (alphas - 1.0) * u.S[idx].double()
-            left, right = edit_factors(self.layout, u.layer, u.head, u.circuit, u.A, u.B, u.U[:, idx], coeff,
+            couplings = self._couplings(i, idx)
+            U_sel = u.U[:, idx]
+            if couplings:
+                U_sel = U_sel.double() @ coupled_core(tuple(idx.tolist()), coeff, u.S[idx].double(), couplings)
+                coeff = torch.ones_like(coeff)
+            left, right = edit_factors(self.layout, u.layer, u.head, u.circuit, u.A, u.B, U_sel, coeff,
                                        u.V[:, idx], folded=self.folded)
             out.append(Edit(
                 layer=u.layer, head=u.head, circuit=u.circuit, components=tuple(int(c) for c in idx.tolist()),
                 alpha=1.0, folded=self.folded, singular_values=tuple(float(s) for s in u.S[idx].tolist()),
                 left=left.cpu(), right=right.cpu(), alphas=tuple(float(a) for a in alphas.tolist()),
+                couplings=couplings or None,
             ))
         return out
+
+    def _couplings(self, unit: int, idx: torch.Tensor) -> list[tuple[int, int, float]]:
+        """The non-zero ``(a, b, g)`` couplings of one unit (component indices)."""
+        if self.coupling is None:
+            return []
+        g = self.coupling[unit] * self.coupling_mask[unit]
+        return [(int(a), int(b), float(g[a, b])) for a in idx.tolist() for b in idx.tolist() if float(g[a, b]) != 0.0]
 
     def component_table(self) -> pd.DataFrame:
         rows = []
@@ -146,9 +191,15 @@ class ChannelFit:
         return pd.DataFrame(rows, columns=["layer", "head", "circuit", "component", "singular_value", "log_scale", "alpha"])
 
 
+def _mix(z: torch.Tensor, c: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    """``z @ M`` per unit for ``z [B, T, n, r]``, ``M = diag(c) + g`` (``c [n, r]``, ``g [n, r, r]`` or None)."""
+    out = z * c.to(z.device)
+    return out if g is None else out + torch.einsum("btnx,nxy->btny", z, g.to(z.device))
+
+
 class FitHooks:
-    def __init__(self, fit: ChannelFit, theta: torch.Tensor) -> None:
-        self.fit, self.theta, self.handles = fit, theta, []
+    def __init__(self, fit: ChannelFit, theta: torch.Tensor, coupling: torch.Tensor | None = None) -> None:
+        self.fit, self.theta, self.coupling, self.handles = fit, theta, coupling, []
 
     def __enter__(self):
         fit, L = self.fit, self.fit.layout
@@ -159,14 +210,14 @@ class FitHooks:
             left = torch.stack([u.left for u in units])  # OV [n, d_h, r]; QK [n, d, r]
             right = torch.stack([u.right for u in units])  # OV [n, d, r]; QK [n, d_h, r]
             rows = torch.tensor(idx)
-            theta, mask = self.theta, fit.mask
+            theta, coupling = self.theta, self.coupling
 
             if circuit == "ov":
                 def hook(module, args, output, heads=heads, left=left, right=right, rows=rows):
                     x = args[0]
-                    c = (torch.exp(theta[rows]) - 1.0) * mask[rows]  # [n, r]
+                    c, g = fit.core(theta, coupling, rows)  # [n, r], [n, r, r] or None
                     xh = x.reshape(*x.shape[:-1], H, dh)[..., heads, :].to(torch.float32)  # [B, T, n, d_h]
-                    z = torch.einsum("btnd,ndr->btnr", xh, left.to(x.device)) * c.to(x.device)
+                    z = _mix(torch.einsum("btnd,ndr->btnr", xh, left.to(x.device)), c, g)
                     return output + torch.einsum("btnr,nmr->btm", z, right.to(x.device)).to(output.dtype)
 
                 module = L.out_module(layer)
@@ -175,8 +226,8 @@ class FitHooks:
 
                 def hook(module, args, output, left=left, right=right, rows=rows, cols=cols):
                     x = args[0].to(torch.float32)
-                    c = (torch.exp(theta[rows]) - 1.0) * mask[rows]
-                    z = torch.einsum("btd,ndr->btnr", x, left.to(x.device)) * c.to(x.device)
+                    c, g = fit.core(theta, coupling, rows)
+                    z = _mix(torch.einsum("btd,ndr->btnr", x, left.to(x.device)), c, g)
                     add = torch.einsum("btnr,nkr->btnk", z, right.to(x.device)).reshape(*x.shape[:-1], -1)
                     return output.index_add(-1, cols.to(output.device), add.to(output.dtype))
 

@@ -11,6 +11,7 @@ newest first. The maths runs in float32; weights are written in the model's dtyp
 from __future__ import annotations
 
 import hashlib
+import math
 import logging
 
 import torch
@@ -23,7 +24,7 @@ from ..core.layout import AttentionLayout
 from ..errors import InvalidArgumentError, NothingToUndoError
 from .plan import Edit
 
-__all__ = ["head_fingerprint", "make_edit", "EditLog", "PRECISION_RTOL"]
+__all__ = ["head_fingerprint", "make_edit", "EditLog", "PRECISION_RTOL", "coupled_core"]
 
 #: an applied edit whose written change differs from the intended one by more than this (relative, Frobenius)
 #: is flagged ``partial``: the model's dtype cannot represent it
@@ -60,10 +61,14 @@ def _warn_if_partial_block(result: SVDResult, components: tuple[int, ...], layer
 
 def make_edit(
     layout: AttentionLayout, layer: int, head: int, circuit: str, component, alpha: float, *, folded: bool = True,
-    alphas=None,
+    alphas=None, couplings=None,
 ) -> Edit:
     """The :class:`Edit` rescaling ``component`` (an index or a list) of one head's circuit by ``alpha``, or
     each component by its own entry of ``alphas`` (aligned with the sorted components; ``alpha`` is then 1).
+
+    ``couplings`` (``(a, b, g)`` triples over ``component``; see :attr:`Edit.couplings`) add
+    ``g * s_a * u_a v_b^T`` each: the change is then ``U diag(S) M V^T`` over the components, ``M`` holding
+    ``alpha_i - 1`` on its diagonal and the couplings off it.
 
     Nothing is written; apply it with :meth:`EditLog.apply`. Raises :class:`InvalidArgumentError` on a bad
     layer, head, circuit, component or alpha, or when the change would not be finite.
@@ -83,7 +88,12 @@ def make_edit(
     idx = torch.tensor(components, device=U.device)
     factor = torch.tensor(scales, dtype=S.dtype, device=S.device) - 1.0 if scales is not None else alpha - 1.0
     coeff = factor * S[idx]
-    left, right = edit_factors(layout, layer, head, circuit, A, B, U[:, idx], coeff, V[:, idx], folded=folded)
+    if couplings:
+        coupled = coupled_core(components, coeff, S[idx], couplings)
+        left, right = edit_factors(layout, layer, head, circuit, A, B, U[:, idx] @ coupled, torch.ones_like(coeff),
+                                   V[:, idx], folded=folded)
+    else:
+        left, right = edit_factors(layout, layer, head, circuit, A, B, U[:, idx], coeff, V[:, idx], folded=folded)
     if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
         raise InvalidArgumentError(
             f"the edit of layer {layer} head {head} {circuit} is not finite (a q-norm gain is ~0?); "
@@ -92,7 +102,21 @@ def make_edit(
     return Edit(
         layer=layer, head=head, circuit=circuit, components=components, alpha=1.0 if scales else alpha, folded=folded,
         singular_values=tuple(float(s) for s in S[idx].tolist()), left=left.cpu(), right=right.cpu(), alphas=scales,
+        couplings=tuple((int(a), int(b), float(g)) for a, b, g in couplings) if couplings else None,
     )
+
+
+def coupled_core(components: tuple[int, ...], coeff: torch.Tensor, S: torch.Tensor, couplings) -> torch.Tensor:
+    """``[k, k]`` matrix ``diag(S) M`` of a coupled edit (``M``: ``coeff / S`` on the diagonal, the couplings'
+    ``g`` at ``(a, b)``), so that the circuit change is ``U_sel @ (diag(S) M) @ V_sel^T``."""
+    pos = {c: i for i, c in enumerate(components)}
+    coupled = torch.diag(coeff)
+    for a, b, g in couplings:
+        if a == b or a not in pos or b not in pos or not math.isfinite(float(g)):
+            raise InvalidArgumentError(
+                f"coupling {(a, b, g)!r} must join two different components of {list(components)} with a finite g.")
+        coupled[pos[a], pos[b]] += float(g) * S[pos[a]]
+    return coupled
 
 
 def _lost_fraction(old: torch.Tensor, new: torch.Tensor, delta: torch.Tensor) -> float:

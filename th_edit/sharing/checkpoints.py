@@ -59,7 +59,7 @@ def check_consistent(layout: AttentionLayout, edit: Edit) -> None:
             f"model's {edit.target} is {tuple(target.shape)}: the plan was made for a different geometry."
         )
     expected = make_edit(layout, edit.layer, edit.head, edit.circuit, list(edit.components), edit.alpha,
-                         folded=edit.folded, alphas=edit.alphas)
+                         folded=edit.folded, alphas=edit.alphas, couplings=edit.couplings)
     if tuple(expected.components) != tuple(edit.components) or (edit.alphas is not None and edit.alpha != 1.0):
         raise PlanMismatchError(
             f"the edit of layer {edit.layer} head {edit.head} lists components {list(edit.components)} with alpha "
