@@ -33,6 +33,12 @@ LONG = dict(steps=48, refit_steps=30, lr_schedule="cosine")
 #: name -> (FitConfig overrides, training data recipe)
 VARIANTS = {
     "base": (dict(steps=12, refit_steps=10), "omitted"),
+    "base_varied": (dict(steps=12, refit_steps=10), "varied"),
+    "base_qk": (dict(steps=12, refit_steps=10, circuits=("ov", "qk")), "omitted"),
+    "base_coupling": (dict(steps=12, refit_steps=10, coupling_band=1024), "omitted"),
+    "base_rounds2": (dict(steps=12, refit_steps=10, rounds=2), "omitted"),
+    "base_cosine": (dict(steps=12, refit_steps=10, lr_schedule="cosine"), "omitted"),
+    "mid_varied": (dict(steps=24, refit_steps=20, lr_schedule="cosine"), "varied"),
     "long": (LONG, "omitted"),
     "long_qk": ({**LONG, "circuits": ("ov", "qk")}, "omitted"),
     "long_varied": (LONG, "varied"),

@@ -27,7 +27,7 @@ from th_edit import ChannelEditor
 from th_edit.data import ioi, laundry_list
 from th_edit.evaluate import guard_loss, wilson_interval
 from th_edit.edits.fit import ChannelFit, FitConfig, fit_edit
-from th_edit.edits.fit_data import FitProblem, task_batches
+from th_edit.edits.fit_data import FitProblem, split_rows, task_batches
 from th_edit.core.layer_cache import LayerCache
 from th_edit.models import load_model
 
@@ -87,6 +87,15 @@ def paired(before: list[bool], after: list[bool]) -> dict:
             "mcnemar": mcnemar_exact(before, after)}
 
 
+def margin_change(before: list[float], after: list[float]) -> dict:
+    """Mean paired change of the answer's margin (logit minus the other items' mean) with a 95% t interval."""
+    d = [a - b for a, b in zip(after, before)]
+    n, mean = len(d), sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
+    return {"n": n, "before": sum(before) / n, "mean": mean,
+            "ci": (mean - 1.96 * sd / math.sqrt(n), mean + 1.96 * sd / math.sqrt(n))}
+
+
 # ----- scoring with a layer cache ----------------------------------------------------------------
 class Scorer:
     """Per-example correctness on a fixed split, reusing cached hidden states below the first edited layer."""
@@ -107,6 +116,7 @@ class Scorer:
             self._cache[first_layer] = (cache, batches)
         cache, batches = self._cache[first_layer]
         out = [False] * len(self.rows)
+        self.last_margins = [0.0] * len(self.rows)  # the answer's logit minus the mean of the other items'
         helper = FitProblem.__new__(FitProblem)
         helper.keep, helper.device = True, torch.device("cpu")
         with torch.no_grad():
@@ -114,6 +124,9 @@ class Scorer:
                 cl = FitProblem.candidate_logits(helper, cache, b)
                 for j, i in enumerate(b.rows):
                     out[i] = bool(cl[j].argmax() == b.target[j])
+                    t, row = int(b.target[j]), cl[j].float()
+                    others = torch.cat([row[:t], row[t + 1:]])
+                    self.last_margins[i] = float(row[t] - others[torch.isfinite(others)].mean())
         return out
 
     def by_length(self, before: list[bool], after: list[bool]) -> dict:
@@ -145,7 +158,7 @@ def lora_anchor(editor, tok, train, dev, layers, *, steps: int, lr: float, guard
     from peft import LoraConfig, get_peft_model
 
     cfg = FitConfig(progress=False)
-    problem = FitProblem(editor.model, editor.layout, tok, train.to_list(), dev.to_list(), cfg)
+    problem = FitProblem(editor.model, editor.layout, tok, split_rows(train, "train"), split_rows(dev, "dev"), cfg)
     model = editor.model
     torch.manual_seed(seed)
     lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "o_proj"],
@@ -201,17 +214,26 @@ class Science:
         self.conds = self.results.setdefault("conditions", {})
         self.dense_path = self.out.with_suffix(".dense.safetensors")
         self.plan_dir = self.out.with_suffix(".plan256")
-        self.dense_cfg = dict(steps=args.steps, refit_steps=args.refit_steps, progress=False, seed=0,
-                              k_fractions=(1.0, 0.5), guard_weights=(args.guard_weight,))
+        self.head_cfg = dict(steps=args.steps, refit_steps=args.refit_steps, progress=False, seed=0,
+                             k_fractions=(1.0, 0.5), guard_weights=(args.guard_weight,), **json.loads(args.head_fit))
+        self.dense_cfg = {**self.head_cfg, **json.loads(args.fit)}
+        self.results.setdefault("fit_options", {"fit": json.loads(args.fit), "head_fit": json.loads(args.head_fit),
+                                                "train": args.train, "lora_steps": args.lora_steps})
         self.dense, self.dense_info, self.findings, self.heads_disc = None, None, None, None
 
     def _data(self, st: dict) -> None:
+        if self.args.task == "ioi":
+            return self._ioi_data()
         tok, n_test = self.tok, self.args.n_test
         weak = self.weak = list(st["weak"])
         per = st["n_train"] // len(weak)  # training prompts per length; 16 dev prompts per length
         fitdata = laundry_list(tok, lengths=weak, n_per_length=per + 16, seed=11,
                                fractions=(per / (per + 16), 16 / (per + 16), 0.0))
         self.train, self.dev = fitdata["train"], fitdata["dev"]
+        if self.args.train == "varied":
+            from fit_options import training_data
+
+            self.train, self.dev = training_data(tok, "varied", weak, per)
         test = laundry_list(tok, lengths=weak, n_per_length=n_test, seed=12, fractions=(0.0, 0.0, 1.0))["test"]
         transfer = laundry_list(tok, lengths=weak, n_per_length=n_test, seed=13, template="omitted_packed",
                                 items="toys", fractions=(0.0, 0.0, 1.0))["test"]
@@ -220,10 +242,22 @@ class Science:
         ioi_test = ioi(tok, n=200, seed=15, fractions=(0.0, 0.0, 1.0))["test"]
         self.results["data"] = {"train": len(self.train), "dev": len(self.dev), "test": len(test),
                                 "transfer": len(transfer), "recall": len(recall), "ioi": len(ioi_test),
-                                "weak_lengths": weak, "fit": "omitted template, household pool, seed 11",
+                                "weak_lengths": weak, "fit": "omitted template, household pool, seed 11"
+                                + (" + fit_options.VARIED streams" if self.args.train == "varied" else ""),
                                 "test_seed": 12, "transfer_data": "omitted_packed template, toys pool, seed 13"}
         self.scorers = {name: Scorer(self.editor, tok, split, name) for name, split in
                         (("test", test), ("transfer", transfer), ("recall", recall), ("ioi", ioi_test))}
+
+    def _ioi_data(self) -> None:
+        """IOI as the fitted task: train and dev from seed 11 (48 + 16), test from seed 12 (``3 * n_test``)."""
+        tok = self.tok
+        fitdata = ioi(tok, n=64, seed=11, fractions=(0.75, 0.25, 0.0))
+        self.train, self.dev = fitdata["train"], fitdata["dev"]
+        test = ioi(tok, n=3 * self.args.n_test, seed=12, fractions=(0.0, 0.0, 1.0))["test"]
+        self.weak = [2]
+        self.results["data"] = {"task": "ioi", "train": len(self.train), "dev": len(self.dev), "test": len(test),
+                                "fit": "IOI, seed 11", "test_seed": 12}
+        self.scorers = {"test": Scorer(self.editor, tok, test, "test")}
 
     def _baseline(self) -> dict[str, list[bool]]:
         """Unedited per-example outcomes, computed before any edit (kept in the results file to resume)."""
@@ -237,11 +271,13 @@ class Science:
                 raise SystemExit(f"{self.out} was measured on other {name} prompts (the data code changed since): "
                                  "write a new results file (--out) instead of mixing prompt sets.")
             keys[name] = digest
-            if name in stored and len(stored[name]) == len(scorer.rows):
+            margins = self.results.setdefault("baseline_margins", {})
+            if name in stored and len(stored[name]) == len(scorer.rows) and name in margins:
                 base[name] = [c == "1" for c in stored[name]]
             else:
                 base[name] = scorer.correct(0)
                 stored[name] = _outcomes(base[name])
+                margins[name] = scorer.last_margins
                 self.save()
             logger.info("baseline %s: %.3f", name, sum(base[name]) / len(base[name]))
         return base
@@ -262,6 +298,7 @@ class Science:
             after = self.scorers[s].correct(layer) if self.editor.edits else self.scorers[s].correct(0)
             row[s] = self.scorers[s].by_length(self.base[s], after)
             row[f"{s}_outcomes"] = _outcomes(after)  # per prompt: paired comparisons
+            row[f"{s}_margin_change"] = margin_change(self.results["baseline_margins"][s], self.scorers[s].last_margins)
         row["seconds_total"] = time.perf_counter() - self.t0
         self.conds[name] = row
         self.save()
@@ -373,13 +410,13 @@ class Science:
         if not self.heads_disc:
             return
         if self.want("c_discovered_32"):
-            _, info = self.fit(FitConfig(heads=self.heads_disc, budget=32, **self.dense_cfg))
+            _, info = self.fit(FitConfig(heads=self.heads_disc, budget=32, **self.head_cfg))
             self.record("c_discovered_32", info)
             self.editor.reset()
         for s in range(3):
             name = f"c_random_32_seed{s}"
             if self.want(name):
-                _, info = self.fit(FitConfig(heads=self._random_heads(s), budget=32, **self.dense_cfg))
+                _, info = self.fit(FitConfig(heads=self._random_heads(s), budget=32, **self.head_cfg))
                 self.record(name, info)
                 self.editor.reset()
 
@@ -398,33 +435,39 @@ class Science:
 
     def lora_r8(self) -> None:
         """(f) LoRA anchor, rank 8, q_proj/o_proj of all layers (the layers the all-heads fit edits); the
-        learning rate is chosen on dev with the same guard rule as the channel fit (<= 1%, else the best dev)."""
+        learning rate is chosen on dev with the same guard rule as the channel fit (<= 1%, else the best dev).
+        Each trial's adapter weights are kept, so the chosen one is evaluated as trained (no retraining)."""
         if not self.want("f_lora_r8"):
             return
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
         args, ed, t1 = self.args, self.editor, time.perf_counter()
-        dev_scorer, lora_steps, trials = Scorer(ed, self.tok, self.dev, "dev"), 3 * args.steps, []
+        dev_scorer, lora_steps, trials, states = Scorer(ed, self.tok, self.dev, "dev"), args.lora_steps, [], {}
         train_lora = lambda lr: lora_anchor(ed, self.tok, self.train, self.dev, range(ed.n_layers),  # noqa: E731
                                             steps=lora_steps, lr=lr, guard_weight=args.guard_weight, seed=0)
         for lr in (1e-3, 3e-3):
             peft_model, n_params = train_lora(lr)
             trials.append({"lr": lr, "dev_accuracy": sum(dev_scorer.correct(0)) / len(self.dev),
                            "guard_change": guard_loss(self.model, self.tok) / self.base_guard - 1.0})
+            states[lr] = {k: v.clone() for k, v in get_peft_model_state_dict(peft_model).items()}
             logger.info("lora lr %.0e: dev %.3f guard %+.2f%%", lr, trials[-1]["dev_accuracy"],
                         100 * trials[-1]["guard_change"])
-            peft_model.unload()
+            if lr != 3e-3:
+                peft_model.unload()
         best = max([t for t in trials if t["guard_change"] <= 0.01] or trials, key=lambda t: t["dev_accuracy"])
-        # retrain the chosen one (seeded: the same adapter) and evaluate it once on the test splits
-        peft_model, n_params = train_lora(best["lr"])
+        set_peft_model_state_dict(peft_model, states[best["lr"]])  # the chosen trial's weights, as trained
         row = {"trainable_params": n_params,
                "changed_weight_entries": 2 * ed.n_layers * ed.d_model * ed.n_heads * ed.d_head,
                "fit_seconds": time.perf_counter() - t1, "steps": lora_steps, "lr": best["lr"], "trials": trials,
                "guard_weight": args.guard_weight}
         row["guard_after"] = guard_loss(self.model, self.tok)
         row["guard_change"] = row["guard_after"] / self.base_guard - 1.0
+        assert abs(row["guard_change"] - best["guard_change"]) < 1e-6, "the restored adapter is not the chosen one"
         for s in ("test", "transfer", "recall", "ioi"):
             after = self.scorers[s].correct(0)
             row[s] = self.scorers[s].by_length(self.base[s], after)
             row[f"{s}_outcomes"] = _outcomes(after)
+            row[f"{s}_margin_change"] = margin_change(self.results["baseline_margins"][s], self.scorers[s].last_margins)
         row["seconds_total"] = time.perf_counter() - self.t0
         self.conds["f_lora_r8"] = row
         self.save()
@@ -484,7 +527,7 @@ class Science:
             return
         mass, _ = plan_head_mass(self.plan_dir)
         heads = sorted(sorted(mass, key=lambda h: -mass[h])[:n_disc])
-        _, info = self.fit(FitConfig(heads=heads, budget=32, **self.dense_cfg))
+        _, info = self.fit(FitConfig(heads=heads, budget=32, **self.head_cfg))
         info.update(selection="the heads of largest sum |log scale| in the budget-256 plan",
                     head_mass={f"{l}.{h}": mass[(l, h)] for l, h in heads})
         self.record("h_fit_heads_32", info)
@@ -492,21 +535,40 @@ class Science:
 
     def circuit_32(self) -> None:
         """(i) the heads of ``find_circuit`` on the train split (backward from the answer, confirmed causally),
-        fitted at budget 32 exactly as (c) and (h)."""
+        fitted at budget 32 exactly as (c) and (h). Its ``min_effect`` (how large a confirmed effect must be)
+        is chosen on dev: each value of ``--circuit-grid`` gives a circuit (the causal effects are measured
+        once and shared), each circuit is fitted at budget 32, and the best dev accuracy wins (ties: fewer
+        heads). Only the chosen circuit's fit is evaluated on test."""
         if not self.want("i_circuit_32"):
             return
-        t1 = time.perf_counter()
-        circuit = self.editor.find_circuit(self.train, progress=False)
-        heads = circuit.head_list()
-        self.results["circuit"] = {"heads": heads, "roles": {f"{h.layer}.{h.head}": h.role for h in circuit.heads},
-                                   "steps": {f"{h.layer}.{h.head}": h.step for h in circuit.heads},
-                                   "kept_edges": len(circuit.kept_edges()), "measured_edges": len(circuit.edges),
-                                   "meta": circuit.meta, "seconds": time.perf_counter() - t1}
-        self.save()
-        if not heads:
+        t1, memo, tried = time.perf_counter(), {}, []
+        for min_effect in sorted({float(x) for x in self.args.circuit_grid.split(",")}, reverse=True):
+            circuit = self.editor.find_circuit(self.train, progress=False, measurements=memo, min_effect=min_effect)
+            heads = circuit.head_list()
+            row = {"min_effect": min_effect, "heads": heads, "reason": circuit.meta.get("reason"),
+                   "roles": {f"{h.layer}.{h.head}": h.role for h in circuit.heads},
+                   "steps": {f"{h.layer}.{h.head}": h.step for h in circuit.heads},
+                   "kept_edges": len(circuit.kept_edges()), "measured_edges": len(circuit.edges),
+                   "spearman": circuit.meta.get("spearman"), "edges": circuit.to_dict()["edges"],
+                   "seconds": circuit.meta.get("seconds")}
+            if heads and not any(t["heads"] == heads for t in tried):
+                r, _ = self.fit(FitConfig(heads=heads, budget=32, **self.head_cfg))
+                row["dev_accuracy"] = r.dev_after["all"]
+                self.editor.reset()
+            tried.append(row)
+            logger.info("circuit min_effect %.3g: %d heads, dev %s", min_effect, len(heads), row.get("dev_accuracy"))
+            self.results["circuit_selection"] = {"tried": tried, "seconds": time.perf_counter() - t1,
+                                                 "measured_components": len(memo)}
+            self.save()
+        fitted = [t for t in tried if "dev_accuracy" in t]
+        if not fitted:
             return
-        _, info = self.fit(FitConfig(heads=heads, budget=32, **self.dense_cfg))
-        info.update(selection="find_circuit on the train split", n_heads=len(heads))
+        best = max(fitted, key=lambda t: (t["dev_accuracy"], -len(t["heads"])))
+        self.results["circuit"] = {k: best[k] for k in ("min_effect", "heads", "roles", "steps", "kept_edges",
+                                                        "measured_edges", "spearman", "reason")}
+        _, info = self.fit(FitConfig(heads=[tuple(h) for h in best["heads"]], budget=32, **self.head_cfg))
+        info.update(selection=f"find_circuit on train, min_effect={best['min_effect']} chosen on dev",
+                    n_heads=len(best["heads"]))
         self.record("i_circuit_32", info)
         self.editor.reset()
 
@@ -518,12 +580,23 @@ class Science:
 def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--task", default="laundry", choices=("laundry", "ioi"),
+                    help="the fitted task: Laundry List (all conditions) or IOI (the head-set conditions)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--only", default="", help="comma-separated condition names to run (default: all)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--guard-weight", type=float, default=2.0)
     ap.add_argument("--refit-steps", type=int, default=10)
+    ap.add_argument("--fit", default="{}", help="JSON of FitConfig overrides for every fit of (a), (b) and (e), "
+                                                "e.g. the options fit_options.py chose on dev")
+    ap.add_argument("--train", default="omitted", choices=("omitted", "varied"),
+                    help="training prompts: the omitted template alone, or with fit_options.VARIED streams")
+    ap.add_argument("--lora-steps", type=int, default=36, help="Adam steps of each LoRA trial")
+    ap.add_argument("--head-fit", default="{}", help="JSON of FitConfig overrides for the budget-32 head-set "
+                                                     "fits (c), (h), (i); default: the short fit of --steps")
+    ap.add_argument("--circuit-grid", default="0.2,0.1,0.05,0.02",
+                    help="min_effect values of find_circuit tried on dev for (i)")
     return ap.parse_args()
 
 

@@ -199,12 +199,14 @@ class ChannelEditor:
                                        progress=progress)
 
     def find_circuit(self, dataset: Rows, config: circuit_discovery.CircuitConfig | None = None, *, tokenizer: Any = None,
-                     channel_map=None, progress: bool = True, **settings: Any) -> circuit_discovery.Circuit:
+                     channel_map=None, measurements: dict | None = None, progress: bool = True,
+                     **settings: Any) -> circuit_discovery.Circuit:
         """The circuit that writes the task's answer, found backward from the answer through composition
         steps confirmed causally; see :func:`th_edit.analysis.circuit.find_circuit`. Pass train or dev
         prompts, never test."""
         return circuit_discovery.find_circuit(self, self._tokenizer(tokenizer), dataset, config,
-                                              channel_map=channel_map, progress=progress, **settings)
+                                              channel_map=channel_map, measurements=measurements,
+                                              progress=progress, **settings)
 
     def search_edit(self, dev: Rows, test: Rows, findings: discovery.ChannelFindings,
                     config: edit_search.EditSearchConfig | None = None, *, tokenizer: Any = None,

@@ -17,8 +17,10 @@ def walked():
     editor = ChannelEditor(model, tokenizer=tok)
     data = laundry_list(tok, lengths=[3, 5], n_per_length=24, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    memo = {}
     found = editor.find_circuit(data["train"], n_prompts=12, batch_size=4, z_min=1.0, t_min=1.0, max_candidates=3,
-                                min_gain=0.0, progress=False)
+                                min_gain=0.0, min_effect=0.0, measurements=memo, progress=False)
+    found.memo = memo
     return editor, tok, data, found, before
 
 
@@ -51,6 +53,26 @@ def test_walk_follows_its_rules(walked):
     assert all(steps[h] == 0 for h in seeds)
     assert all(h.role in ("mover", "inhibition", "duplicate_token", "induction", "previous_token", "other") for h in c.heads)
     assert set(c.meta["spearman"]) == {"q", "k", "v"} and c.meta["reason"]
+
+
+def test_min_effect_keeps_only_large_effects_and_reuses_the_measurements(walked, monkeypatch):
+    """A larger min_effect keeps a subset of the edges (each at least min_effect times the seeds' summed
+    |direct effect|); with the first walk's measurements passed in, nothing is measured again."""
+    import th_edit.analysis.circuit as circuit_module
+
+    editor, tok, data, c, _ = walked
+    effects = sorted(abs(e.effect) for e in c.kept_edges())
+    assert len(effects) >= 2, "the loose walk must keep several edges"
+    seeds_total = sum(abs(h.direct_effect) for h in c.heads if h.step == 0)
+    fraction = (effects[len(effects) // 2] / seeds_total) * 1.0001  # about half the kept effects fall below it
+    calls = []
+    monkeypatch.setattr(circuit_module, "_effect", lambda *a: calls.append(a) or (0.0, 0.0))
+    strict = editor.find_circuit(data["train"], n_prompts=12, batch_size=4, z_min=1.0, t_min=1.0, max_candidates=3,
+                                 min_gain=0.0, min_effect=fraction, measurements=c.memo, progress=False)
+    assert not calls
+    assert strict.kept_edges() and len(strict.kept_edges()) < len(c.kept_edges())
+    assert all(abs(e.effect) >= fraction * seeds_total for e in strict.kept_edges())
+    assert set(strict.head_list()) <= set(c.head_list())
 
 
 def test_model_left_bit_identical(walked):

@@ -13,8 +13,9 @@
    baseline are candidates (at most ``max_candidates`` per receiver and mode, strongest first). Each
    candidate is then confirmed causally: the component is removed (an exact rank-1 weight edit, undone at
    once) and the change of the answer's logit difference (target minus the mean of the other listed
-   items) is measured on every prompt. A candidate is kept when ``|mean| / standard error >= t_min``;
-   its head joins the circuit.
+   items) is measured on every prompt. A candidate is kept when ``|mean| / standard error >= t_min``
+   (it is reliably non-zero) and ``|mean| >= min_effect`` times the seed heads' summed ``|direct effect|``
+   (it is large enough to matter); its head joins the circuit.
 3. **Stop** when a step adds no head, when what it adds (the sum of its kept components' ``|effect|``) is
    below ``min_gain`` times what the circuit holds already, or after ``max_depth`` steps.
 
@@ -72,6 +73,9 @@ class CircuitConfig(Settings):
     z_min: float = field(default=3.0, metadata={"help": "candidates: composition z-score over the random baseline"})
     max_candidates: int = field(default=8, metadata={"help": "candidates measured per receiver head and mode"})
     t_min: float = field(default=2.5, metadata={"help": "kept: |mean effect| / standard error over prompts"})
+    min_effect: float = field(default=0.05, metadata={
+        "help": "kept: |mean effect| at least this fraction of the seed heads' summed |direct effect| "
+                "(0: significance alone)"})
     min_gain: float = field(default=0.05, metadata={
         "help": "stop when a step adds less than this fraction of the circuit's total effect"})
     max_depth: int = field(default=3, metadata={"help": "composition steps back from the seed heads"})
@@ -85,7 +89,7 @@ class CircuitConfig(Settings):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name}={value!r} must be a positive integer")
-        for name in ("direct_fraction", "z_min", "t_min", "min_gain"):
+        for name in ("direct_fraction", "z_min", "t_min", "min_gain", "min_effect"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 problems.append(f"{name}={value!r} must be a finite number >= 0")
@@ -307,12 +311,13 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def _walk(editor: HeadEditor, batches, cmap, seeds: dict[Head, float], base: torch.Tensor, cfg: CircuitConfig,
-          progress: bool) -> tuple[dict[Head, int], list[CircuitEdge], str]:
-    """The backward walk (steps 2-3 of the module docstring): ``(head -> step, edges, why it stopped)``."""
+          progress: bool, measured: dict[Component, tuple[float, float]]) -> tuple[dict[Head, int], list[CircuitEdge], str]:
+    """The backward walk (steps 2-3 of the module docstring): ``(head -> step, edges, why it stopped)``.
+    ``measured`` memoises the causal effects (read and filled)."""
     steps = {h: 0 for h in seeds}
     total = sum(abs(v) for v in seeds.values())
+    floor = cfg.min_effect * total
     edges: list[CircuitEdge] = []
-    measured: dict[Component, tuple[float, float]] = {}
     frontier, reason = sorted(seeds), f"reached max_depth={cfg.max_depth}"
     for depth in range(1, cfg.max_depth + 1):
         cands = _candidates(cmap, frontier, editor.n_heads, cfg)
@@ -321,7 +326,8 @@ def _walk(editor: HeadEditor, batches, cmap, seeds: dict[Head, float], base: tor
             break
         measured.update(_measure(editor, batches, sorted({c[0] for c in cands} - measured.keys()), base, progress))
         step_edges = [CircuitEdge(sender=comp, receiver=recv, mode=mode, weight_score=score, weight_z=z,
-                                  effect=measured[comp][0], t=measured[comp][1], kept=abs(measured[comp][1]) >= cfg.t_min)
+                                  effect=measured[comp][0], t=measured[comp][1],
+                                  kept=abs(measured[comp][1]) >= cfg.t_min and abs(measured[comp][0]) >= floor)
                       for comp, recv, mode, score, z in cands]
         kept_components = {e.sender for e in step_edges if e.kept}
         gain = sum(abs(measured[c][0]) for c in kept_components)
@@ -330,7 +336,8 @@ def _walk(editor: HeadEditor, batches, cmap, seeds: dict[Head, float], base: tor
             for e in step_edges:
                 e.kept = e.kept and bool(new_heads) and gain >= cfg.min_gain * total
             edges += step_edges
-            reason = (f"step {depth}: no new head passed t_min={cfg.t_min}" if not new_heads else
+            reason = (f"step {depth}: no new head passed t_min={cfg.t_min} and min_effect={cfg.min_effect}"
+                      if not new_heads else
                       f"step {depth}: it would add {gain:.3g}, under min_gain={cfg.min_gain} of {total:.3g}")
             break
         edges += step_edges
@@ -363,7 +370,8 @@ def _circuit_heads(editor: HeadEditor, steps: dict[Head, int], movers: pd.DataFr
 
 
 def find_circuit(editor: HeadEditor, tokenizer, dataset, config: CircuitConfig | None = None, *,
-                 channel_map=None, progress: bool = True, **overrides: Any) -> Circuit:
+                 channel_map=None, measurements: dict | None = None, progress: bool = True,
+                 **overrides: Any) -> Circuit:
     """Discover the circuit that writes the answer, walking back from it (see the module docstring).
 
     Args:
@@ -373,6 +381,9 @@ def find_circuit(editor: HeadEditor, tokenizer, dataset, config: CircuitConfig |
             :func:`th_edit.data.laundry_list`); the first ``n_prompts`` are used. Never pass test prompts.
         config: a :class:`CircuitConfig`; keyword ``overrides`` replace its fields.
         channel_map: a precomputed map holding ``config.modes`` (else one is computed).
+        measurements: a dict memoising the causal effects, ``{(layer, head, component): (mean, t)}``: pass
+            the same dict to several calls on the same model and prompts (e.g. trying thresholds on dev)
+            and each component is measured once.
 
     Returns:
         A :class:`Circuit`. It is empty, with ``meta["reason"]``, when no head writes the answer.
@@ -394,7 +405,8 @@ def find_circuit(editor: HeadEditor, tokenizer, dataset, config: CircuitConfig |
         return Circuit(heads=[], edges=[], meta=meta)
     cmap = channel_map if channel_map is not None else editor.channel_map(modes=cfg.modes, progress=progress, seed=cfg.seed)
     base = _all_margins(prompt_cache(editor, batches, 0), batches)
-    steps, edges, reason = _walk(editor, batches, cmap, seeds, base, cfg, progress)
+    memo = measurements if measurements is not None else {}
+    steps, edges, reason = _walk(editor, batches, cmap, seeds, base, cfg, progress, memo)
     heads = _circuit_heads(editor, steps, movers, edges, cfg.seed)
     meta.update(reason=reason, base_margin=float(base.mean()), seconds=time.perf_counter() - t0,
                 spearman={m: _spearman([e.weight_z for e in edges if e.mode == m],
