@@ -217,7 +217,9 @@ class Science:
         self.head_cfg = dict(steps=args.steps, refit_steps=args.refit_steps, progress=False, seed=0,
                              k_fractions=(1.0, 0.5), guard_weights=(args.guard_weight,), **json.loads(args.head_fit))
         self.dense_cfg = {**self.head_cfg, **json.loads(args.fit)}
+        self.by_budget = {int(k): v for k, v in json.loads(args.fit_by_budget).items()}
         self.results.setdefault("fit_options", {"fit": json.loads(args.fit), "head_fit": json.loads(args.head_fit),
+                                                "fit_by_budget": json.loads(args.fit_by_budget),
                                                 "train": args.train, "lora_steps": args.lora_steps})
         self.dense, self.dense_info, self.findings, self.heads_disc = None, None, None, None
 
@@ -346,7 +348,9 @@ class Science:
         name = f"b_budget_{budget}"
         if not self.want(name):
             return
-        _, info = self.fit(FitConfig(budget=budget, **self.dense_cfg), dense_from=self.dense)
+        cfg = FitConfig(budget=budget, **{**self.dense_cfg, **self.by_budget.get(budget, {})})
+        _, info = self.fit(cfg, dense_from=self.dense)
+        info["config"] = cfg.to_dict()
         self.record(name, info)
         if budget == 256:
             self.editor.export_plan().save(self.plan_dir)
@@ -590,6 +594,9 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--refit-steps", type=int, default=10)
     ap.add_argument("--fit", default="{}", help="JSON of FitConfig overrides for every fit of (a), (b) and (e), "
                                                 "e.g. the options fit_options.py chose on dev")
+    ap.add_argument("--fit-by-budget", default="{}", help="JSON {budget: FitConfig overrides} for single budgets of "
+                                                          "(b), on top of --fit (refit options only: the dense fit "
+                                                          "is shared), e.g. '{\"64\": {\"rounds\": 2}}'")
     ap.add_argument("--train", default="omitted", choices=("omitted", "varied"),
                     help="training prompts: the omitted template alone, or with fit_options.VARIED streams")
     ap.add_argument("--lora-steps", type=int, default=36, help="Adam steps of each LoRA trial")
@@ -608,12 +615,12 @@ def main() -> None:
     run.budget_fit(256)
     run.transfer_256()
     run.refresh_256_outcomes()
-    run.find_heads()
-    run.discovered_vs_random_32()
     run.dense_all_record()
     run.lora_r8()
     for budget in (64, 16, 1024):
         run.budget_fit(budget)
+    run.find_heads()  # the head-set comparisons of issue 25 come after the budget sweep of issue 26
+    run.discovered_vs_random_32()
     run.whole_head()
     run.heads_of_256()
     run.fit_heads_32()

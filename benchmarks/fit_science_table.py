@@ -5,6 +5,7 @@ prompt by prompt (paired difference with a 95% interval and an exact McNemar tes
     python benchmarks/fit_science_table.py RESULTS.json --compare c_discovered_32 c_random_32_seed0
     python benchmarks/fit_science_table.py RESULTS.json --compare g_heads_of_256/random_seed0 g_heads_of_256/discovered
     python benchmarks/fit_science_table.py RESULTS.json --mass   # where the budget-256 edit sits, by head and layer
+    python benchmarks/fit_science_table.py RESULTS.json --ratio b_budget_256 f_lora_r8  # share of LoRA's gain
 """
 
 import json
@@ -62,6 +63,29 @@ def compare(path: str, a: str, b: str, split: str = "test") -> None:
           f"{fmt_ci(g['gain_ci'])} | {m['p']:.2g} ({m['fixed']}/{m['broken']}) |")
 
 
+def gain_ratio(path: str, a: str, b: str, split: str = "test", n_boot: int = 2000, seed: int = 0) -> dict:
+    """``a``'s held-out gain as a share of ``b``'s (both over the unedited outcomes of the same prompts), with a
+    95% percentile-bootstrap interval over prompts (paired: one resample serves both)."""
+    import random
+
+    res = json.loads(open(path).read())
+    base = [c == "1" for c in res["baseline_outcomes"][split]]
+    oa, ob = ([c == "1" for c in res["conditions"][n][f"{split}_outcomes"]] for n in (a, b))
+    n = len(base)
+
+    def ratio(idx) -> float:
+        ga = sum(oa[i] - base[i] for i in idx)
+        gb = sum(ob[i] - base[i] for i in idx)
+        return ga / gb if gb else float("nan")
+
+    rng = random.Random(seed)
+    boots = sorted(r for r in (ratio([rng.randrange(n) for _ in range(n)]) for _ in range(n_boot)) if r == r)
+    out = {"ratio": ratio(range(n)), "ci": (boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]),
+           "n": n, "a": a, "b": b, "split": split}
+    print(f"| {a} / {b} | {split} | {n} | {out['ratio']:.1%} | [{out['ci'][0]:.1%}, {out['ci'][1]:.1%}] |")
+    return out
+
+
 def mass(path: str, top: int = 12) -> None:
     """Where the budget-256 plan (``RESULTS.plan256``) sits: sum of |log scale| per head and per layer, and
     the share in the discovered heads of the results' findings."""
@@ -82,6 +106,9 @@ def mass(path: str, top: int = 12) -> None:
 if __name__ == "__main__":
     if "--mass" in sys.argv:
         mass(sys.argv[1])
+    elif "--ratio" in sys.argv:
+        i = sys.argv.index("--ratio")
+        gain_ratio(sys.argv[1], sys.argv[i + 1], sys.argv[i + 2], *(sys.argv[i + 3:i + 4]))
     elif "--compare" in sys.argv:
         i = sys.argv.index("--compare")
         compare(sys.argv[1], sys.argv[i + 1], sys.argv[i + 2])

@@ -247,7 +247,10 @@ class ChannelEditor:
             findings = self.find_circuit(train, progress=cfg.progress)
         result = fit.fit_edit(self.layout, self.log, tokenizer, train, dev, cfg, test=test, folded=self.folded,
                               heads=self.resolve_heads(cfg.heads, findings=findings))
-        self._fits.append((result.edits, {"fit_config": cfg.to_dict(), "data": data_provenance(train, dev)}))
+        record = {"fit_config": cfg.to_dict(), "data": data_provenance(train, dev)}
+        if isinstance(findings, circuit_discovery.Circuit) and cfg.heads == "circuit":
+            record["circuit"] = findings.to_dict()  # the heads' evidence travels with the plan (JSON)
+        self._fits.append((result.edits, record))
         result.plan = self.export_plan()
         self.card = CardData(evidence=findings.evidence() if findings is not None else [], evaluation=result.evaluation)
         return result

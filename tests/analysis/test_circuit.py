@@ -134,7 +134,7 @@ def test_circuit_drawn_as_png_and_svg(walked, tmp_path, suffix):
     assert data.startswith(b"\x89PNG") if suffix == "png" else b"<svg" in data[:2000]
 
 
-def test_fit_on_the_circuit_fits_exactly_its_heads(walked):
+def test_fit_on_the_circuit_fits_exactly_its_heads(walked, tmp_path):
     editor, tok, data, c, _ = walked
     result = editor.fit_edit(data["train"], data["dev"], heads="circuit", findings=c, budget=4, steps=2, refit_steps=1,
                              k_fractions=(1.0,), batch_size=4, progress=False)
@@ -142,6 +142,11 @@ def test_fit_on_the_circuit_fits_exactly_its_heads(walked):
         assert result.heads == c.head_list()
         assert {(e.layer, e.head) for e in editor.edits} <= set(c.head_list())
         assert editor.export_plan().provenance["fit_config"]["heads"] == "circuit"
+        editor.save_plan(tmp_path / "plan")  # the circuit travels with the plan, as JSON
+        from th_edit import EditPlan
+
+        saved = Circuit.from_dict(EditPlan.load(tmp_path / "plan").provenance["circuit"])
+        assert saved.head_list() == c.head_list() and len(saved.edges) == len(c.edges)
     finally:
         editor.reset()
 
