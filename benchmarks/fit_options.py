@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -67,7 +68,31 @@ def training_data(tok, recipe: str, weak, per: int):
     return train, dev
 
 
+def table(path: str, reference: str = "base") -> None:
+    """Markdown table of a results file: per variant and budget the selection accuracy with its Wilson interval,
+    and the paired difference to ``reference`` at the same budget (95% interval, exact McNemar p)."""
+    from fit_science import paired
+
+    res = json.loads(Path(path).read_text())
+    print(f"selection split: {res['select_n']} prompts, unedited accuracy {res['select_before']:.3f}\n")
+    print(f"| variant | budget | components | selection accuracy [95% CI] | vs {reference} [95% CI] | McNemar p | "
+          "guard change | fit s |")
+    print("| :--- | ---: | ---: | :--- | :--- | ---: | ---: | ---: |")
+    rows = res["variants"]
+    for key, v in sorted(rows.items(), key=lambda kv: (kv[1]["budget"], kv[0])):
+        ref = rows.get(f"{reference}@{v['budget']}")
+        diff, p = "", ""
+        if ref is not None and key != f"{reference}@{v['budget']}":
+            g = paired([c == "1" for c in ref["select_outcomes"]], [c == "1" for c in v["select_outcomes"]])
+            diff, p = f"{g['gain']:+.3f} [{g['gain_ci'][0]:+.3f}, {g['gain_ci'][1]:+.3f}]", f"{g['mcnemar']['p']:.2g}"
+        lo, hi = v["select_ci"]
+        print(f"| {key.split('@')[0]} | {v['budget']} | {v['n_components']} | {v['select_after']:.3f} "
+              f"[{lo:.3f}, {hi:.3f}] | {diff} | {p} | {100 * v['guard_change']:+.2f}% | {v['seconds']:.0f} |")
+
+
 def main() -> None:
+    if "--table" in sys.argv:
+        return table(sys.argv[sys.argv.index("--table") + 1])
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--out", default=None)

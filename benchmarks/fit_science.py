@@ -39,6 +39,11 @@ SETTINGS = {
 }
 
 
+#: FitConfig fields that change the dense fit (a budget overriding one cannot reuse the shared dense fit)
+DENSE_FIELDS = {"heads", "circuits", "steps", "lr", "lr_schedule", "batch_size", "guard_tokens", "guard_texts_per_step",
+                "guard_weights", "l1_weights", "max_log_scale", "folded", "seed"}
+
+
 def prompt_set_hash(rows) -> str:
     """SHA-256 of the ordered (prompt, target) pairs: per-prompt outcomes are only comparable on equal sets."""
     h = hashlib.sha256()
@@ -348,8 +353,10 @@ class Science:
         name = f"b_budget_{budget}"
         if not self.want(name):
             return
-        cfg = FitConfig(budget=budget, **{**self.dense_cfg, **self.by_budget.get(budget, {})})
-        _, info = self.fit(cfg, dense_from=self.dense)
+        own = self.by_budget.get(budget, {})
+        cfg = FitConfig(budget=budget, **{**self.dense_cfg, **own})
+        # a budget whose own options change the dense phase (e.g. its schedule) gets its own dense fit
+        _, info = self.fit(cfg, dense_from=None if DENSE_FIELDS & set(own) else self.dense)
         info["config"] = cfg.to_dict()
         self.record(name, info)
         if budget == 256:
@@ -595,8 +602,8 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--fit", default="{}", help="JSON of FitConfig overrides for every fit of (a), (b) and (e), "
                                                 "e.g. the options fit_options.py chose on dev")
     ap.add_argument("--fit-by-budget", default="{}", help="JSON {budget: FitConfig overrides} for single budgets of "
-                                                          "(b), on top of --fit (refit options only: the dense fit "
-                                                          "is shared), e.g. '{\"64\": {\"rounds\": 2}}'")
+                                                          "(b), on top of --fit; such a budget gets its own dense "
+                                                          "fit, e.g. '{\"64\": {\"rounds\": 2}}'")
     ap.add_argument("--train", default="omitted", choices=("omitted", "varied"),
                     help="training prompts: the omitted template alone, or with fit_options.VARIED streams")
     ap.add_argument("--lora-steps", type=int, default=36, help="Adam steps of each LoRA trial")
