@@ -38,7 +38,7 @@ class DemoResult:
 
 
 #: the demo's fit: one dev candidate (k = budget) and short fits, so the whole demo stays within minutes
-_MAIN_FIT = dict(k_fractions=(1.0,), steps=10, refit_steps=6, guard_weights=(2.0,), attribution_prompts=32)
+_MAIN_FIT = dict(k_fractions=(1.0,), steps=12, refit_steps=30, guard_weights=(2.0,), attribution_prompts=32)
 
 
 class _Laps:
