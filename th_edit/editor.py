@@ -232,8 +232,8 @@ class ChannelEditor:
         """Learn one scale per singular component of the chosen heads' circuits on ``train``, keep at most
         ``budget`` components, choose on ``dev`` and apply the result as ordinary edits (``test``, when given,
         is evaluated once for the report). ``heads`` (default ``"all"``): ``"all"``, ``"upper"``, ``"discovered"``
-        (the heads of :meth:`find_channels` on ``train``, or of ``findings``), ``"circuit"`` (the heads of
-        :meth:`find_circuit` on ``train``, or of ``findings``) or ``(layer, head)`` pairs. See
+        or ``"circuit"`` (the heads of :meth:`find_circuit` on ``train``, or of ``findings``), ``"roles"`` (the
+        heads of :meth:`find_channels`: the paper's three roles) or ``(layer, head)`` pairs. See
         :func:`th_edit.edits.fit.fit_edit`; ``settings`` override :class:`~th_edit.edits.fit.FitConfig` fields.
 
         >>> result = editor.fit_edit(data["train"], data["dev"], heads="discovered", budget=256)  # doctest: +SKIP
@@ -241,14 +241,14 @@ class ChannelEditor:
         tokenizer = self._tokenizer(tokenizer)
         given = {"heads": heads, "circuits": None if circuits is None else tuple(circuits), "budget": budget}
         cfg = (config or fit.FitConfig()).with_overrides(**{k: v for k, v in given.items() if v is not None}, **settings)
-        if cfg.heads == "discovered" and findings is None:
+        if cfg.heads == "roles" and findings is None:
             findings = self.find_channels(train, progress=cfg.progress)
-        elif cfg.heads == "circuit" and findings is None:
+        elif cfg.heads in ("circuit", "discovered") and findings is None:
             findings = self.find_circuit(train, progress=cfg.progress)
         result = fit.fit_edit(self.layout, self.log, tokenizer, train, dev, cfg, test=test, folded=self.folded,
                               heads=self.resolve_heads(cfg.heads, findings=findings))
         record = {"fit_config": cfg.to_dict(), "data": data_provenance(train, dev)}
-        if isinstance(findings, circuit_discovery.Circuit) and cfg.heads == "circuit":
+        if isinstance(findings, circuit_discovery.Circuit) and cfg.heads in ("circuit", "discovered"):
             record["circuit"] = findings.to_dict()  # the heads' evidence travels with the plan (JSON)
         self._fits.append((result.edits, record))
         result.plan = self.export_plan()
@@ -257,8 +257,8 @@ class ChannelEditor:
 
     def resolve_heads(self, heads: Any = "all", *,
                       findings: discovery.ChannelFindings | circuit_discovery.Circuit | None = None) -> list[tuple[int, int]]:
-        """The ``(layer, head)`` pairs a head spec names (``"all"``, ``"upper"``, ``"discovered"`` or
-        ``"circuit"`` with ``findings``, or pairs); see :func:`th_edit.edits.fit.resolve_heads`."""
+        """The ``(layer, head)`` pairs a head spec names (``"all"``, ``"upper"``, ``"discovered"``, ``"circuit"``
+        or ``"roles"`` with ``findings``, or pairs); see :func:`th_edit.edits.fit.resolve_heads`."""
         return fit.resolve_heads(self.layout, heads, findings)
 
     def _tokenizer(self, tokenizer: Any) -> Any:

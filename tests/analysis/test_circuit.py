@@ -156,3 +156,33 @@ def test_an_empty_circuit_is_refused_with_its_reason(walked):
     empty = Circuit(heads=[], edges=[], meta={"reason": "no head has a non-zero direct effect"})
     with pytest.raises(InvalidArgumentError, match="non-zero direct effect"):
         editor.fit_edit(data["train"], data["dev"], heads="circuit", findings=empty, budget=4, progress=False)
+
+
+def test_discovered_means_the_circuit_and_roles_the_three_role_reading(walked, monkeypatch):
+    """heads='discovered' fits the circuit's heads (find_circuit on train when no findings are given);
+    heads='roles' keeps the paper's three-role heads of find_channels reachable."""
+    from th_edit.analysis.discovery import ChannelFindings
+
+    editor, tok, data, c, _ = walked
+    assert editor.resolve_heads("discovered", findings=c) == c.head_list() == editor.resolve_heads("circuit", findings=c)
+    with pytest.raises(InvalidArgumentError, match="roles"):
+        editor.resolve_heads("roles", findings=c)  # a circuit is not the three-role findings
+    calls = []
+    monkeypatch.setattr(type(editor), "find_circuit", lambda self, train, **kw: calls.append("circuit") or c)
+    roles = ChannelFindings.__new__(ChannelFindings)
+    roles.inhibition_heads = [(1, 0)]
+    monkeypatch.setattr(ChannelFindings, "heads", lambda self: [(1, 0)])
+    monkeypatch.setattr(ChannelFindings, "evidence", lambda self, *a, **k: [])
+    monkeypatch.setattr(type(editor), "find_channels", lambda self, train, **kw: calls.append("roles") or roles)
+    fast = dict(budget=4, steps=2, refit_steps=1, batch_size=4, progress=False)
+    result = editor.fit_edit(data["train"], data["dev"], heads="discovered", **fast)
+    try:
+        assert calls == ["circuit"] and result.heads == c.head_list()
+        assert editor.export_plan().provenance["circuit"]["heads"]
+    finally:
+        editor.reset()
+    try:
+        assert editor.fit_edit(data["train"], data["dev"], heads="roles", **fast).heads == [(1, 0)]
+        assert calls == ["circuit", "roles"]
+    finally:
+        editor.reset()

@@ -11,7 +11,7 @@
        previous-token heads, ranked by V- and K-composition into the top inhibition heads; causal
        evidence is their inhibition score on the mover heads (the downstream effect).
 
-The channels' heads (:meth:`ChannelFindings.heads`) are what ``fit_edit(heads="discovered")`` fits; the
+The channels' heads (:meth:`ChannelFindings.heads`) are what ``fit_edit(heads="roles")`` fits; the
 grid search over single components lives in :mod:`th_edit.analysis.edit_search`.
 """
 

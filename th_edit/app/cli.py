@@ -182,7 +182,7 @@ def _head_spec(text: str):
     try:
         return [tuple(int(x) for x in part.split(".")) for part in text.split(",") if part]
     except ValueError as exc:
-        raise InvalidArgumentError(f"--heads {text!r}: use all, upper, discovered, circuit or L.H,L.H,... (e.g. 20.0,20.1)") from exc
+        raise InvalidArgumentError(f"--heads {text!r}: use all, upper, discovered (= circuit), roles or L.H,L.H,... (e.g. 20.0,20.1)") from exc
 
 
 def _auto_edit(editor, args, out: _Out) -> dict[str, Any]:

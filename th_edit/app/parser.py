@@ -122,8 +122,9 @@ def _add_edit(sub, common) -> None:
     p.add_argument("--search", choices=["fit", "grid"], default="fit",
                    help="--auto: learn per-component scales (fit, default) or the greedy single-component grid")
     p.add_argument("--heads", default="all",
-                   help="--auto --search fit: 'all' (default, as fit_edit), 'upper' (layers >= L/2), 'discovered' "
-                        "(movers, inhibition and duplicate heads of find_channels), 'circuit' (find_circuit's heads) or L.H,L.H,...")
+                   help="--auto --search fit: 'all' (default, as fit_edit), 'upper' (layers >= L/2), 'discovered' or "
+                        "'circuit' (find_circuit's heads, traced back from the answer), 'roles' (movers, inhibition "
+                        "and duplicate heads of find_channels: the paper's three roles) or L.H,L.H,...")
     p.add_argument("--budget", type=int, default=256, help="--auto --search fit: most components changed")
     p.add_argument("--adapter", action="store_true", help="also write a PEFT LoRA adapter to OUT/adapter")
     p.add_argument("--adapter-layout", choices=["compact", "uniform"], default="compact",

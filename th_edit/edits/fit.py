@@ -66,37 +66,38 @@ logger = logging.getLogger(__name__)
 
 
 # ----- heads --------------------------------------------------------------------------------------
-_HEAD_SPEC = "use 'all', 'upper', 'discovered', 'circuit' or a list of (layer, head) pairs"
+_HEAD_SPEC = "use 'all', 'upper', 'discovered' (= 'circuit'), 'roles' or a list of (layer, head) pairs"
 
 
 def resolve_heads(layout: AttentionLayout, spec: Any, findings: Any = None) -> list[tuple[int, int]]:
     """The sorted ``(layer, head)`` list of a head spec: ``"all"``, ``"upper"`` (every head of layers
-    ``>= n_layers // 2``: cheaper to fit, the layer cache skips the lower half), ``"discovered"`` (the heads
-    of ``findings``, a :class:`~th_edit.analysis.discovery.ChannelFindings`), ``"circuit"`` (the heads of
-    ``findings``, a :class:`~th_edit.analysis.circuit.Circuit`) or explicit pairs. Pure: reads only the
-    layout's geometry."""
+    ``>= n_layers // 2``: cheaper to fit, the layer cache skips the lower half), ``"discovered"`` or
+    ``"circuit"`` (the heads of ``findings``, a :class:`~th_edit.analysis.circuit.Circuit`; for
+    ``"discovered"`` a :class:`~th_edit.analysis.discovery.ChannelFindings` is accepted too), ``"roles"`` (the
+    heads of ``findings``, a :class:`~th_edit.analysis.discovery.ChannelFindings`: the paper's three-role
+    reading) or explicit pairs. Pure: reads only the layout's geometry."""
     if isinstance(spec, str):
         if spec in ("all", "upper"):
             first = layout.n_layers // 2 if spec == "upper" else 0
             return [(l, h) for l in range(first, layout.n_layers) for h in range(layout.n_heads)]
-        if spec == "discovered":
-            if findings is None:
+        if spec == "roles" or (spec == "discovered" and findings is not None and not hasattr(findings, "head_list")):
+            if findings is None or not hasattr(findings, "inhibition_heads"):
                 raise InvalidArgumentError(
-                    "heads='discovered' needs the channel findings: pass findings=editor.find_channels(train), "
+                    f"heads={spec!r} needs the channel findings: pass findings=editor.find_channels(train), "
                     "or call ChannelEditor.fit_edit, which finds them on the train split."
                 )
             return findings.heads()
-        if spec == "circuit":
+        if spec in ("circuit", "discovered"):
             if findings is None or not hasattr(findings, "head_list"):
                 raise InvalidArgumentError(
-                    "heads='circuit' needs a circuit: pass findings=editor.find_circuit(train), or call "
+                    f"heads={spec!r} needs a circuit: pass findings=editor.find_circuit(train), or call "
                     "ChannelEditor.fit_edit, which finds it on the train split."
                 )
             heads = findings.head_list()
             if not heads:
                 raise InvalidArgumentError(
                     f"the circuit is empty ({findings.meta.get('reason', 'no head found')}), so there is nothing to "
-                    "fit: loosen CircuitConfig (direct_fraction, z_min, t_min) or name the heads yourself."
+                    "fit: loosen CircuitConfig (direct_fraction, z_min, t_min, min_effect) or name the heads yourself."
                 )
             return heads
         raise InvalidArgumentError(f"heads={spec!r} is not a head spec: {_HEAD_SPEC}.")

@@ -26,7 +26,7 @@ def _help(default: Any, text: str) -> Any:
 
 
 #: the named head specs ``FitConfig.heads`` (and ``th-edit edit --heads``) accept besides (layer, head) pairs
-HEAD_SPECS = ("all", "upper", "discovered", "circuit")
+HEAD_SPECS = ("all", "upper", "discovered", "circuit", "roles")
 
 
 @dataclass
@@ -43,9 +43,10 @@ class FitConfig(Settings):
     th_edit.errors.InvalidArgumentError: budget=0 must be an integer >= 1 (components to keep).
     """
 
-    heads: Any = _help("all", "'all', 'upper' (every head of layers >= n_layers // 2), 'discovered' (mover, "
-                              "inhibition and duplicate heads of find_channels), 'circuit' (the heads of find_circuit) or a list of "
-                              "(layer, head) pairs")
+    heads: Any = _help("all", "'all', 'upper' (every head of layers >= n_layers // 2), 'discovered' or 'circuit' "
+                              "(the heads of find_circuit, traced back from the answer), 'roles' (the paper's "
+                              "three-role reading: mover, inhibition and duplicate heads of find_channels) or a list "
+                              "of (layer, head) pairs")
     circuits: tuple[str, ...] = _help(("ov",), "circuits whose components get a scale: ('ov',), ('qk',) or both")
     budget: int = _help(256, "most components the final edit may change")
     k_fractions: tuple[float, ...] = _help((1.0,), "numbers of kept components tried on dev, as fractions of "
@@ -152,13 +153,13 @@ class FitConfig(Settings):
         if isinstance(self.heads, str):
             if self.heads not in HEAD_SPECS:
                 raise InvalidArgumentError(f"heads={self.heads!r} is not a head spec: use 'all', 'upper', "
-                                           "'discovered', 'circuit' or a list of (layer, head) pairs.")
+                                           "'discovered', 'circuit', 'roles' or a list of (layer, head) pairs.")
             return
         if not isinstance(self.heads, (list, tuple)) or not all(
                 isinstance(h, tuple) and len(h) == 2 and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in h)
                 for h in self.heads):
             raise InvalidArgumentError(f"heads={self.heads!r} is not a head spec: use 'all', 'upper', "
-                                       "'discovered', 'circuit' or a list of (layer, head) pairs.")
+                                       "'discovered', 'circuit', 'roles' or a list of (layer, head) pairs.")
 
 
 def _check_int(name: str, value: Any, least: int | None) -> None:
