@@ -51,8 +51,22 @@ def test_analyze_writes_tables_and_plots(capsys, model_dir, tmp_path):
         assert (tmp_path / "a" / name).stat().st_size > 0, name
 
 
-def test_find_reports_channels_as_json(capsys, model_dir, tmp_path):
+def test_find_traces_the_circuit_and_draws_it(capsys, model_dir, tmp_path):
     code, out, _ = run(capsys, "find", str(model_dir), "--lengths", "3", "5", "--n", "16", "--n-prompts", "4",
+                       "--json", "--out", str(tmp_path / "c"))
+    assert code == 0
+    payload = json.loads(out)
+    from th_edit.analysis.circuit import Circuit
+
+    saved = Circuit.load(tmp_path / "c" / "circuit.json")
+    assert [list(h) for h in saved.head_list()] == [list(h) for h in payload["heads"]]
+    assert saved.meta["reason"] or saved.heads
+    for suffix in ("png", "svg"):
+        assert (tmp_path / "c" / f"circuit.{suffix}").stat().st_size > 0
+
+
+def test_find_roles_reports_channels_as_json(capsys, model_dir, tmp_path):
+    code, out, _ = run(capsys, "find", str(model_dir), "--roles", "--lengths", "3", "5", "--n", "16", "--n-prompts", "4",
                        "--json", "--out", str(tmp_path / "f"))
     assert code == 0
     payload = json.loads(out)

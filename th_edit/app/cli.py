@@ -138,6 +138,8 @@ def cmd_find(args, out: _Out) -> dict[str, Any]:
     model, tokenizer = _load(args)
     editor = ChannelEditor(model, tokenizer=tokenizer)
     data = _data(args, tokenizer)
+    if not args.roles:
+        return _find_circuit(editor, data["train"], args, out) | {"runtime": _runtime(model)}
     f = editor.find_channels(data["train"], n_prompts=args.n_prompts, seed=args.seed, progress=not args.quiet)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -151,6 +153,23 @@ def cmd_find(args, out: _Out) -> dict[str, Any]:
     return {"movers": f.meta["movers"], "inhibition_heads": f.inhibition_heads, "rank_correlation": f.rank_correlation,
             "inhibition": f.top("inhibition", 10).to_dict("records"), "duplicate": f.top("duplicate", 10).to_dict("records"),
             "runtime": _runtime(model)}
+
+
+def _find_circuit(editor, train, args, out: _Out) -> dict[str, Any]:
+    """``find`` (default): :meth:`ChannelEditor.find_circuit` on the train split; JSON and PNG/SVG into ``--out``."""
+    circuit = editor.find_circuit(train, n_prompts=args.n_prompts, seed=args.seed, progress=not args.quiet)
+    if args.out:
+        from .circuit_plot import plot_circuit
+
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        circuit.save(folder / "circuit.json")
+        for suffix in ("png", "svg"):
+            plot_circuit(circuit, folder / f"circuit.{suffix}", n_heads=editor.n_heads)
+    heads = [f"{h.layer}.{h.head} ({h.role}, step {h.step})" for h in circuit.heads]
+    out.say(f"circuit: {len(heads)} head(s): {', '.join(heads) or 'none'}; {circuit.meta.get('reason', '')}")
+    out.say(f"weight vs causal rank correlation per mode: {circuit.meta.get('spearman')}")
+    return {"circuit": circuit.to_dict(), "heads": circuit.head_list()}
 
 
 def cmd_edit(args, out: _Out) -> dict[str, Any]:

@@ -103,11 +103,15 @@ def _add_analyze(sub, common) -> None:
 
 
 def _add_find(sub, common) -> None:
-    p = sub.add_parser("find", parents=[common], help="ranked inhibition and duplicate-detection channels with evidence")
+    p = sub.add_parser("find", parents=[common], help="the circuit that writes the answer, traced back from it "
+                                                        "(--roles: the paper's inhibition and duplicate channels)")
     _model_args(p)
     _data_args(p)
     p.add_argument("--n-prompts", type=int, default=32, help="prompts for the data-based scores (default 32)")
-    p.add_argument("--out", help="write channels.csv here")
+    p.add_argument("--roles", action="store_true",
+                   help="ranked inhibition and duplicate-detection channels of the three-role reading (find_channels) "
+                        "instead of the circuit")
+    p.add_argument("--out", help="write circuit.json, circuit.png and circuit.svg (with --roles: channels.csv) here")
 
 
 def _add_edit(sub, common) -> None:
