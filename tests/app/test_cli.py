@@ -163,6 +163,14 @@ def test_demo_runs_end_to_end_and_is_deterministic(capsys, model_dir, tmp_path):
     for fig in ("accuracy_by_length.png", "accuracy_by_position.png", "heatmap_top_mover.png", "learned_scales.png"):
         assert (tmp_path / "d1" / fig).is_file()
     assert (tmp_path / "d1" / "edit_plan" / "edit_plan.json").is_file()
+    # the circuit traced back from the answer: saved, drawn, in the report, and what "discovered" now names
+    from th_edit.analysis.circuit import Circuit
+
+    circuit = Circuit.load(tmp_path / "d1" / "circuit.json")
+    assert [list(h) for h in circuit.head_list()] == [list(h) for h in summaries[0]["discovered_heads"]]
+    assert summaries[0]["circuit"]["heads"] == summaries[0]["discovered_heads"] and "roles_heads" in summaries[0]
+    assert "## The circuit" in report and (tmp_path / "d1" / "circuit.png").is_file()
+    assert (tmp_path / "d1" / "circuit.svg").is_file()
 
 
 def test_templates_and_item_pools_are_selectable(capsys, tmp_path):

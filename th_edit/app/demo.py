@@ -1,5 +1,5 @@
 """The demo pipeline: load a real model, map its channels, find the inhibition channels, fit an edit,
-check which heads carry it (discovered against random heads), and write a Markdown report with figures.
+check which heads carry it (the circuit traced back from the answer against random heads), and write a Markdown report with figures.
 
 Every choice is made on the train and dev splits; the test split is evaluated only for the report.
 """
@@ -21,6 +21,7 @@ from ..edits.fit import FitResult
 from ..sharing.models import load_model
 from ..tasks.data import Rows, laundry_list
 from ..utils.devices import runtime_record
+from .circuit_plot import plot_circuit
 from .demo_controls import heads_carrying_edit, refit_on_heads
 from .plots import plot_learned_scales
 from .report import write_report
@@ -38,6 +39,8 @@ class DemoResult:
 
 
 #: the demo's fit: one dev candidate (k = budget) and short fits, so the whole demo stays within minutes
+#: the demo's circuit: two composition steps, the 4 strongest candidates per receiver and mode (seconds, not minutes)
+_DEMO_CIRCUIT = dict(max_depth=2, max_candidates=4)
 _MAIN_FIT = dict(k_fractions=(1.0,), steps=12, refit_steps=30, guard_weights=(2.0,), attribution_prompts=32)
 
 
@@ -76,7 +79,7 @@ def run_demo(
 
     ``n_per_length`` examples per list length are split 50/25/25 into train (discovery and fitting, at
     ``search_lengths``), dev (choices) and test (the report only). ``compare_heads`` adds the fits of the
-    discovered heads and of as many random heads (``control_budget`` components each; several minutes more).
+    circuit's heads and of as many random heads (``control_budget`` components each; several minutes more).
     ``device`` and ``dtype`` go to :func:`th_edit.models.load_model` (None: CPU, float32); what was used is
     recorded in ``summary.json`` and the report (``runtime``).
     """
@@ -89,19 +92,22 @@ def run_demo(
     weak = set(search_lengths)
     train, dev, test_weak = (data[s].filter(lambda r: r["list_length"] in weak) for s in ("train", "dev", "test"))
     lap("data")
-    cmap, findings = _discover(editor, data["train"], out, n_prompts=n_prompts, seed=seed, progress=progress,
+    cmap, findings, circuit = _discover(editor, data["train"], out, n_prompts=n_prompts, seed=seed, progress=progress,
                                lap=lap, say=say)
     comparison = {}
     if compare_heads:
-        say(f"discovered heads {findings.heads()} vs as many random heads, {control_budget} components each ...")
-        comparison = refit_on_heads(editor, train, dev, test_weak, findings.heads(), budget=control_budget,
+        say(f"circuit heads {circuit.head_list()} vs as many random heads, {control_budget} components each ...")
+        comparison = refit_on_heads(editor, train, dev, test_weak, circuit.head_list(), budget=control_budget,
                                     seed=seed, progress=progress)
         lap("discovered_vs_random")
-    fit, carried = _fit_and_controls(editor, train, dev, data["test"], findings, heads=heads, budget=budget,
+    fit, carried = _fit_and_controls(editor, train, dev, data["test"], (findings, circuit), heads=heads, budget=budget,
                                      seed=seed, progress=progress, lap=lap, say=say)
     before, after = fit.test_results["before"], fit.test_results["after"]
     _write_outputs(editor, fit, out, save_model)
     summary = _summary(model, seed, fit, before, after, findings, comparison, lap.timings)
+    summary.update(discovered_heads=circuit.head_list(), roles_heads=findings.heads(),
+                   circuit={"heads": circuit.head_list(), "roles": {f"{h.layer}.{h.head}": h.role for h in circuit.heads},
+                            "kept_edges": len(circuit.kept_edges()), "reason": circuit.meta.get("reason")})
     summary["runtime"] = runtime
     summary["edit_carried_by"] = carried
     what = (f"A fitted edit rescaled {fit.n_components} singular components in {summary['changed_heads']} "
@@ -109,7 +115,7 @@ def run_demo(
             f"{len(train)} train prompts and chosen on {len(dev)} dev prompts at list lengths {list(search_lengths)}")
     report = write_report(out, title=f"th_edit demo: {model}", before=before, after=after, channel_map=cmap,
                           findings=findings, guard=(fit.guard_before, fit.guard_after), summary=what,
-                          extra=_fit_section(fit, comparison, control_budget)
+                          extra=_circuit_section(circuit) + _fit_section(fit, comparison, control_budget)
                           + _carried_section(carried, before.accuracy_by_length(), after.accuracy_by_length(),
                                              fit, search_lengths),
                           meta={"model": model, "seed": seed, "lengths": list(lengths), "examples per length": n_per_length,
@@ -133,8 +139,9 @@ def _load(model: str, cache_dir: str | None, lengths: Sequence[int], n_per_lengt
 
 
 def _discover(editor: ChannelEditor, train: Rows, out: Path, *, n_prompts: int, seed: int, progress: bool,
-              lap: _Laps, say: Callable[[str], None]) -> tuple[Any, Any]:
-    """The channel map and the channel findings on ``train`` (both also written as CSV)."""
+              lap: _Laps, say: Callable[[str], None]) -> tuple[Any, Any, Any]:
+    """The channel map and the channel findings on ``train`` (both also written as CSV), and the circuit
+    traced back from the answer (``circuit.json``, ``circuit.png``, ``circuit.svg``)."""
     say("channel map (Q, K, V composition of every head component) ...")
     cmap = editor.channel_map(modes=("q", "k", "v"), progress=progress, seed=seed, baseline_samples=32)
     cmap.to_csv(str(out / "channel_map_top_pairs.csv"))
@@ -143,22 +150,31 @@ def _discover(editor: ChannelEditor, train: Rows, out: Path, *, n_prompts: int, 
     findings = editor.find_channels(train, n_prompts=n_prompts, seed=seed, channel_map=cmap, progress=progress)
     findings.channels.to_csv(out / "channels.csv", index=False)
     lap("find_channels")
-    return cmap, findings
+    say("tracing the circuit back from the answer ...")
+    circuit = editor.find_circuit(train, channel_map=cmap, seed=seed, progress=progress, **_DEMO_CIRCUIT,
+                                  n_prompts=n_prompts)
+    circuit.save(out / "circuit.json")
+    for suffix in ("png", "svg"):
+        plot_circuit(circuit, out / f"circuit.{suffix}", n_heads=editor.n_heads)
+    lap("find_circuit")
+    return cmap, findings, circuit
 
 
-def _fit_and_controls(editor: ChannelEditor, train: Rows, dev: Rows, test: Rows, findings: Any, *, heads: Any,
-                      budget: int, seed: int, progress: bool, lap: _Laps,
+def _fit_and_controls(editor: ChannelEditor, train: Rows, dev: Rows, test: Rows, found: tuple[Any, Any], *,
+                      heads: Any, budget: int, seed: int, progress: bool, lap: _Laps,
                       say: Callable[[str], None]) -> tuple[FitResult, dict[str, Any]]:
     """The fitted edit (applied; the test split evaluated before and after by the fit, which records the card's
-    evaluation) and which heads carry it."""
+    evaluation) and which heads carry it: the circuit's heads against random ones. ``found``: the three-role
+    findings and the circuit (``heads="roles"`` fits the first, ``"discovered"``/``"circuit"`` the second)."""
+    findings, circuit = found
     say(f"fitting the edit: heads={heads}, budget {budget}, chosen on dev ...")
-    fit = editor.fit_edit(train, dev, heads=heads, budget=budget, findings=findings, test=test, seed=seed,
-                          progress=progress, **_MAIN_FIT)
+    fit = editor.fit_edit(train, dev, heads=heads, budget=budget, findings=findings if heads == "roles" else circuit,
+                          test=test, seed=seed, progress=progress, **_MAIN_FIT)
     lap("fit_and_test")
-    say("the fitted edit restricted to the discovered heads vs to as many random fitted heads ...")
+    say("the fitted edit restricted to the circuit's heads vs to as many random fitted heads ...")
     # the restrictions change layers >= the first fitted one only: the test split's lower layers run once
     with reuse_lower_layers(editor.model, editor.layout, min(l for l, _ in fit.heads)):
-        carried = heads_carrying_edit(editor, fit, findings.heads(), test, seed=seed, progress=progress)
+        carried = heads_carrying_edit(editor, fit, circuit.head_list(), test, seed=seed, progress=progress)
     lap("heads_carrying_edit")
     return fit, carried
 
@@ -179,7 +195,7 @@ def _summary(model, seed, fit, before, after, findings, comparison, timings) -> 
         "test_before": before.accuracy_by_length(), "test_after": after.accuracy_by_length(),
         "dev_before": fit.dev_before, "dev_after": fit.dev_after, "guard_before": fit.guard_before,
         "guard_after": fit.guard_after, "guard_change": fit.guard_change, "movers": findings.meta["movers"],
-        "inhibition_heads": findings.inhibition_heads, "discovered_heads": findings.heads(),
+        "inhibition_heads": findings.inhibition_heads,
         "discovered_vs_random": comparison, "top_components": fit.components.head(10).to_dict("records"),
         "fit_config": fit.config.to_dict(), "timings": timings, **_versions(),
     }
@@ -194,14 +210,14 @@ def _carried_section(carried, before: dict, after: dict, fit, lengths) -> list[s
     """Markdown lines: the fitted edit restricted to the discovered heads vs to as many random heads, and the
     heads that hold most of it."""
     if not carried:
-        return ["(No discovered head was among the fitted heads: no restriction comparison.)", ""]
+        return ["(No head of the circuit was among the fitted heads: no restriction comparison.)", ""]
     n_components = fit.n_components
     mass = fit.head_mass()
     top = fit.top_heads(len(carried["discovered"]["heads"]))
     share = lambda heads: float(sum(mass.get(tuple(h), 0.0) for h in heads) / mass.sum())  # noqa: E731
     fmt = lambda d: ", ".join(f"{k}: {v:.2f}" for k, v in d.items())  # noqa: E731
     lines = ["## Which heads carry the fitted edit", "",
-             "The fitted edit applied only in the discovered heads, only in as many randomly drawn fitted heads, and "
+             "The fitted edit applied only in the discovered heads (the circuit's), only in as many randomly drawn fitted heads, and "
              "only in as many of its components as the discovered heads hold, drawn at random outside them (one "
              "seeded draw each; nothing refitted; test split). Mean accuracy at the fit lengths "
              f"{list(lengths)}.", "",
@@ -217,6 +233,20 @@ def _carried_section(carried, before: dict, after: dict, fit, lengths) -> list[s
     return lines + ["", f"The discovered heads hold {share(carried['discovered']['heads']):.0%} of the edit (sum of |log scale|); "
                     f"the {len(top)} heads holding most of it are {', '.join(f'{l}.{h}' for l, h in top)} "
                     f"({share(top):.0%}; `FitResult.top_heads`, a starting point for a sparse refit).", ""]
+
+
+def _circuit_section(circuit) -> list[str]:
+    """Markdown lines: the circuit traced back from the answer, drawn, and its heads with their roles."""
+    lines = ["## The circuit", "",
+             f"Traced back from the answer on the train split: {len(circuit.heads)} head(s), "
+             f"{len(circuit.kept_edges())} confirmed composition edge(s) ({circuit.meta.get('reason', '')}). "
+             "Its heads are what `--heads discovered` fits; the three-role channels above are `--heads roles`.", ""]
+    if not circuit.heads:
+        return lines
+    lines += ["![the circuit: heads by layer, coloured by role; arrows Q solid, K dashed, V dotted](circuit.png)", "",
+              "| head | step back | role | direct effect |", "| :--- | ---: | :--- | ---: |"]
+    lines += [f"| {h.layer}.{h.head} | {h.step} | {h.role} | {h.direct_effect:+.3f} |" for h in circuit.heads]
+    return lines + [""]
 
 
 def _fit_section(fit, comparison, control_budget: int) -> list[str]:
