@@ -318,7 +318,7 @@ class Science:
         t1 = time.perf_counter()
         r = fit_edit(self.editor.layout, self.editor.log, self.tok, self.train, self.dev, config,
                      folded=self.editor.folded, **kwargs)
-        info = {"n_components": r.n_components, "dev_before": r.dev_before, "dev_after": r.dev_after,
+        info = {"n_components": r.n_components, "n_couplings": r.n_couplings, "dev_before": r.dev_before, "dev_after": r.dev_after,
                 "dev_guard_change": r.guard_change, "timings": r.timings, "heads": r.heads,
                 "trials": r.trials.to_dict("records"),
                 "top_components": r.components.reindex(r.components.log_scale.abs().sort_values(ascending=False).index)
@@ -358,7 +358,7 @@ class Science:
         # a budget whose own options change the dense phase (e.g. its schedule) gets its own dense fit
         _, info = self.fit(cfg, dense_from=None if DENSE_FIELDS & set(own) else self.dense)
         info["config"] = cfg.to_dict()
-        self.record(name, info)
+        self.record(name, info, splits=tuple(self.scorers))  # transfer and spillover at every budget
         if budget == 256:
             self.editor.export_plan().save(self.plan_dir)
         self.editor.reset()
