@@ -80,8 +80,8 @@ def gain_ratio(path: str, a: str, b: str, split: str = "test", n_boot: int = 200
 
     rng = random.Random(seed)
     boots = sorted(r for r in (ratio([rng.randrange(n) for _ in range(n)]) for _ in range(n_boot)) if r == r)
-    out = {"ratio": ratio(range(n)), "ci": (boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]),
-           "n": n, "a": a, "b": b, "split": split}
+    ci = (boots[int(0.025 * len(boots))], boots[int(0.975 * len(boots)) - 1]) if boots else (float("nan"),) * 2
+    out = {"ratio": ratio(range(n)), "ci": ci, "n": n, "a": a, "b": b, "split": split}  # nan: b gained nothing
     print(f"| {a} / {b} | {split} | {n} | {out['ratio']:.1%} | [{out['ci'][0]:.1%}, {out['ci'][1]:.1%}] |")
     return out
 
