@@ -219,9 +219,11 @@ class Science:
         self.conds = self.results.setdefault("conditions", {})
         self.dense_path = self.out.with_suffix(".dense.safetensors")
         self.plan_dir = self.out.with_suffix(".plan256")
-        self.head_cfg = dict(steps=args.steps, refit_steps=args.refit_steps, progress=False, seed=0,
-                             k_fractions=(1.0, 0.5), guard_weights=(args.guard_weight,), **json.loads(args.head_fit))
-        self.dense_cfg = {**self.head_cfg, **json.loads(args.fit)}
+        # the head-set fits (c), (h), (i) keep the short fit of the earlier runs; (a), (b), (e) the options
+        # fit_options.py chose on dev (--refit-steps, --fit, --fit-by-budget)
+        common = dict(steps=args.steps, progress=False, seed=0, k_fractions=(1.0, 0.5), guard_weights=(args.guard_weight,))
+        self.head_cfg = {**common, "refit_steps": 10, "lr_schedule": "constant", **json.loads(args.head_fit)}
+        self.dense_cfg = {**common, "refit_steps": args.refit_steps, **json.loads(args.fit)}
         self.by_budget = {int(k): v for k, v in json.loads(args.fit_by_budget).items()}
         self.results.setdefault("fit_options", {"fit": json.loads(args.fit), "head_fit": json.loads(args.head_fit),
                                                 "fit_by_budget": json.loads(args.fit_by_budget),
@@ -598,17 +600,18 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--only", default="", help="comma-separated condition names to run (default: all)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--guard-weight", type=float, default=2.0)
-    ap.add_argument("--refit-steps", type=int, default=10)
-    ap.add_argument("--fit", default="{}", help="JSON of FitConfig overrides for every fit of (a), (b) and (e), "
+    ap.add_argument("--refit-steps", type=int, default=30, help="refit steps of (a), (b), (e) (chosen on dev)")
+    ap.add_argument("--fit", default='{"lr_schedule": "cosine"}', help="JSON of FitConfig overrides for every fit of (a), (b) and (e), "
                                                 "e.g. the options fit_options.py chose on dev")
-    ap.add_argument("--fit-by-budget", default="{}", help="JSON {budget: FitConfig overrides} for single budgets of "
+    ap.add_argument("--fit-by-budget", default='{"64": {"coupling_band": 1024}}', help="JSON {budget: FitConfig overrides} for single budgets of "
                                                           "(b), on top of --fit; such a budget gets its own dense "
                                                           "fit, e.g. '{\"64\": {\"rounds\": 2}}'")
     ap.add_argument("--train", default="omitted", choices=("omitted", "varied"),
                     help="training prompts: the omitted template alone, or with fit_options.VARIED streams")
     ap.add_argument("--lora-steps", type=int, default=36, help="Adam steps of each LoRA trial")
     ap.add_argument("--head-fit", default="{}", help="JSON of FitConfig overrides for the budget-32 head-set "
-                                                     "fits (c), (h), (i); default: the short fit of --steps")
+                                                     "fits (c), (h), (i), on top of their short fit (--steps "
+                                                     "dense, 10 refit steps, constant learning rate)")
     ap.add_argument("--circuit-grid", default="0.2,0.1,0.05,0.02",
                     help="min_effect values of find_circuit tried on dev for (i)")
     return ap.parse_args()
