@@ -585,6 +585,23 @@ class Science:
         self.record("i_circuit_32", info)
         self.editor.reset()
 
+    def circuit_random_32(self) -> None:
+        """(i) control: as many random heads as the chosen circuit holds (layers >= 1, outside it; seed
+        ``200 + seed``), fitted at budget 32 exactly as (i)."""
+        circuit = [tuple(h) for h in self.results.get("circuit", {}).get("heads", [])]
+        if not circuit:
+            return
+        ed = self.editor
+        pool = [(l, h) for l in range(1, ed.n_layers) for h in range(ed.n_heads) if (l, h) not in circuit]
+        for s in range(3):
+            name = f"i_random_32_seed{s}"
+            if self.want(name):
+                heads = sorted(random.Random(200 + s).sample(pool, len(circuit)))
+                _, info = self.fit(FitConfig(heads=heads, budget=32, **self.head_cfg))
+                info.update(selection=f"{len(circuit)} random heads (as many as the circuit)")
+                self.record(name, info)
+                self.editor.reset()
+
     def finish(self) -> None:
         self.results["seconds"] = time.perf_counter() - self.t0
         self.save()
@@ -635,6 +652,7 @@ def main() -> None:
     run.heads_of_256()
     run.fit_heads_32()
     run.circuit_32()
+    run.circuit_random_32()
     run.finish()
 
 
