@@ -42,7 +42,7 @@ def test_fit_science_runs_every_condition_on_a_tiny_model(scripts, monkeypatch, 
                  "--refit-steps", "2", "--lora-steps", "2", "--train", "varied", "--circuit-grid", "0.5,0.0",
                  "--fit", json.dumps({"coupling_band": 4, "lr_schedule": "cosine"}),
                  "--only", "a_dense_all,b_budget_256,e_transfer_256,f_lora_r8,c_discovered_32,h_fit_heads_32,"
-                           "i_circuit_32")
+                           "i_circuit_32,i_random_32_seed0")
     run = fit_science.Science(args)
     run.dense_all_fit()
     run.budget_fit(256)
@@ -52,6 +52,7 @@ def test_fit_science_runs_every_condition_on_a_tiny_model(scripts, monkeypatch, 
     run.lora_r8()
     run.fit_heads_32()
     run.circuit_32()
+    run.circuit_random_32()
     run.finish()
     res = json.loads(out.read_text())
     conds = res["conditions"]
@@ -66,6 +67,7 @@ def test_fit_science_runs_every_condition_on_a_tiny_model(scripts, monkeypatch, 
         assert [t["min_effect"] for t in sel["tried"]] == [0.5, 0.0]
         if "i_circuit_32" in conds:
             assert res["circuit"]["min_effect"] in (0.5, 0.0)
+            assert len(conds["i_random_32_seed0"]["heads"]) == len(res["circuit"]["heads"])
     # a second run on the same file and other prompts is refused instead of mixing prompt sets
     args2 = _args(fit_science, monkeypatch, "--model", "tiny", "--out", str(out), "--n-test", "7")
     with pytest.raises(SystemExit, match="other test prompts"):
