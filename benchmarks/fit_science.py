@@ -595,8 +595,8 @@ class Science:
         pool = [(l, h) for l in range(1, ed.n_layers) for h in range(ed.n_heads) if (l, h) not in circuit]
         for s in range(3):
             name = f"i_random_32_seed{s}"
-            if self.want(name):
-                heads = sorted(random.Random(200 + s).sample(pool, len(circuit)))
+            if self.want(name) and pool:  # a small model may hold fewer heads outside the circuit than in it
+                heads = sorted(random.Random(200 + s).sample(pool, min(len(circuit), len(pool))))
                 _, info = self.fit(FitConfig(heads=heads, budget=32, **self.head_cfg))
                 info.update(selection=f"{len(circuit)} random heads (as many as the circuit)")
                 self.record(name, info)
