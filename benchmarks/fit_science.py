@@ -81,24 +81,33 @@ def mcnemar_exact(before: list[bool], after: list[bool]) -> dict:
     return {"fixed": b, "broken": c, "p": min(1.0, 2 * tail)}
 
 
-def paired(before: list[bool], after: list[bool]) -> dict:
-    n = len(before)
-    d = [int(y) - int(x) for x, y in zip(before, after)]
+def mean_interval(d: list[float]) -> tuple[float, tuple[float, float]]:
+    """Mean of the paired differences ``d`` and its 95% normal interval (``1.96`` standard errors)."""
+    n = len(d)
     mean = sum(d) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
+    return mean, (mean - 1.96 * sd / math.sqrt(n), mean + 1.96 * sd / math.sqrt(n))
+
+
+def paired(before: list[bool], after: list[bool]) -> dict:
+    n = len(before)
+    mean, ci = mean_interval([int(y) - int(x) for x, y in zip(before, after)])
     kb, ka = sum(before), sum(after)
     return {"n": n, "before": kb / n, "before_ci": wilson(kb, n), "after": ka / n, "after_ci": wilson(ka, n),
-            "gain": mean, "gain_ci": (mean - 1.96 * sd / math.sqrt(n), mean + 1.96 * sd / math.sqrt(n)),
-            "mcnemar": mcnemar_exact(before, after)}
+            "gain": mean, "gain_ci": ci, "mcnemar": mcnemar_exact(before, after)}
 
 
 def margin_change(before: list[float], after: list[float]) -> dict:
-    """Mean paired change of the answer's margin (logit minus the other items' mean) with a 95% t interval."""
-    d = [a - b for a, b in zip(after, before)]
-    n, mean = len(d), sum(d) / len(d)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else float("nan")
-    return {"n": n, "before": sum(before) / n, "mean": mean,
-            "ci": (mean - 1.96 * sd / math.sqrt(n), mean + 1.96 * sd / math.sqrt(n))}
+    """Mean paired change of the answer's margin (logit minus the other items' mean) with a 95% interval."""
+    mean, ci = mean_interval([a - b for a, b in zip(after, before)])
+    return {"n": len(before), "before": sum(before) / len(before), "mean": mean, "ci": ci}
+
+
+def random_heads(n_layers: int, n_heads: int, exclude, n: int, seed: int) -> list[tuple[int, int]]:
+    """``n`` heads (at most as many as there are) drawn with ``random.Random(seed)`` from layers >= 1 outside
+    ``exclude``, sorted."""
+    pool = [(l, h) for l in range(1, n_layers) for h in range(n_heads) if (l, h) not in exclude]
+    return sorted(random.Random(seed).sample(pool, min(n, len(pool))))
 
 
 # ----- scoring with a layer cache ----------------------------------------------------------------
@@ -415,8 +424,7 @@ class Science:
     def _random_heads(self, seed: int) -> list[tuple[int, int]]:
         """As many heads as discovery found, drawn from layers >= 1 outside them (seed ``100 + seed``)."""
         ed = self.editor
-        pool = [(l, h) for l in range(1, ed.n_layers) for h in range(ed.n_heads) if (l, h) not in self.heads_disc]
-        return sorted(random.Random(100 + seed).sample(pool, len(self.heads_disc)))
+        return random_heads(ed.n_layers, ed.n_heads, self.heads_disc, len(self.heads_disc), 100 + seed)
 
     def discovered_vs_random_32(self) -> None:
         """(c) discovered heads vs random heads, budget 32."""
@@ -551,10 +559,10 @@ class Science:
         fitted at budget 32 exactly as (c) and (h). Its ``min_effect`` (how large a confirmed effect must be)
         is chosen on dev: each value of ``--circuit-grid`` gives a circuit (the causal effects are measured
         once and shared), each circuit is fitted at budget 32, and the best dev accuracy wins (ties: fewer
-        heads). Only the chosen circuit's fit is evaluated on test."""
+        heads). Only the chosen circuit's fit is evaluated on test: its edits are re-applied, not refitted."""
         if not self.want("i_circuit_32"):
             return
-        t1, memo, tried = time.perf_counter(), {}, []
+        t1, memo, tried, fits = time.perf_counter(), {}, [], {}
         for min_effect in sorted({float(x) for x in self.args.circuit_grid.split(",")}, reverse=True):
             circuit = self.editor.find_circuit(self.train, progress=False, measurements=memo, min_effect=min_effect)
             heads = circuit.head_list()
@@ -565,8 +573,9 @@ class Science:
                    "spearman": circuit.meta.get("spearman"), "edges": circuit.to_dict()["edges"],
                    "seconds": circuit.meta.get("seconds")}
             if heads and not any(t["heads"] == heads for t in tried):
-                r, _ = self.fit(FitConfig(heads=heads, budget=32, **self.head_cfg))
+                r, info = self.fit(FitConfig(heads=heads, budget=32, **self.head_cfg))
                 row["dev_accuracy"] = r.dev_after["all"]
+                fits[min_effect] = (info, r.edits)
                 self.editor.reset()
             tried.append(row)
             logger.info("circuit min_effect %.3g: %d heads, dev %s", min_effect, len(heads), row.get("dev_accuracy"))
@@ -579,7 +588,9 @@ class Science:
         best = max(fitted, key=lambda t: (t["dev_accuracy"], -len(t["heads"])))
         self.results["circuit"] = {k: best[k] for k in ("min_effect", "heads", "roles", "steps", "kept_edges",
                                                         "measured_edges", "spearman", "reason")}
-        _, info = self.fit(FitConfig(heads=[tuple(h) for h in best["heads"]], budget=32, **self.head_cfg))
+        info, edits = fits[best["min_effect"]]
+        for e in edits:
+            self.editor.apply_edit(e)
         info.update(selection=f"find_circuit on train, min_effect={best['min_effect']} chosen on dev",
                     n_heads=len(best["heads"]))
         self.record("i_circuit_32", info)
@@ -592,11 +603,11 @@ class Science:
         if not circuit:
             return
         ed = self.editor
-        pool = [(l, h) for l in range(1, ed.n_layers) for h in range(ed.n_heads) if (l, h) not in circuit]
         for s in range(3):
             name = f"i_random_32_seed{s}"
-            if self.want(name) and pool:  # a small model may hold fewer heads outside the circuit than in it
-                heads = sorted(random.Random(200 + s).sample(pool, min(len(circuit), len(pool))))
+            # a small model may hold fewer heads outside the circuit than in it
+            heads = random_heads(ed.n_layers, ed.n_heads, circuit, len(circuit), 200 + s)
+            if self.want(name) and heads:
                 _, info = self.fit(FitConfig(heads=heads, budget=32, **self.head_cfg))
                 info.update(selection=f"{len(circuit)} random heads (as many as the circuit)")
                 self.record(name, info)

@@ -104,10 +104,7 @@ def run_demo(
                                      seed=seed, progress=progress, lap=lap, say=say)
     before, after = fit.test_results["before"], fit.test_results["after"]
     _write_outputs(editor, fit, out, save_model)
-    summary = _summary(model, seed, fit, before, after, findings, comparison, lap.timings)
-    summary.update(discovered_heads=circuit.head_list(), roles_heads=findings.heads(),
-                   circuit={"heads": circuit.head_list(), "roles": {f"{h.layer}.{h.head}": h.role for h in circuit.heads},
-                            "kept_edges": len(circuit.kept_edges()), "reason": circuit.meta.get("reason")})
+    summary = _summary(model, seed, fit, before, after, (findings, circuit), comparison, lap.timings)
     summary["runtime"] = runtime
     summary["edit_carried_by"] = carried
     what = (f"A fitted edit rescaled {fit.n_components} singular components in {summary['changed_heads']} "
@@ -188,14 +185,18 @@ def _write_outputs(editor: ChannelEditor, fit: FitResult, out: Path, save_model:
     plot_learned_scales(fit.components, editor.n_layers, editor.n_heads, out / "learned_scales.png")
 
 
-def _summary(model, seed, fit, before, after, findings, comparison, timings) -> dict[str, Any]:
+def _summary(model, seed, fit, before, after, found, comparison, timings) -> dict[str, Any]:
+    findings, circuit = found
     return {
         "model": model, "seed": seed, "n_components": fit.n_components, "fitted_heads": len(fit.heads),
         "changed_heads": len(fit.head_mass()),
         "test_before": before.accuracy_by_length(), "test_after": after.accuracy_by_length(),
         "dev_before": fit.dev_before, "dev_after": fit.dev_after, "guard_before": fit.guard_before,
         "guard_after": fit.guard_after, "guard_change": fit.guard_change, "movers": findings.meta["movers"],
-        "inhibition_heads": findings.inhibition_heads,
+        "inhibition_heads": findings.inhibition_heads, "roles_heads": findings.heads(),
+        "discovered_heads": circuit.head_list(),
+        "circuit": {"heads": circuit.head_list(), "roles": {f"{h.layer}.{h.head}": h.role for h in circuit.heads},
+                    "kept_edges": len(circuit.kept_edges()), "reason": circuit.meta.get("reason")},
         "discovered_vs_random": comparison, "top_components": fit.components.head(10).to_dict("records"),
         "fit_config": fit.config.to_dict(), "timings": timings, **_versions(),
     }

@@ -30,7 +30,7 @@ from ..errors import PlanFormatError
 from ..utils.files import replace_files
 from . import plan_checks
 
-__all__ = ["Edit", "BaseModelIdentity", "EditPlan", "PLAN_JSON", "PLAN_TENSORS", "SCHEMA_VERSION", "check_edit_factors"]
+__all__ = ["Edit", "BaseModelIdentity", "EditPlan", "PLAN_JSON", "PLAN_TENSORS", "SCHEMA_VERSION", "check_edit_factors", "coupling_problem"]
 
 PLAN_JSON = "edit_plan.json"
 PLAN_TENSORS = "edit_plan.safetensors"
@@ -240,6 +240,16 @@ class EditPlan:
         return cls(base=base, edits=edits, th_edit_version=str(data.get("th_edit_version", "")), provenance=provenance)
 
 
+def coupling_problem(components, couplings) -> str | None:
+    """Why ``couplings`` (``(a, b, g)`` triples) are not valid over ``components``, or None: each must join two
+    different edited components with a finite ``g``."""
+    for a, b, g in couplings:
+        if a == b or a not in components or b not in components or not math.isfinite(float(g)):
+            return (f"coupling {(a, b, g)!r} must join two different components of {list(components)} "
+                    "with a finite g")
+    return None
+
+
 def check_edit_factors(edit: Edit, where: str) -> None:
     """Shapes, dtypes, rank and finiteness of one edit's factors, and its components and singular values."""
     k = len(edit.components)
@@ -250,9 +260,8 @@ def check_edit_factors(edit: Edit, where: str) -> None:
         problem = f"components {list(edit.components)} must be distinct non-negative indices"
     elif len(edit.singular_values) != k:
         problem = f"{len(edit.singular_values)} singular values for {k} components"
-    elif edit.couplings and any(a == b or a not in edit.components or b not in edit.components or not math.isfinite(g)
-                                for a, b, g in edit.couplings):
-        problem = "a coupling (a, b, g) needs two different edited components a, b and a finite g"
+    elif edit.couplings and coupling_problem(edit.components, edit.couplings):
+        problem = coupling_problem(edit.components, edit.couplings)
     else:
         for name in ("left", "right"):
             t = getattr(edit, name)

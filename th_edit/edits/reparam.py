@@ -17,7 +17,7 @@ from ..core import linalg
 from ..core.circuits import edit_factors, stacked_factors
 from ..core.layout import AttentionLayout
 from .plan import Edit
-from .scale import coupled_core
+from .scale import coupled_selection
 
 __all__ = ["FitUnit", "ChannelFit", "FitHooks"]
 
@@ -160,10 +160,7 @@ class ChannelFit:
             alphas = torch.exp(self.theta[i, idx].double())
             coeff = (alphas - 1.0) * u.S[idx].double()
             couplings = self._couplings(i, idx)
-            U_sel = u.U[:, idx]
-            if couplings:
-                U_sel = U_sel.double() @ coupled_core(tuple(idx.tolist()), coeff, u.S[idx].double(), couplings)
-                coeff = torch.ones_like(coeff)
+            U_sel, coeff = coupled_selection(u.U[:, idx], coeff, u.S[idx].double(), tuple(idx.tolist()), couplings)
             left, right = edit_factors(self.layout, u.layer, u.head, u.circuit, u.A, u.B, U_sel, coeff,
                                        u.V[:, idx], folded=self.folded)
             out.append(Edit(
@@ -178,8 +175,8 @@ class ChannelFit:
         """The non-zero ``(a, b, g)`` couplings of one unit (component indices)."""
         if self.coupling is None:
             return []
-        g = self.coupling[unit] * self.coupling_mask[unit]
-        return [(int(a), int(b), float(g[a, b])) for a in idx.tolist() for b in idx.tolist() if float(g[a, b]) != 0.0]
+        g = (self.coupling[unit] * self.coupling_mask[unit])[idx][:, idx]  # [k, k] over the kept components
+        return [(int(idx[a]), int(idx[b]), float(g[a, b])) for a, b in torch.nonzero(g).tolist()]
 
     def component_table(self) -> pd.DataFrame:
         rows = []

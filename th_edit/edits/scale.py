@@ -11,7 +11,6 @@ newest first. The maths runs in float32; weights are written in the model's dtyp
 from __future__ import annotations
 
 import hashlib
-import math
 import logging
 
 import torch
@@ -22,9 +21,9 @@ from ..core.circuits import (
 )
 from ..core.layout import AttentionLayout
 from ..errors import InvalidArgumentError, NothingToUndoError
-from .plan import Edit
+from .plan import Edit, coupling_problem
 
-__all__ = ["head_fingerprint", "make_edit", "EditLog", "PRECISION_RTOL", "coupled_core"]
+__all__ = ["head_fingerprint", "make_edit", "EditLog", "PRECISION_RTOL", "coupled_selection"]
 
 #: an applied edit whose written change differs from the intended one by more than this (relative, Frobenius)
 #: is flagged ``partial``: the model's dtype cannot represent it
@@ -88,12 +87,8 @@ def make_edit(
     idx = torch.tensor(components, device=U.device)
     factor = torch.tensor(scales, dtype=S.dtype, device=S.device) - 1.0 if scales is not None else alpha - 1.0
     coeff = factor * S[idx]
-    if couplings:
-        coupled = coupled_core(components, coeff, S[idx], couplings)
-        left, right = edit_factors(layout, layer, head, circuit, A, B, U[:, idx] @ coupled, torch.ones_like(coeff),
-                                   V[:, idx], folded=folded)
-    else:
-        left, right = edit_factors(layout, layer, head, circuit, A, B, U[:, idx], coeff, V[:, idx], folded=folded)
+    U_sel, coeff = coupled_selection(U[:, idx], coeff, S[idx], components, couplings)
+    left, right = edit_factors(layout, layer, head, circuit, A, B, U_sel, coeff, V[:, idx], folded=folded)
     if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
         raise InvalidArgumentError(
             f"the edit of layer {layer} head {head} {circuit} is not finite (a q-norm gain is ~0?); "
@@ -106,17 +101,23 @@ def make_edit(
     )
 
 
-def coupled_core(components: tuple[int, ...], coeff: torch.Tensor, S: torch.Tensor, couplings) -> torch.Tensor:
-    """``[k, k]`` matrix ``diag(S) M`` of a coupled edit (``M``: ``coeff / S`` on the diagonal, the couplings'
-    ``g`` at ``(a, b)``), so that the circuit change is ``U_sel @ (diag(S) M) @ V_sel^T``."""
+def coupled_selection(U_sel: torch.Tensor, coeff: torch.Tensor, S_sel: torch.Tensor, components: tuple[int, ...],
+                      couplings) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U_sel, coeff)`` to pass to :func:`~th_edit.core.circuits.edit_factors` for a change with
+    ``couplings`` (unchanged without them): ``U_sel @ (diag(S) M)`` and ones, so that the circuit change is
+    ``U_sel diag(S) M V_sel^T`` with ``M`` holding ``coeff / S`` on the diagonal and each coupling's ``g`` at
+    ``(a, b)``. Computed in ``coeff``'s dtype. Raises :class:`InvalidArgumentError` on a coupling that does
+    not join two different ``components`` with a finite ``g``."""
+    if not couplings:
+        return U_sel, coeff
+    problem = coupling_problem(components, couplings)
+    if problem:
+        raise InvalidArgumentError(f"{problem}.")
     pos = {c: i for i, c in enumerate(components)}
-    coupled = torch.diag(coeff)
+    core = torch.diag(coeff)
     for a, b, g in couplings:
-        if a == b or a not in pos or b not in pos or not math.isfinite(float(g)):
-            raise InvalidArgumentError(
-                f"coupling {(a, b, g)!r} must join two different components of {list(components)} with a finite g.")
-        coupled[pos[a], pos[b]] += float(g) * S[pos[a]]
-    return coupled
+        core[pos[a], pos[b]] += float(g) * S_sel[pos[a]]
+    return U_sel.to(coeff.dtype) @ core, torch.ones_like(coeff)
 
 
 def _lost_fraction(old: torch.Tensor, new: torch.Tensor, delta: torch.Tensor) -> float:
