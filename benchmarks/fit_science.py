@@ -564,13 +564,16 @@ class Science:
             return
         t1, memo, tried, fits = time.perf_counter(), {}, [], {}
         for min_effect in sorted({float(x) for x in self.args.circuit_grid.split(",")}, reverse=True):
-            circuit = self.editor.find_circuit(self.train, progress=False, measurements=memo, min_effect=min_effect)
+            circuit = self.editor.find_circuit(self.train, progress=False, measurements=memo, min_effect=min_effect,
+                                               **json.loads(self.args.circuit_config))
             heads = circuit.head_list()
             row = {"min_effect": min_effect, "heads": heads, "reason": circuit.meta.get("reason"),
                    "roles": {f"{h.layer}.{h.head}": h.role for h in circuit.heads},
                    "steps": {f"{h.layer}.{h.head}": h.step for h in circuit.heads},
                    "kept_edges": len(circuit.kept_edges()), "measured_edges": len(circuit.edges),
-                   "spearman": circuit.meta.get("spearman"), "edges": circuit.to_dict()["edges"],
+                   "spearman": circuit.meta.get("spearman"),
+                   "spearman_attribution": circuit.meta.get("spearman_attribution"),
+                   "edges": circuit.to_dict()["edges"], "config": circuit.meta.get("config"),
                    "seconds": circuit.meta.get("seconds")}
             if heads and not any(t["heads"] == heads for t in tried):
                 r, info = self.fit(FitConfig(heads=heads, budget=32, **self.head_cfg))
@@ -580,14 +583,15 @@ class Science:
             tried.append(row)
             logger.info("circuit min_effect %.3g: %d heads, dev %s", min_effect, len(heads), row.get("dev_accuracy"))
             self.results["circuit_selection"] = {"tried": tried, "seconds": time.perf_counter() - t1,
-                                                 "measured_components": len(memo)}
+                                                 "measured_channels": len(memo) - ("attribution" in memo)}
             self.save()
         fitted = [t for t in tried if "dev_accuracy" in t]
         if not fitted:
             return
         best = max(fitted, key=lambda t: (t["dev_accuracy"], -len(t["heads"])))
         self.results["circuit"] = {k: best[k] for k in ("min_effect", "heads", "roles", "steps", "kept_edges",
-                                                        "measured_edges", "spearman", "reason")}
+                                                        "measured_edges", "spearman", "spearman_attribution",
+                                                        "reason")}
         info, edits = fits[best["min_effect"]]
         for e in edits:
             self.editor.apply_edit(e)
@@ -642,6 +646,8 @@ def _parse_args() -> argparse.Namespace:
                                                      "dense, 10 refit steps, constant learning rate)")
     ap.add_argument("--circuit-grid", default="0.2,0.1,0.05,0.02",
                     help="min_effect values of find_circuit tried on dev for (i)")
+    ap.add_argument("--circuit-config", default="{}", help="JSON of CircuitConfig overrides for (i), e.g. "
+                                                           "'{\"max_candidates\": 4}'")
     return ap.parse_args()
 
 

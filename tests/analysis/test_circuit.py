@@ -19,7 +19,7 @@ def walked():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     memo = {}
     found = editor.find_circuit(data["train"], n_prompts=12, batch_size=4, z_min=1.0, t_min=1.0, max_candidates=3,
-                                min_gain=0.0, min_effect=0.0, measurements=memo, progress=False)
+                                min_gain=0.0, min_effect=0.0, attribution_prompts=12, measurements=memo, progress=False)
     found.memo = memo
     return editor, tok, data, found, before
 
@@ -44,35 +44,70 @@ def test_walk_follows_its_rules(walked):
     seeds = {tuple(h) for h in c.meta["seeds"]}
     assert seeds and seeds <= set(c.head_list())
     assert c.edges, "a tiny model with loose thresholds must measure some candidates"
+    grads = c.memo["attribution"]
     for e in c.edges:
         assert e.sender[0] < e.receiver[0] and e.weight_z >= cfg["z_min"] and e.mode in "qkv"
-        assert e.receiver in set(c.head_list())
+        assert e.receiver in set(c.head_list()) and e.components
+        assert e.attribution == pytest.approx(float(grads[e.sender][list(e.components)].abs().sum()), rel=1e-6)
     for e in c.kept_edges():
-        assert abs(e.t) >= cfg["t_min"] and (e.sender[0], e.sender[1]) in set(c.head_list())
+        assert abs(e.t) >= cfg["t_min"] and e.sender in set(c.head_list())
+    per_receiver = {}
+    for e in c.edges:
+        per_receiver.setdefault((e.receiver, e.mode), []).append(e.attribution)
+    for found in per_receiver.values():  # the strongest channels by attribution, at most max_candidates
+        assert len(found) <= cfg["max_candidates"] and found == sorted(found, reverse=True)
     steps = {(h.layer, h.head): h.step for h in c.heads}
     assert all(steps[h] == 0 for h in seeds)
     assert all(h.role in ("mover", "inhibition", "duplicate_token", "induction", "previous_token", "other") for h in c.heads)
-    assert set(c.meta["spearman"]) == {"q", "k", "v"} and c.meta["reason"]
+    assert set(c.meta["spearman"]) == {"q", "k", "v"} and set(c.meta["spearman_attribution"]) == {"q", "k", "v"}
+    assert c.meta["reason"] and c.meta["n_prompts"] == 12 and c.meta["attribution_prompts"] == 12
+
+
+def test_attribution_equals_a_finite_difference_of_plain_forward_passes(walked):
+    """d margin / d log-scale of OV components against central differences of the written edit."""
+    from th_edit.analysis.attribution import component_attribution
+    from th_edit.tasks.batching import prompt_batches
+
+    editor, tok, data, c, _ = walked
+    rows = data["train"].to_list()[12:24]
+    grads = component_attribution(editor, prompt_batches(tok, rows, 4))
+    assert torch.equal(grads, c.memo["attribution"])  # the attribution prompts follow the confirming ones
+    eps = 1e-2
+    top = torch.topk(grads.abs().flatten(), 3).indices.tolist()
+    for flat in top + [0]:
+        layer, rest = divmod(flat, editor.n_heads * editor.d_head)
+        head, comp = divmod(rest, editor.d_head)
+        ends = []
+        for sign in (1, -1):
+            editor.scale_component(layer, head, "ov", comp, math.exp(sign * eps))
+            ends.append(_plain_margins(editor.model, tok, rows).mean())
+            editor.undo()
+        numeric = float(ends[0] - ends[1]) / (2 * eps)
+        assert float(grads[layer, head, comp]) == pytest.approx(numeric, rel=2e-2, abs=2e-4)
 
 
 def test_min_effect_keeps_only_large_effects_and_reuses_the_measurements(walked, monkeypatch):
-    """A larger min_effect keeps a subset of the edges (each at least min_effect times the seeds' summed
-    |direct effect|); with the first walk's measurements passed in, nothing is measured again."""
+    """A larger min_effect keeps a subset of the first step's senders (each at least min_effect times the
+    seeds' summed |direct effect|); with the first walk's measurements passed in, nothing is measured again."""
     import th_edit.analysis.circuit as circuit_module
 
     editor, tok, data, c, _ = walked
-    effects = sorted(abs(e.effect) for e in c.kept_edges())
-    assert len(effects) >= 2, "the loose walk must keep several edges"
+    seeds = {tuple(h) for h in c.meta["seeds"]}
+    first = {e.sender: abs(e.effect) for e in c.kept_edges() if e.receiver in seeds and e.sender not in seeds}
+    effects = sorted(set(first.values()))
+    assert effects, "the loose walk must add a sender in its first step"
     seeds_total = sum(abs(h.direct_effect) for h in c.heads if h.step == 0)
-    fraction = (effects[len(effects) // 2] / seeds_total) * 1.0001  # about half the kept effects fall below it
+    fraction = effects[0] * 1.0001 / seeds_total  # the weakest added sender no longer passes
     calls = []
     monkeypatch.setattr(circuit_module, "_effect", lambda *a: calls.append(a) or (0.0, 0.0))
+    monkeypatch.setattr(circuit_module, "component_attribution", lambda *a, **k: calls.append(a))
     strict = editor.find_circuit(data["train"], n_prompts=12, batch_size=4, z_min=1.0, t_min=1.0, max_candidates=3,
-                                 min_gain=0.0, min_effect=fraction, measurements=c.memo, progress=False)
+                                 min_gain=0.0, min_effect=fraction, attribution_prompts=12, max_depth=1,
+                                 measurements=c.memo, progress=False)
     assert not calls
-    assert strict.kept_edges() and len(strict.kept_edges()) < len(c.kept_edges())
-    assert all(abs(e.effect) >= fraction * seeds_total for e in strict.kept_edges())
-    assert set(strict.head_list()) <= set(c.head_list())
+    kept = {e.sender for e in strict.kept_edges()}
+    assert kept - seeds == {h for h, v in first.items() if v >= fraction * seeds_total} and kept - seeds < set(first)
+    assert set(strict.head_list()) == seeds | kept
 
 
 def test_model_left_bit_identical(walked):
@@ -81,18 +116,48 @@ def test_model_left_bit_identical(walked):
     assert all(torch.equal(v, before[k]) for k, v in editor.model.state_dict().items())
 
 
-def test_causal_effects_equal_a_plain_forward_pass(walked):
+def _apply_test(editor, sender, components, grads, confirm: str, step: float = 0.5) -> int:
+    """A sender's causal test written with plain scale_component calls: one per distinct scale, each from
+    the SVD of the unedited head (made and undone, then all applied: their changes add up exactly)."""
+    alphas = [0.0 if confirm == "remove" else math.exp(step if grads[sender][c] >= 0 else -step) for c in components]
+    edits = []
+    for alpha in sorted(set(alphas)):
+        edits.append(editor.scale_component(*sender, "ov", [c for c, a in zip(components, alphas) if a == alpha], alpha))
+        editor.undo()
+    for edit in edits:
+        editor.apply_edit(edit)
+    return len(edits)
+
+
+@pytest.mark.parametrize("confirm", ["scale", "remove"])
+def test_causal_effects_equal_a_plain_forward_pass(walked, confirm):
+    """Each sender of a step is tested once, on the union of its channels' components in that step."""
     editor, tok, data, c, _ = walked
+    if confirm == "remove":
+        c = editor.find_circuit(data["train"], n_prompts=12, batch_size=4, z_min=1.0, t_min=1.0, max_candidates=3,
+                                min_gain=0.0, min_effect=0.0, max_depth=1, confirm="remove", attribution_prompts=12,
+                                progress=False)
     rows = data["train"].to_list()[:12]
     base = _plain_margins(editor.model, tok, rows)
     assert float(base.mean()) == pytest.approx(c.meta["base_margin"], abs=1e-4)
-    for e in c.edges[:4]:
-        editor.scale_component(*e.sender[:2], "ov", e.sender[2], 0.0)
+    grads = walked[3].memo["attribution"]
+    first_step = {tuple(h) for h in c.meta["seeds"]}
+    senders: dict = {}
+    for e in c.edges:
+        if e.receiver in first_step:
+            senders.setdefault(e.sender, []).append(e)
+    assert senders
+    for sender, edges in list(senders.items())[:4]:
+        union = sorted({comp for e in edges for comp in e.components})
+        n_edits = _apply_test(editor, sender, union, grads, confirm)
         diff = _plain_margins(editor.model, tok, rows) - base
-        editor.undo()
-        assert e.effect == pytest.approx(float(diff.mean()), abs=1e-4)
+        for _ in range(n_edits):
+            editor.undo()
         se = float(diff.std()) / math.sqrt(len(diff))
-        assert e.t == pytest.approx(float(diff.mean()) / se, rel=1e-3, abs=1e-3)
+        for e in edges:
+            assert e.effect == pytest.approx(float(diff.mean()), abs=1e-4)
+            assert e.t == pytest.approx(float(diff.mean()) / se, rel=1e-3, abs=1e-3)
+    assert not editor.edits
 
 
 def test_json_round_trip(walked, tmp_path):
@@ -109,10 +174,21 @@ def test_thresholds_that_select_nothing_give_an_empty_walk_with_the_reason(walke
 
 
 @pytest.mark.parametrize("bad", [dict(t_min=float("nan")), dict(direct_fraction=0.0), dict(max_depth=0),
-                                 dict(modes=("x",)), dict(z_min=-1.0)])
+                                 dict(modes=("x",)), dict(z_min=-1.0), dict(confirm="ablate"),
+                                 dict(scale_step=0.0), dict(attribution_prompts=0)])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(InvalidArgumentError):
         CircuitConfig(**bad)
+
+
+def test_a_short_dataset_is_split_between_confirming_and_ranking(walked):
+    """Fewer rows than n_prompts + attribution_prompts: at most half rank; a single prompt is refused."""
+    editor, tok, data, *_ = walked
+    rows = data["train"].to_list()[:5]
+    c = find_circuit(editor, tok, rows, batch_size=4, z_min=1e6, progress=False)
+    assert (c.meta["n_prompts"], c.meta["attribution_prompts"]) == (3, 2)
+    with pytest.raises(InvalidArgumentError, match="at least 2 prompts"):
+        find_circuit(editor, tok, rows[:1], progress=False)
 
 
 def test_items_without_distinct_first_tokens_are_refused(walked):
@@ -121,7 +197,7 @@ def test_items_without_distinct_first_tokens_are_refused(walked):
     clash = dict(row, items=[row["items"][0]] + row["items"])  # two candidates with one first token
     clash["target"] = row["items"][0]
     with pytest.raises(InvalidArgumentError, match="distinct"):
-        find_circuit(editor, tok, [clash], progress=False)
+        find_circuit(editor, tok, [clash, clash], progress=False)
 
 
 @pytest.mark.parametrize("suffix", ["png", "svg"])

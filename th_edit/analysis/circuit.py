@@ -8,23 +8,31 @@
    largest such effect in absolute value. No fixed head count: a model with one dominant head gets few
    seeds, a model with many similar heads gets many.
 2. **One step back**: for every head of the circuit found in the previous step (the *receivers*), the OV
-   components of earlier heads (the *senders*) whose composition score into the receiver (Q, K or V; the
+   components of each earlier head (the *sender*) whose composition score into the receiver (Q, K or V; the
    channel map's component level) lies ``z_min`` or more standard deviations above its random-matrix
-   baseline are candidates (at most ``max_candidates`` per receiver and mode, strongest first). Each
-   candidate is then confirmed causally: the component is removed (an exact rank-1 weight edit, undone at
-   once) and the change of the answer's logit difference (target minus the mean of the other listed
-   items) is measured on every prompt. A candidate is kept when ``|mean| / standard error >= t_min``
-   (it is reliably non-zero) and ``|mean| >= min_effect`` times the seed heads' summed ``|direct effect|``
-   (it is large enough to matter); its head joins the circuit.
-3. **Stop** when a step adds no head, when what it adds (the sum of its kept components' ``|effect|``) is
+   baseline form the sender's *channel* into that receiver. Channels are ranked by their attribution (the
+   summed ``|d margin / d log-scale|`` of their components, :mod:`th_edit.analysis.attribution`, from
+   ``attribution_prompts`` prompts disjoint from the confirming ones) and the ``max_candidates`` strongest
+   per receiver and mode are the step's candidates. They are confirmed causally, one test per sender
+   head (its candidate channels into the step's receivers overlap, so they are tested together): with
+   ``confirm="scale"`` (default) each of those components is rescaled by ``exp(+-scale_step)`` in the
+   direction its attribution says raises the answer, with ``confirm="remove"`` they are removed (one exact
+   weight edit, undone at once), and the change of the answer's logit difference (target minus the mean
+   of the other listed items) is measured on every confirming prompt. A sender is kept when
+   ``|mean| / standard error >= t_min`` (reliably non-zero) and ``|mean| >= min_effect`` times the seed
+   heads' summed ``|direct effect|`` (large enough to matter); it joins the circuit.
+3. **Stop** when a step adds no head, when what it adds (the sum of its kept senders' ``|effect|``) is
    below ``min_gain`` times what the circuit holds already, or after ``max_depth`` steps.
 
-Every measured candidate (kept or not) is recorded with its weight score and causal effect, so the
-agreement of the weight-based and the causal ranking is reported per composition mode (Spearman).
+Every measured channel (kept or not) is recorded with its weight score, attribution and causal effect,
+so the agreement of the weight-based (and the attribution) ranking with the causal one is reported per
+composition mode (Spearman).
 Each head gets a data-based role (mover, inhibition, duplicate-token, induction, previous-token or other,
 see :func:`head_role`); roles are reported, never required. Measurements run through one
 :class:`~th_edit.core.layer_cache.LayerCache` advanced by sender layer, so the layers below each sender run
-once in all. All choices use the prompts given (train or dev), never test.
+once in all. All choices use the prompts given (train or dev), never test: the first ``n_prompts`` give the
+direct and causal effects, the next ``attribution_prompts`` the attribution (a shorter dataset is split,
+at most half of it for the attribution).
 """
 
 from __future__ import annotations
@@ -41,11 +49,14 @@ import pandas as pd
 import torch
 
 from ..errors import InvalidArgumentError
-from ..tasks.batching import PromptBatch, accepts_logits_to_keep, prompt_batches
+from ..tasks.batching import PromptBatch, accepts_logits_to_keep, prompt_batches, rows
 from ..utils.distributed import process_rank_and_count
 from ..utils.progress import progress_bar
 from ..utils.settings import Settings
 from ..utils.sharding import gather_from_processes
+from ..edits.plan import Edit
+from ..edits.scale import make_edit
+from .attribution import answer_margins, component_attribution
 from .protocol import HeadEditor
 from .roles import mover_scores, prompt_cache, sequence_roles
 
@@ -67,11 +78,17 @@ class CircuitConfig(Settings):
     """
 
     n_prompts: int = field(default=32, metadata={"help": "task prompts for the direct and causal effects"})
+    attribution_prompts: int = field(default=16, metadata={
+        "help": "further prompts (after the first n_prompts) for the attribution that ranks the candidates"})
     batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
     direct_fraction: float = field(default=0.25, metadata={
         "help": "seed heads: |direct effect| at least this fraction of the largest one"})
     z_min: float = field(default=3.0, metadata={"help": "candidates: composition z-score over the random baseline"})
-    max_candidates: int = field(default=8, metadata={"help": "candidates measured per receiver head and mode"})
+    max_candidates: int = field(default=8, metadata={"help": "channels measured per receiver head and mode"})
+    confirm: str = field(default="scale", metadata={
+        "help": "causal test of a channel: 'scale' (each component by exp(+-scale_step) towards the answer, "
+                "by its attribution's sign) or 'remove'"})
+    scale_step: float = field(default=0.5, metadata={"help": "log-scale step of confirm='scale'"})
     t_min: float = field(default=2.5, metadata={"help": "kept: |mean effect| / standard error over prompts"})
     min_effect: float = field(default=0.05, metadata={
         "help": "kept: |mean effect| at least this fraction of the seed heads' summed |direct effect| "
@@ -85,16 +102,20 @@ class CircuitConfig(Settings):
     def validate(self) -> None:
         self.modes = tuple(self.modes)
         problems = []
-        for name in ("n_prompts", "batch_size", "max_candidates", "max_depth"):
+        for name in ("n_prompts", "attribution_prompts", "batch_size", "max_candidates", "max_depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 problems.append(f"{name}={value!r} must be a positive integer")
-        for name in ("direct_fraction", "z_min", "t_min", "min_gain", "min_effect"):
+        for name in ("direct_fraction", "z_min", "t_min", "min_gain", "min_effect", "scale_step"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 problems.append(f"{name}={value!r} must be a finite number >= 0")
         if not 0 < self.direct_fraction <= 1:
             problems.append(f"direct_fraction={self.direct_fraction!r} must lie in (0, 1]")
+        if self.confirm not in ("scale", "remove"):
+            problems.append(f"confirm={self.confirm!r} must be 'scale' or 'remove'")
+        if self.confirm == "scale" and not self.scale_step > 0:
+            problems.append(f"scale_step={self.scale_step!r} must be > 0 with confirm='scale'")
         if not self.modes or set(self.modes) - {"q", "k", "v"}:
             problems.append(f"modes={self.modes!r} must be a non-empty subset of ('q', 'k', 'v')")
         if problems:
@@ -117,16 +138,21 @@ class CircuitHead:
 
 @dataclass
 class CircuitEdge:
-    """A sender OV component composing into a receiver head. ``weight_z``: the component's composition
-    score in ``mode`` as a z-score over the random baseline (``weight_score`` raw). ``effect``: mean change
-    of the answer's logit difference when the component is removed (negative: it helped the answer),
-    ``t`` that mean over its standard error; ``kept``: whether it passed ``t_min``."""
+    """A channel: the OV ``components`` of the ``sender`` head that compose into the ``receiver`` head in
+    ``mode`` above baseline. ``weight_z``: the largest of their composition scores as a z-score over the
+    random baseline (``weight_score`` raw). ``attribution``: their summed ``|d margin / d log-scale|``.
+    ``effect``: mean change of the answer's logit difference under the causal test of the sender's channels
+    of that step (``confirm`` of the config: scaled towards the answer, or removed, where negative means
+    they helped the answer), ``t`` that mean over its standard error; ``kept``: whether it passed ``t_min``
+    and ``min_effect``."""
 
-    sender: Component
+    sender: Head
+    components: tuple[int, ...]
     receiver: Head
     mode: str
     weight_score: float
     weight_z: float
+    attribution: float
     effect: float
     t: float
     kept: bool
@@ -151,14 +177,15 @@ class Circuit:
     def evidence(self, k: int = 5) -> list[dict[str, Any]]:
         """The ``k`` kept edges of largest causal effect, as rows for the model card."""
         top = sorted(self.kept_edges(), key=lambda e: -abs(e.effect))[:k]
-        return [{"sender": f"{e.sender[0]}.{e.sender[1]}[{e.sender[2]}]", "receiver": f"{e.receiver[0]}.{e.receiver[1]}",
+        return [{"sender": f"{e.sender[0]}.{e.sender[1]}{list(e.components)}", "receiver": f"{e.receiver[0]}.{e.receiver[1]}",
                  "mode": e.mode, "score": e.weight_score, "baseline": None, "cosine": None} for e in top]
 
     def to_frame(self) -> pd.DataFrame:
         """One row per measured edge."""
-        return pd.DataFrame([{"sender_layer": e.sender[0], "sender_head": e.sender[1], "sender_component": e.sender[2],
-                              "receiver_layer": e.receiver[0], "receiver_head": e.receiver[1], "mode": e.mode,
-                              "weight_score": e.weight_score, "weight_z": e.weight_z, "effect": e.effect, "t": e.t,
+        return pd.DataFrame([{"sender_layer": e.sender[0], "sender_head": e.sender[1],
+                              "components": " ".join(map(str, e.components)), "receiver_layer": e.receiver[0],
+                              "receiver_head": e.receiver[1], "mode": e.mode, "weight_score": e.weight_score,
+                              "weight_z": e.weight_z, "attribution": e.attribution, "effect": e.effect, "t": e.t,
                               "kept": e.kept} for e in self.edges])
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,8 +194,8 @@ class Circuit:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Circuit":
         heads = [CircuitHead(**h) for h in data["heads"]]
-        edges = [CircuitEdge(**{**e, "sender": tuple(e["sender"]), "receiver": tuple(e["receiver"])})
-                 for e in data["edges"]]
+        edges = [CircuitEdge(**{**e, "sender": tuple(e["sender"]), "components": tuple(e["components"]),
+                                "receiver": tuple(e["receiver"])}) for e in data["edges"]]
         return cls(heads=heads, edges=edges, meta=dict(data.get("meta", {})))
 
     def save(self, path: str | Path) -> Path:
@@ -220,27 +247,15 @@ def _check_single_token_targets(batches: Sequence[PromptBatch]) -> None:
                     "apart; build the dataset with th_edit.data (it filters item pools per tokenizer).")
 
 
-def _margins(out, pb: PromptBatch, width: int) -> torch.Tensor:
-    """``[B]`` float32: the answer's logit minus the mean logit of the other listed items, at each final token."""
-    logits = out.logits
-    offset = width - logits.shape[1]
-    rows = torch.arange(len(pb), device=logits.device)
-    final = logits[rows, (pb.last - offset).to(logits.device)].float()  # [B, V]
-    margin = torch.empty(len(pb), device=logits.device)
-    for b, (cands, t) in enumerate(zip(pb.candidates, pb.targets)):
-        vals = final[b, torch.tensor(cands, device=logits.device)]
-        margin[b] = vals[t] - torch.cat([vals[:t], vals[t + 1:]]).mean()
-    return margin.cpu()
-
-
 def _all_margins(cache, batches: Sequence[PromptBatch]) -> torch.Tensor:
-    """``[N]`` answer margins over all prompts, running only the cache's layers."""
+    """``[N]`` answer margins (:func:`~th_edit.analysis.attribution.answer_margins`) over all prompts,
+    running only the cache's layers."""
     out = []
     with torch.no_grad():
         for i, pb in enumerate(batches):
             width = pb.input_ids.shape[1]
             keep = {"logits_to_keep": int(width - int(pb.last.min()))} if accepts_logits_to_keep(cache.model) else {}
-            out.append(_margins(cache.forward(i, **keep), pb, width))
+            out.append(answer_margins(cache.forward(i, **keep).logits, pb, width).cpu())
     return torch.cat(out)
 
 
@@ -253,9 +268,23 @@ def _seed_heads(movers: pd.DataFrame, cfg: CircuitConfig) -> dict[Head, float]:
     return {h: v for h, v in effects.items() if abs(v) >= cfg.direct_fraction * top}
 
 
-def _candidates(cmap, receivers: Sequence[Head], n_heads: int, cfg: CircuitConfig) -> list[tuple[Component, Head, str, float, float]]:
-    """``(sender component, receiver, mode, score, z)`` above ``z_min``, the strongest ``max_candidates``
-    per receiver and mode."""
+@dataclass
+class _Channel:
+    """A candidate channel before its causal test (see :class:`CircuitEdge`)."""
+
+    sender: Head
+    components: tuple[int, ...]
+    receiver: Head
+    mode: str
+    weight_score: float
+    weight_z: float
+    attribution: float
+
+
+def _candidates(cmap, receivers: Sequence[Head], n_heads: int, grads: torch.Tensor,
+                cfg: CircuitConfig) -> list[_Channel]:
+    """Each earlier head's channel into each receiver and mode (its components ``z_min`` or more baseline
+    deviations up), the ``max_candidates`` of largest attribution per receiver and mode."""
     mean, std = cmap.baselines["component"]
     out = []
     for receiver in receivers:
@@ -265,36 +294,68 @@ def _candidates(cmap, receivers: Sequence[Head], n_heads: int, cfg: CircuitConfi
             for sender in senders:
                 scores = cmap.component_scores(mode, sender, receiver)
                 z = (scores - mean) / (std if std > 0 else 1.0)
-                for c in torch.nonzero(z >= cfg.z_min).flatten().tolist():
-                    found.append(((sender[0], sender[1], c), receiver, mode, float(scores[c]), float(z[c])))
-            found.sort(key=lambda row: -row[4])
+                comps = torch.nonzero(z >= cfg.z_min).flatten()
+                if comps.numel():
+                    found.append(_Channel(sender, tuple(comps.tolist()), receiver, mode, float(scores[comps].max()),
+                                          float(z[comps].max()), float(grads[sender][comps].abs().sum())))
+            found.sort(key=lambda ch: (-ch.attribution, -ch.weight_z))
             out += found[:cfg.max_candidates]
     return out
 
 
-def _measure(editor: HeadEditor, batches: Sequence[PromptBatch], components: Sequence[Component],
-             base: torch.Tensor, progress: bool) -> dict[Component, tuple[float, float]]:
-    """``{component: (mean effect, t)}``: the change of the answer margin with the OV component removed
-    (an exact edit, undone before the next one), through one layer cache advanced by sender layer. Under
-    ``accelerate launch`` each process measures every N-th component (in layer order) and all get the
-    whole result."""
+def _sender_tests(cands: Sequence[_Channel]) -> dict[Head, _Channel]:
+    """One causal test per sender head of a step: the union of its candidate channels' components (into
+    all of the step's receivers and modes). The test says whether that head's channels into the circuit
+    move the answer; the channels of one sender overlap heavily, so testing each alone would mostly
+    repeat the same forward passes."""
+    comps: dict[Head, set[int]] = {}
+    for ch in cands:
+        comps.setdefault(ch.sender, set()).update(ch.components)
+    return {h: _Channel(h, tuple(sorted(c)), h, "", 0.0, 0.0, 0.0) for h, c in comps.items()}
+
+
+def _test_key(ch: _Channel, cfg: CircuitConfig) -> tuple:
+    """What a causal test depends on: the memo key of :func:`_measure`."""
+    return (*ch.sender, ch.components, cfg.confirm, cfg.scale_step if cfg.confirm == "scale" else None)
+
+
+def _measure(editor: HeadEditor, batches: Sequence[PromptBatch], channels: Sequence[_Channel], grads: torch.Tensor,
+             base: torch.Tensor, cfg: CircuitConfig, progress: bool) -> dict[tuple, tuple[float, float]]:
+    """``{key: (mean effect, t)}`` (keys of :func:`_test_key`): the change of the answer margin under each
+    channel's causal test (exact edits, undone before the next one), through one layer cache advanced by
+    sender layer. Under ``accelerate launch`` each process tests every N-th channel (in layer order) and
+    all get the whole result."""
     rank, world = process_rank_and_count()
-    mine = sorted(components)[rank::world]
-    out: dict[Component, tuple[float, float]] = {}
+    todo = {_test_key(ch, cfg): ch for ch in channels}
+    mine = [todo[k] for k in sorted(todo)][rank::world]
+    out: dict[tuple, tuple[float, float]] = {}
     if mine:
-        cache = prompt_cache(editor, batches, mine[0][0])
+        cache = prompt_cache(editor, batches, mine[0].sender[0])
         with progress_bar(total=len(mine), desc="circuit: causal effects", enabled=progress and rank == 0) as bar:
-            for comp in mine:
-                cache.advance(comp[0])
-                out[comp] = _effect(editor, cache, batches, comp, base)
+            for ch in mine:
+                cache.advance(ch.sender[0])
+                out[_test_key(ch, cfg)] = _effect(editor, cache, batches, ch, grads, base, cfg)
                 bar.update(1)
     return {k: v for part in gather_from_processes(out, world) for k, v in part.items()}
 
 
-def _effect(editor: HeadEditor, cache, batches: Sequence[PromptBatch], comp: Component,
-            base: torch.Tensor) -> tuple[float, float]:
-    """``(mean, t)`` of the per-prompt margin change with ``comp`` removed (undone before returning)."""
-    editor.scale_component(comp[0], comp[1], "ov", comp[2], 0.0)
+def _channel_edit(editor: HeadEditor, ch: _Channel, grads: torch.Tensor, cfg: CircuitConfig) -> Edit:
+    """The causal test of ``ch`` as one exact edit of its sender's OV circuit (every component scaled from
+    the same SVD): removal, or each component by ``exp(+-scale_step)``, up where its attribution is >= 0."""
+    layer, head = ch.sender
+    if cfg.confirm == "remove":
+        alphas = [0.0] * len(ch.components)
+    else:
+        g = grads[layer, head]
+        alphas = [math.exp(cfg.scale_step if g[c] >= 0 else -cfg.scale_step) for c in ch.components]
+    return make_edit(editor.layout, layer, head, "ov", list(ch.components), 1.0, folded=editor.folded, alphas=alphas,
+                     warn_partial=False)
+
+
+def _effect(editor: HeadEditor, cache, batches: Sequence[PromptBatch], ch: _Channel, grads: torch.Tensor,
+            base: torch.Tensor, cfg: CircuitConfig) -> tuple[float, float]:
+    """``(mean, t)`` of the per-prompt margin change under ``ch``'s causal test (undone before returning)."""
+    editor.apply_edit(_channel_edit(editor, ch, grads, cfg))
     try:
         diff = _all_margins(cache, batches) - base
     finally:
@@ -310,8 +371,8 @@ def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
     return float(pd.Series(list(a)).rank().corr(pd.Series(list(b)).rank()))
 
 
-def _walk(editor: HeadEditor, batches, cmap, seeds: dict[Head, float], base: torch.Tensor, cfg: CircuitConfig,
-          progress: bool, measured: dict[Component, tuple[float, float]]) -> tuple[dict[Head, int], list[CircuitEdge], str]:
+def _walk(editor: HeadEditor, batches, cmap, seeds: dict[Head, float], base: torch.Tensor, grads: torch.Tensor,
+          cfg: CircuitConfig, progress: bool, measured: dict) -> tuple[dict[Head, int], list[CircuitEdge], str]:
     """The backward walk (steps 2-3 of the module docstring): ``(head -> step, edges, why it stopped)``.
     ``measured`` memoises the causal effects (read and filled)."""
     steps = {h: 0 for h in seeds}
@@ -320,18 +381,21 @@ def _walk(editor: HeadEditor, batches, cmap, seeds: dict[Head, float], base: tor
     edges: list[CircuitEdge] = []
     frontier, reason = sorted(seeds), f"reached max_depth={cfg.max_depth}"
     for depth in range(1, cfg.max_depth + 1):
-        cands = _candidates(cmap, frontier, editor.n_heads, cfg)
+        cands = _candidates(cmap, frontier, editor.n_heads, grads, cfg)
         if not cands:
             reason = f"step {depth}: no sender component composes above z_min={cfg.z_min}"
             break
-        measured.update(_measure(editor, batches, sorted({c[0] for c in cands} - measured.keys()), base, progress))
-        step_edges = [CircuitEdge(sender=comp, receiver=recv, mode=mode, weight_score=score, weight_z=z,
-                                  effect=measured[comp][0], t=measured[comp][1],
-                                  kept=abs(measured[comp][1]) >= cfg.t_min and abs(measured[comp][0]) >= floor)
-                      for comp, recv, mode, score, z in cands]
-        kept_components = {e.sender for e in step_edges if e.kept}
-        gain = sum(abs(measured[c][0]) for c in kept_components)
-        new_heads = {(c[0], c[1]) for c in kept_components} - steps.keys()
+        tests = _sender_tests(cands)
+        measured.update(_measure(editor, batches, [t for t in tests.values() if _test_key(t, cfg) not in measured],
+                                 grads, base, cfg, progress))
+        step_edges = []
+        for ch in cands:
+            mean, t = measured[_test_key(tests[ch.sender], cfg)]
+            step_edges.append(CircuitEdge(**asdict(ch), effect=mean, t=t,
+                                          kept=abs(t) >= cfg.t_min and abs(mean) >= floor))
+        kept = {e.sender: e for e in step_edges if e.kept}  # one test per sender head
+        gain = sum(abs(e.effect) for e in kept.values())
+        new_heads = kept.keys() - steps.keys()
         if not new_heads or gain < cfg.min_gain * total:
             for e in step_edges:
                 e.kept = e.kept and bool(new_heads) and gain >= cfg.min_gain * total
@@ -362,11 +426,27 @@ def _circuit_heads(editor: HeadEditor, steps: dict[Head, int], movers: pd.DataFr
         scores = {k: float(v[layer, head]) for k, v in roles.items()}
         scores.update(attn_target=float(row.attn_target), attn_others=float(row.attn_others),
                       logit_diff=float(row.logit_diff), mover_share=float(row.mover_score) / best_mover)
-        into_mover = any(e.kept and e.sender[:2] == (layer, head) and e.receiver in mover_heads and e.mode in "qk"
+        into_mover = any(e.kept and e.sender == (layer, head) and e.receiver in mover_heads and e.mode in "qk"
                          for e in edges)
         out.append(CircuitHead(layer=layer, head=head, step=step, direct_effect=float(row.logit_diff),
                                role=head_role(scores, has_mover_edge=into_mover), scores=scores))
     return out
+
+
+def _split_prompts(tokenizer, dataset, cfg: CircuitConfig) -> tuple[list[PromptBatch], list[PromptBatch]]:
+    """``(confirming batches, attribution batches)``: the first ``n_prompts`` rows and the next
+    ``attribution_prompts``; a shorter dataset gives at most half of its rows to the attribution."""
+    items = rows(dataset)
+    n_attr = min(cfg.attribution_prompts, len(items) // 2)
+    n_conf = min(cfg.n_prompts, len(items) - n_attr)
+    if n_conf < 1 or n_attr < 1:
+        raise InvalidArgumentError(f"find_circuit needs at least 2 prompts (it has {len(items)}): some confirm the "
+                                   "channels, others rank them; pass the train (or dev) split.")
+    if n_attr < cfg.attribution_prompts:
+        logger.warning("circuit: %d prompts, so %d confirm and %d rank the channels (asked: %d and %d)", len(items),
+                       n_conf, n_attr, cfg.n_prompts, cfg.attribution_prompts)
+    conf = prompt_batches(tokenizer, items[:n_conf], cfg.batch_size)
+    return conf, prompt_batches(tokenizer, items[n_conf:n_conf + n_attr], cfg.batch_size)
 
 
 def find_circuit(editor: HeadEditor, tokenizer, dataset, config: CircuitConfig | None = None, *,
@@ -375,42 +455,53 @@ def find_circuit(editor: HeadEditor, tokenizer, dataset, config: CircuitConfig |
     """Discover the circuit that writes the answer, walking back from it (see the module docstring).
 
     Args:
-        editor: a :class:`th_edit.ChannelEditor` (left bit-identical: every removal is undone).
+        editor: a :class:`th_edit.ChannelEditor` (left bit-identical: every test edit is undone).
         tokenizer: the model's tokenizer.
         dataset: task prompts with ``prompt``, ``items``, ``target`` (e.g. the train split of
-            :func:`th_edit.data.laundry_list`); the first ``n_prompts`` are used. Never pass test prompts.
+            :func:`th_edit.data.laundry_list`); the first ``n_prompts`` confirm, the next
+            ``attribution_prompts`` rank. Never pass test prompts.
         config: a :class:`CircuitConfig`; keyword ``overrides`` replace its fields.
         channel_map: a precomputed map holding ``config.modes`` (else one is computed).
-        measurements: a dict memoising the causal effects, ``{(layer, head, component): (mean, t)}``: pass
-            the same dict to several calls on the same model and prompts (e.g. trying thresholds on dev)
-            and each component is measured once.
+        measurements: a dict memoising the attribution and the causal effects: pass the same dict to
+            several calls on the same model and prompts (e.g. trying thresholds on dev) and each channel
+            is measured once.
 
     Returns:
         A :class:`Circuit`. It is empty, with ``meta["reason"]``, when no head writes the answer.
 
     Raises:
-        InvalidArgumentError: bad settings, no prompts, or listed items without distinct first tokens.
+        InvalidArgumentError: bad settings, fewer than 2 prompts, or listed items without distinct first
+        tokens.
+
+    Example::
+
+        circuit = editor.find_circuit(data["train"], min_effect=0.1)
+        circuit.head_list()          # [(15, 3), (23, 3), ...], as fit_edit(heads=...) takes them
     """
     cfg = CircuitConfig.merged(config, **overrides)
     t0 = time.perf_counter()
-    batches = prompt_batches(tokenizer, dataset, cfg.batch_size, cfg.n_prompts)
-    if not batches:
-        raise InvalidArgumentError("find_circuit needs at least one prompt; pass the train (or dev) split.")
-    _check_single_token_targets(batches)
-    movers = mover_scores(editor, tokenizer, dataset, batch_size=cfg.batch_size, limit=cfg.n_prompts, progress=progress)
+    batches, attr_batches = _split_prompts(tokenizer, dataset, cfg)
+    _check_single_token_targets(batches + attr_batches)
+    n_conf = sum(len(pb) for pb in batches)
+    movers = mover_scores(editor, tokenizer, dataset, batch_size=cfg.batch_size, limit=n_conf, progress=progress)
     seeds = _seed_heads(movers, cfg)
-    meta: dict[str, Any] = {"config": cfg.to_dict(), "n_prompts": sum(len(pb) for pb in batches), "seeds": sorted(seeds)}
+    meta: dict[str, Any] = {"config": cfg.to_dict(), "n_prompts": n_conf,
+                            "attribution_prompts": sum(len(pb) for pb in attr_batches), "seeds": sorted(seeds)}
     if not seeds:
         meta["reason"] = "no head has a non-zero direct effect on the answer's logit difference"
         return Circuit(heads=[], edges=[], meta=meta)
     cmap = channel_map if channel_map is not None else editor.channel_map(modes=cfg.modes, progress=progress, seed=cfg.seed)
     base = _all_margins(prompt_cache(editor, batches, 0), batches)
     memo = measurements if measurements is not None else {}
-    steps, edges, reason = _walk(editor, batches, cmap, seeds, base, cfg, progress, memo)
+    if "attribution" not in memo:
+        memo["attribution"] = component_attribution(editor, attr_batches, progress=progress)
+    steps, edges, reason = _walk(editor, batches, cmap, seeds, base, memo["attribution"], cfg, progress, memo)
     heads = _circuit_heads(editor, steps, movers, edges, cfg.seed)
     meta.update(reason=reason, base_margin=float(base.mean()), seconds=time.perf_counter() - t0,
                 spearman={m: _spearman([e.weight_z for e in edges if e.mode == m],
-                                       [abs(e.effect) for e in edges if e.mode == m]) for m in cfg.modes})
+                                       [abs(e.effect) for e in edges if e.mode == m]) for m in cfg.modes},
+                spearman_attribution={m: _spearman([e.attribution for e in edges if e.mode == m],
+                                                   [abs(e.effect) for e in edges if e.mode == m]) for m in cfg.modes})
     logger.info("circuit: %d heads, %d kept edges (%s) in %.1f s", len(heads), sum(e.kept for e in edges), reason,
                 meta["seconds"])
     return Circuit(heads=heads, edges=edges, meta=meta)

@@ -22,6 +22,7 @@ class HeadEditor(Protocol):
 
     model: nn.Module
     layout: AttentionLayout
+    folded: bool
 
     @property
     def n_layers(self) -> int: ...

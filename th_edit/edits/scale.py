@@ -60,7 +60,7 @@ def _warn_if_partial_block(result: SVDResult, components: tuple[int, ...], layer
 
 def make_edit(
     layout: AttentionLayout, layer: int, head: int, circuit: str, component, alpha: float, *, folded: bool = True,
-    alphas=None, couplings=None,
+    alphas=None, couplings=None, warn_partial: bool = True,
 ) -> Edit:
     """The :class:`Edit` rescaling ``component`` (an index or a list) of one head's circuit by ``alpha``, or
     each component by its own entry of ``alphas`` (aligned with the sorted components; ``alpha`` is then 1).
@@ -68,6 +68,9 @@ def make_edit(
     ``couplings`` (``(a, b, g)`` triples over ``component``; see :attr:`Edit.couplings`) add
     ``g * s_a * u_a v_b^T`` each: the change is then ``U diag(S) M V^T`` over the components, ``M`` holding
     ``alpha_i - 1`` on its diagonal and the couplings off it.
+
+    ``warn_partial=False`` skips the warning about components that split a block of nearly equal singular
+    values (for callers that scale many components at once on purpose, such as causal tests).
 
     Nothing is written; apply it with :meth:`EditLog.apply`. Raises :class:`InvalidArgumentError` on a bad
     layer, head, circuit, component or alpha, or when the change would not be finite.
@@ -83,7 +86,8 @@ def make_edit(
             raise InvalidArgumentError(f"alphas has {len(scales)} entries for {len(components)} components; give one each.")
     A, B = circuit_factors(layout, layer, head, circuit, folded=folded)
     U, S, V = linalg.factored_svd(A, B)
-    _warn_if_partial_block(SVDResult(U, S, V), components, layer, head, circuit)
+    if warn_partial:
+        _warn_if_partial_block(SVDResult(U, S, V), components, layer, head, circuit)
     idx = torch.tensor(components, device=U.device)
     factor = torch.tensor(scales, dtype=S.dtype, device=S.device) - 1.0 if scales is not None else alpha - 1.0
     coeff = factor * S[idx]
