@@ -65,6 +65,14 @@ def test_find_traces_the_circuit_and_draws_it(capsys, model_dir, tmp_path):
         assert (tmp_path / "c" / f"circuit.{suffix}").stat().st_size > 0
 
 
+def test_find_passes_the_circuit_settings(capsys, model_dir):
+    code, out, _ = run(capsys, "find", str(model_dir), "--lengths", "3", "5", "--n", "16", "--n-prompts", "4",
+                       "--min-effect", "0.7", "--max-depth", "1", "--json")
+    assert code == 0
+    config = json.loads(out)["circuit"]["meta"]["config"]
+    assert (config["min_effect"], config["max_depth"]) == (0.7, 1)
+
+
 def test_find_roles_reports_channels_as_json(capsys, model_dir, tmp_path):
     code, out, _ = run(capsys, "find", str(model_dir), "--roles", "--lengths", "3", "5", "--n", "16", "--n-prompts", "4",
                        "--json", "--out", str(tmp_path / "f"))

@@ -157,7 +157,8 @@ def cmd_find(args, out: _Out) -> dict[str, Any]:
 
 def _find_circuit(editor, train, args, out: _Out) -> dict[str, Any]:
     """``find`` (default): :meth:`ChannelEditor.find_circuit` on the train split; JSON and PNG/SVG into ``--out``."""
-    circuit = editor.find_circuit(train, n_prompts=args.n_prompts, seed=args.seed, progress=not args.quiet)
+    chosen = {k: v for k, v in (("min_effect", args.min_effect), ("max_depth", args.max_depth)) if v is not None}
+    circuit = editor.find_circuit(train, n_prompts=args.n_prompts, seed=args.seed, progress=not args.quiet, **chosen)
     if args.out:
         from .circuit_plot import plot_circuit
 
@@ -168,7 +169,8 @@ def _find_circuit(editor, train, args, out: _Out) -> dict[str, Any]:
             plot_circuit(circuit, folder / f"circuit.{suffix}", n_heads=editor.n_heads)
     heads = [f"{h.layer}.{h.head} ({h.role}, step {h.step})" for h in circuit.heads]
     out.say(f"circuit: {len(heads)} head(s): {', '.join(heads) or 'none'}; {circuit.meta.get('reason', '')}")
-    out.say(f"weight vs causal rank correlation per mode: {circuit.meta.get('spearman')}")
+    out.say(f"weight vs causal rank correlation per mode: {circuit.meta.get('spearman')}; "
+            f"attribution vs causal: {circuit.meta.get('spearman_attribution')}")
     return {"circuit": circuit.to_dict(), "heads": circuit.head_list()}
 
 

@@ -111,6 +111,10 @@ def _add_find(sub, common) -> None:
     p.add_argument("--roles", action="store_true",
                    help="ranked inhibition and duplicate-detection channels of the three-role reading (find_channels) "
                         "instead of the circuit")
+    p.add_argument("--min-effect", type=float, default=None,
+                   help="circuit: the causal effect a sender needs, as a share of the seed heads' summed direct "
+                        "effect (default: CircuitConfig's)")
+    p.add_argument("--max-depth", type=int, default=None, help="circuit: composition steps back (default: CircuitConfig's)")
     p.add_argument("--out", help="write circuit.json, circuit.png and circuit.svg (with --roles: channels.csv) here")
 
 
