@@ -76,6 +76,31 @@ def test_fit_science_runs_every_condition_on_a_tiny_model(scripts, monkeypatch, 
         fit_science.Science(args2)
 
 
+def test_fit_science_ioi_runs_the_head_set_conditions(scripts, monkeypatch, tmp_path):
+    """--task ioi: IOI is the fitted task; the budget-256 plan gives (h), and the circuit and its random
+    controls are fitted and read on IOI's own test split."""
+    fit_science, _ = scripts
+    out = tmp_path / "ioi.json"
+    args = _args(fit_science, monkeypatch, "--model", "tiny", "--task", "ioi", "--out", str(out), "--n-test", "4",
+                 "--steps", "2", "--refit-steps", "2", "--circuit-grid", "0.0",
+                 "--only", "b_budget_256,c_discovered_32,h_fit_heads_32,i_circuit_32,i_random_32_seed0")
+    run = fit_science.Science(args)
+    run.dense_all_fit()
+    run.budget_fit(256)
+    run.find_heads()
+    run.discovered_vs_random_32()
+    run.fit_heads_32()
+    run.circuit_32()
+    run.circuit_random_32()
+    run.finish()
+    res = json.loads(out.read_text())
+    assert res["data"]["task"] == "ioi" and res["data"]["test"] == 12
+    conds = res["conditions"]
+    assert {"b_budget_256", "c_discovered_32", "h_fit_heads_32"} <= set(conds)
+    for name, row in conds.items():
+        assert len(row["test_outcomes"]) == 12 and set(row) >= {"test", "test_margin_change"}, name
+
+
 def test_fit_options_scores_on_a_split_disjoint_from_test(scripts, monkeypatch, tmp_path):
     fit_science, fit_options = scripts
     monkeypatch.setitem(fit_options.VARIANTS, "tiny_a", (dict(steps=2, refit_steps=2), "omitted"))
