@@ -600,6 +600,20 @@ class Science:
         self.record("i_circuit_32", info)
         self.editor.reset()
 
+    def fit_heads_circuit_size(self) -> None:
+        """(h) at the chosen circuit's size: the heads holding most of the budget-256 edit, as many as the
+        circuit has, fitted at budget 32 exactly as (i). Is the circuit better only for having more heads?"""
+        circuit = self.results.get("circuit", {}).get("heads", [])
+        if not (circuit and self.want("h_fit_heads_32_circuit_size") and self.plan_dir.exists()):
+            return
+        mass, _ = plan_head_mass(self.plan_dir)
+        heads = sorted(sorted(mass, key=lambda h: -mass[h])[:len(circuit)])
+        _, info = self.fit(FitConfig(heads=heads, budget=32, **self.head_cfg))
+        info.update(selection=f"the {len(heads)} heads of largest sum |log scale| in the budget-256 plan "
+                              "(as many as the circuit)", shared_with_circuit=len(set(map(tuple, circuit)) & set(heads)))
+        self.record("h_fit_heads_32_circuit_size", info)
+        self.editor.reset()
+
     def circuit_random_32(self) -> None:
         """(i) control: as many random heads as the chosen circuit holds (layers >= 1, outside it; seed
         ``200 + seed``), fitted at budget 32 exactly as (i)."""
@@ -670,6 +684,7 @@ def main() -> None:
     run.fit_heads_32()
     run.circuit_32()
     run.circuit_random_32()
+    run.fit_heads_circuit_size()
     run.finish()
 
 

@@ -83,7 +83,8 @@ def test_fit_science_ioi_runs_the_head_set_conditions(scripts, monkeypatch, tmp_
     out = tmp_path / "ioi.json"
     args = _args(fit_science, monkeypatch, "--model", "tiny", "--task", "ioi", "--out", str(out), "--n-test", "4",
                  "--steps", "2", "--refit-steps", "2", "--circuit-grid", "0.0",
-                 "--only", "b_budget_256,c_discovered_32,h_fit_heads_32,i_circuit_32,i_random_32_seed0")
+                 "--only", "b_budget_256,c_discovered_32,h_fit_heads_32,i_circuit_32,i_random_32_seed0,"
+                           "h_fit_heads_32_circuit_size")
     run = fit_science.Science(args)
     run.dense_all_fit()
     run.budget_fit(256)
@@ -92,11 +93,16 @@ def test_fit_science_ioi_runs_the_head_set_conditions(scripts, monkeypatch, tmp_
     run.fit_heads_32()
     run.circuit_32()
     run.circuit_random_32()
+    run.fit_heads_circuit_size()
     run.finish()
     res = json.loads(out.read_text())
     assert res["data"]["task"] == "ioi" and res["data"]["test"] == 12
     conds = res["conditions"]
     assert {"b_budget_256", "c_discovered_32", "h_fit_heads_32"} <= set(conds)
+    if "i_circuit_32" in conds:  # a random tiny model may have no head above the thresholds
+        mass, _ = fit_science.plan_head_mass(out.with_suffix(".plan256"))
+        top = sorted(sorted(mass, key=lambda h: -mass[h])[:len(res["circuit"]["heads"])])
+        assert [tuple(h) for h in conds["h_fit_heads_32_circuit_size"]["heads"]] == top
     for name, row in conds.items():
         assert len(row["test_outcomes"]) == 12 and set(row) >= {"test", "test_margin_change"}, name
 
