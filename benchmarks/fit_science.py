@@ -658,7 +658,7 @@ def _parse_args() -> argparse.Namespace:
     ap.add_argument("--head-fit", default="{}", help="JSON of FitConfig overrides for the budget-32 head-set "
                                                      "fits (c), (h), (i), on top of their short fit (--steps "
                                                      "dense, 10 refit steps, constant learning rate)")
-    ap.add_argument("--circuit-grid", default="0.2,0.1,0.05,0.02",
+    ap.add_argument("--circuit-grid", default="0.8,0.5,0.35,0.2",
                     help="min_effect values of find_circuit tried on dev for (i)")
     ap.add_argument("--circuit-config", default="{}", help="JSON of CircuitConfig overrides for (i), e.g. "
                                                            "'{\"max_candidates\": 4}'")

@@ -90,7 +90,7 @@ class CircuitConfig(Settings):
                 "by its attribution's sign) or 'remove'"})
     scale_step: float = field(default=0.5, metadata={"help": "log-scale step of confirm='scale'"})
     t_min: float = field(default=2.5, metadata={"help": "kept: |mean effect| / standard error over prompts"})
-    min_effect: float = field(default=0.05, metadata={
+    min_effect: float = field(default=0.35, metadata={
         "help": "kept: |mean effect| at least this fraction of the seed heads' summed |direct effect| "
                 "(0: significance alone)"})
     min_gain: float = field(default=0.05, metadata={
