@@ -546,12 +546,18 @@ class Science:
         n_disc = len(self.heads_disc or self.results.get("findings", {}).get("discovered_heads", []))
         if not (self.want("h_fit_heads_32") and self.plan_dir.exists() and n_disc):
             return
+        self._fit_plan_heads("h_fit_heads_32", n_disc, "the heads of largest sum |log scale| in the budget-256 plan")
+
+    def _fit_plan_heads(self, name: str, n: int, selection: str, circuit=None) -> None:
+        """Fit (budget 32, as (c)) the ``n`` heads holding most of the budget-256 plan and record ``name``
+        (with how many of them ``circuit`` holds, when given)."""
         mass, _ = plan_head_mass(self.plan_dir)
-        heads = sorted(sorted(mass, key=lambda h: -mass[h])[:n_disc])
+        heads = sorted(sorted(mass, key=lambda h: -mass[h])[:n])
         _, info = self.fit(FitConfig(heads=heads, budget=32, **self.head_cfg))
-        info.update(selection="the heads of largest sum |log scale| in the budget-256 plan",
-                    head_mass={f"{l}.{h}": mass[(l, h)] for l, h in heads})
-        self.record("h_fit_heads_32", info)
+        info.update(selection=selection, head_mass={f"{l}.{h}": mass[(l, h)] for l, h in heads})
+        if circuit is not None:
+            info["shared_with_circuit"] = len(set(map(tuple, circuit)) & set(heads))
+        self.record(name, info)
         self.editor.reset()
 
     def circuit_32(self) -> None:
@@ -606,13 +612,9 @@ class Science:
         circuit = self.results.get("circuit", {}).get("heads", [])
         if not (circuit and self.want("h_fit_heads_32_circuit_size") and self.plan_dir.exists()):
             return
-        mass, _ = plan_head_mass(self.plan_dir)
-        heads = sorted(sorted(mass, key=lambda h: -mass[h])[:len(circuit)])
-        _, info = self.fit(FitConfig(heads=heads, budget=32, **self.head_cfg))
-        info.update(selection=f"the {len(heads)} heads of largest sum |log scale| in the budget-256 plan "
-                              "(as many as the circuit)", shared_with_circuit=len(set(map(tuple, circuit)) & set(heads)))
-        self.record("h_fit_heads_32_circuit_size", info)
-        self.editor.reset()
+        self._fit_plan_heads("h_fit_heads_32_circuit_size", len(circuit),
+                             "the heads of largest sum |log scale| in the budget-256 plan, as many as the circuit",
+                             circuit=circuit)
 
     def circuit_random_32(self) -> None:
         """(i) control: as many random heads as the chosen circuit holds (layers >= 1, outside it; seed

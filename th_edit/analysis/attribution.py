@@ -19,8 +19,8 @@ from typing import Sequence
 
 import torch
 
-from ..edits.reparam import ChannelFit
-from ..tasks.batching import PromptBatch
+from ..edits.reparam import ChannelFit, frozen_parameters
+from ..tasks.batching import PromptBatch, input_device
 from ..utils.progress import progress_bar
 from .protocol import HeadEditor
 
@@ -48,7 +48,8 @@ def component_attribution(editor: HeadEditor, batches: Sequence[PromptBatch], *,
     """``[n_layers, n_heads, d_head]`` float32 on the CPU: ``d mean margin / d log(alpha)`` of every OV
     component (index ``c`` as in ``editor.svd(l, h, "ov")``) over the prompts of ``batches``.
 
-    The model's parameters are not written and their ``requires_grad`` flags are restored.
+    The model's parameters are not written; it runs in eval mode, and its ``requires_grad`` flags and
+    training mode are restored (:func:`~th_edit.edits.reparam.frozen_parameters`).
     """
     L = editor.layout
     heads = [(layer, head) for layer in range(L.n_layers) for head in range(L.n_heads)]
@@ -56,21 +57,14 @@ def component_attribution(editor: HeadEditor, batches: Sequence[PromptBatch], *,
     theta = fit.theta.clone().requires_grad_(True)
     total = torch.zeros_like(theta)
     n = sum(len(pb) for pb in batches)
-    params = list(editor.model.parameters())
-    flags = [p.requires_grad for p in params]
-    device = next(iter(params)).device
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        with progress_bar(total=len(batches), desc="circuit: attribution", enabled=progress) as bar:
-            for pb in batches:
-                with fit.hooks(theta):
-                    out = editor.model(input_ids=pb.input_ids.to(device), attention_mask=pb.attention_mask.to(device))
-                margin = answer_margins(out.logits, pb, pb.input_ids.shape[1]).sum() / n
-                (grad,) = torch.autograd.grad(margin, theta)
-                total += grad.detach().cpu()
-                bar.update(1)
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
+    device = input_device(editor.model)
+    with frozen_parameters(editor.model), progress_bar(total=len(batches), desc="circuit: attribution",
+                                                       enabled=progress) as bar:
+        for pb in batches:
+            with fit.hooks(theta):
+                out = editor.model(input_ids=pb.input_ids.to(device), attention_mask=pb.attention_mask.to(device))
+            margin = answer_margins(out.logits, pb, pb.input_ids.shape[1]).sum() / n
+            (grad,) = torch.autograd.grad(margin, theta)
+            total += grad.detach().cpu()
+            bar.update(1)
     return total.view(L.n_layers, L.n_heads, -1)

@@ -60,12 +60,11 @@ from .attribution import answer_margins, component_attribution
 from .protocol import HeadEditor
 from .roles import mover_scores, prompt_cache, sequence_roles
 
-__all__ = ["CircuitConfig", "CircuitHead", "CircuitEdge", "Circuit", "find_circuit", "head_role"]
+__all__ = ["CircuitConfig", "CircuitHead", "CircuitChannel", "CircuitEdge", "Circuit", "find_circuit", "head_role"]
 
 logger = logging.getLogger(__name__)
 
 Head = tuple[int, int]
-Component = tuple[int, int, int]
 ROLES = ("mover", "inhibition", "duplicate_token", "induction", "previous_token", "other")
 
 
@@ -137,14 +136,10 @@ class CircuitHead:
 
 
 @dataclass
-class CircuitEdge:
-    """A channel: the OV ``components`` of the ``sender`` head that compose into the ``receiver`` head in
-    ``mode`` above baseline. ``weight_z``: the largest of their composition scores as a z-score over the
-    random baseline (``weight_score`` raw). ``attribution``: their summed ``|d margin / d log-scale|``.
-    ``effect``: mean change of the answer's logit difference under the causal test of the sender's channels
-    of that step (``confirm`` of the config: scaled towards the answer, or removed, where negative means
-    they helped the answer), ``t`` that mean over its standard error; ``kept``: whether it passed ``t_min``
-    and ``min_effect``."""
+class CircuitChannel:
+    """A candidate channel: the OV ``components`` of the ``sender`` head that compose into the ``receiver``
+    head in ``mode`` above baseline. ``weight_z``: the largest of their composition scores as a z-score over
+    the random baseline (``weight_score`` raw). ``attribution``: their summed ``|d margin / d log-scale|``."""
 
     sender: Head
     components: tuple[int, ...]
@@ -153,6 +148,15 @@ class CircuitEdge:
     weight_score: float
     weight_z: float
     attribution: float
+
+
+@dataclass
+class CircuitEdge(CircuitChannel):
+    """A measured :class:`CircuitChannel`. ``effect``: mean change of the answer's logit difference under
+    the causal test of the sender's channels of that step (``confirm`` of the config: scaled towards the
+    answer, or removed, where negative means they helped the answer), ``t`` that mean over its standard
+    error; ``kept``: whether it passed ``t_min`` and ``min_effect``."""
+
     effect: float
     t: float
     kept: bool
@@ -268,21 +272,8 @@ def _seed_heads(movers: pd.DataFrame, cfg: CircuitConfig) -> dict[Head, float]:
     return {h: v for h, v in effects.items() if abs(v) >= cfg.direct_fraction * top}
 
 
-@dataclass
-class _Channel:
-    """A candidate channel before its causal test (see :class:`CircuitEdge`)."""
-
-    sender: Head
-    components: tuple[int, ...]
-    receiver: Head
-    mode: str
-    weight_score: float
-    weight_z: float
-    attribution: float
-
-
 def _candidates(cmap, receivers: Sequence[Head], n_heads: int, grads: torch.Tensor,
-                cfg: CircuitConfig) -> list[_Channel]:
+                cfg: CircuitConfig) -> list[CircuitChannel]:
     """Each earlier head's channel into each receiver and mode (its components ``z_min`` or more baseline
     deviations up), the ``max_candidates`` of largest attribution per receiver and mode."""
     mean, std = cmap.baselines["component"]
@@ -296,14 +287,18 @@ def _candidates(cmap, receivers: Sequence[Head], n_heads: int, grads: torch.Tens
                 z = (scores - mean) / (std if std > 0 else 1.0)
                 comps = torch.nonzero(z >= cfg.z_min).flatten()
                 if comps.numel():
-                    found.append(_Channel(sender, tuple(comps.tolist()), receiver, mode, float(scores[comps].max()),
-                                          float(z[comps].max()), float(grads[sender][comps].abs().sum())))
+                    found.append(CircuitChannel(sender, tuple(comps.tolist()), receiver, mode, float(scores[comps].max()),
+                                                float(z[comps].max()), float(grads[sender][comps].abs().sum())))
             found.sort(key=lambda ch: (-ch.attribution, -ch.weight_z))
             out += found[:cfg.max_candidates]
     return out
 
 
-def _sender_tests(cands: Sequence[_Channel]) -> dict[Head, _Channel]:
+#: a causal test: a sender head and the components of it that the test rescales (or removes)
+SenderTest = tuple[Head, tuple[int, ...]]
+
+
+def _sender_tests(cands: Sequence[CircuitChannel]) -> dict[Head, SenderTest]:
     """One causal test per sender head of a step: the union of its candidate channels' components (into
     all of the step's receivers and modes). The test says whether that head's channels into the circuit
     move the answer; the channels of one sender overlap heavily, so testing each alone would mostly
@@ -311,51 +306,52 @@ def _sender_tests(cands: Sequence[_Channel]) -> dict[Head, _Channel]:
     comps: dict[Head, set[int]] = {}
     for ch in cands:
         comps.setdefault(ch.sender, set()).update(ch.components)
-    return {h: _Channel(h, tuple(sorted(c)), h, "", 0.0, 0.0, 0.0) for h, c in comps.items()}
+    return {h: (h, tuple(sorted(c))) for h, c in comps.items()}
 
 
-def _test_key(ch: _Channel, cfg: CircuitConfig) -> tuple:
+def _test_key(test: SenderTest, cfg: CircuitConfig) -> tuple:
     """What a causal test depends on: the memo key of :func:`_measure`."""
-    return (*ch.sender, ch.components, cfg.confirm, cfg.scale_step if cfg.confirm == "scale" else None)
+    (layer, head), components = test
+    return (layer, head, components, cfg.confirm, cfg.scale_step if cfg.confirm == "scale" else None)
 
 
-def _measure(editor: HeadEditor, batches: Sequence[PromptBatch], channels: Sequence[_Channel], grads: torch.Tensor,
+def _measure(editor: HeadEditor, batches: Sequence[PromptBatch], tests: Sequence[SenderTest], grads: torch.Tensor,
              base: torch.Tensor, cfg: CircuitConfig, progress: bool) -> dict[tuple, tuple[float, float]]:
     """``{key: (mean effect, t)}`` (keys of :func:`_test_key`): the change of the answer margin under each
-    channel's causal test (exact edits, undone before the next one), through one layer cache advanced by
-    sender layer. Under ``accelerate launch`` each process tests every N-th channel (in layer order) and
-    all get the whole result."""
+    causal test (exact edits, undone before the next one), through one layer cache advanced by sender
+    layer. Under ``accelerate launch`` each process runs every N-th test (in layer order) and all get the
+    whole result."""
     rank, world = process_rank_and_count()
-    todo = {_test_key(ch, cfg): ch for ch in channels}
+    todo = {_test_key(test, cfg): test for test in tests}
     mine = [todo[k] for k in sorted(todo)][rank::world]
     out: dict[tuple, tuple[float, float]] = {}
     if mine:
-        cache = prompt_cache(editor, batches, mine[0].sender[0])
+        cache = prompt_cache(editor, batches, mine[0][0][0])
         with progress_bar(total=len(mine), desc="circuit: causal effects", enabled=progress and rank == 0) as bar:
-            for ch in mine:
-                cache.advance(ch.sender[0])
-                out[_test_key(ch, cfg)] = _effect(editor, cache, batches, ch, grads, base, cfg)
+            for test in mine:
+                cache.advance(test[0][0])
+                out[_test_key(test, cfg)] = _effect(editor, cache, batches, test, grads, base, cfg)
                 bar.update(1)
     return {k: v for part in gather_from_processes(out, world) for k, v in part.items()}
 
 
-def _channel_edit(editor: HeadEditor, ch: _Channel, grads: torch.Tensor, cfg: CircuitConfig) -> Edit:
-    """The causal test of ``ch`` as one exact edit of its sender's OV circuit (every component scaled from
-    the same SVD): removal, or each component by ``exp(+-scale_step)``, up where its attribution is >= 0."""
-    layer, head = ch.sender
+def _test_edit(editor: HeadEditor, test: SenderTest, grads: torch.Tensor, cfg: CircuitConfig) -> Edit:
+    """The causal test as one exact edit of its sender's OV circuit (every component scaled from the same
+    SVD): removal, or each component by ``exp(+-scale_step)``, up where its attribution is >= 0."""
+    (layer, head), components = test
     if cfg.confirm == "remove":
-        alphas = [0.0] * len(ch.components)
+        alphas = [0.0] * len(components)
     else:
         g = grads[layer, head]
-        alphas = [math.exp(cfg.scale_step if g[c] >= 0 else -cfg.scale_step) for c in ch.components]
-    return make_edit(editor.layout, layer, head, "ov", list(ch.components), 1.0, folded=editor.folded, alphas=alphas,
+        alphas = [math.exp(cfg.scale_step if g[c] >= 0 else -cfg.scale_step) for c in components]
+    return make_edit(editor.layout, layer, head, "ov", list(components), 1.0, folded=editor.folded, alphas=alphas,
                      warn_partial=False)
 
 
-def _effect(editor: HeadEditor, cache, batches: Sequence[PromptBatch], ch: _Channel, grads: torch.Tensor,
+def _effect(editor: HeadEditor, cache, batches: Sequence[PromptBatch], test: SenderTest, grads: torch.Tensor,
             base: torch.Tensor, cfg: CircuitConfig) -> tuple[float, float]:
-    """``(mean, t)`` of the per-prompt margin change under ``ch``'s causal test (undone before returning)."""
-    editor.apply_edit(_channel_edit(editor, ch, grads, cfg))
+    """``(mean, t)`` of the per-prompt margin change under the causal ``test`` (undone before returning)."""
+    editor.apply_edit(_test_edit(editor, test, grads, cfg))
     try:
         diff = _all_margins(cache, batches) - base
     finally:
@@ -386,7 +382,7 @@ def _walk(editor: HeadEditor, batches, cmap, seeds: dict[Head, float], base: tor
             reason = f"step {depth}: no sender component composes above z_min={cfg.z_min}"
             break
         tests = _sender_tests(cands)
-        measured.update(_measure(editor, batches, [t for t in tests.values() if _test_key(t, cfg) not in measured],
+        measured.update(_measure(editor, batches, [x for x in tests.values() if _test_key(x, cfg) not in measured],
                                  grads, base, cfg, progress))
         step_edges = []
         for ch in cands:

@@ -58,7 +58,7 @@ from .fit_config import FitConfig, FitResult
 from ..utils.distributed import all_reduce_sum, process_rank_and_count
 from .fit_data import FitProblem, split_rows, task_ce
 from .scale import EditLog
-from .reparam import ChannelFit
+from .reparam import ChannelFit, frozen_parameters
 
 __all__ = ["FitConfig", "FitResult", "Candidate", "fit_edit", "resolve_heads", "ChannelFit"]
 
@@ -375,27 +375,6 @@ def _evaluation_record(result: FitResult, config: FitConfig, test_given: bool) -
     return {"before": before, "after": after, "note": note}
 
 
-def _grad_flags(model: torch.nn.Module) -> list[bool]:
-    """``requires_grad`` of every parameter, in ``model.parameters()`` order."""
-    return [p.requires_grad for p in model.parameters()]
-
-
-@contextmanager
-def _frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
-    """Inside the block every parameter has ``requires_grad=False`` and the model is in eval mode; both are
-    restored on exit, also on an error or Ctrl-C."""
-    flags, was_training = _grad_flags(model), model.training
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-        yield
-    finally:
-        for flag, p in zip(flags, model.parameters()):
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
 @contextmanager
 def _all_or_nothing(log: EditLog) -> Iterator[None]:
     """Edits applied through ``log`` inside the block are undone, newest first, if it raises (the model is
@@ -513,7 +492,7 @@ def fit_edit(layout: AttentionLayout, log: EditLog, tokenizer: Any, train: Rows,
     with _all_or_nothing(log), _test_split_reuse(model, layout, first, test) as reuse:
         test_before = _evaluate_test(model, tokenizer, test, config, "before")
         t0 = time.perf_counter()
-        with reuse.paused() if reuse is not None else nullcontext(), _frozen_parameters(model):
+        with reuse.paused() if reuse is not None else nullcontext(), frozen_parameters(model):
             problem = FitProblem(model, layout, tokenizer, train_rows, dev_rows, config)
             search, dev_before = _search(problem, ChannelFit(layout, heads, config.circuits, folded), config,
                                          dense_from, timings)

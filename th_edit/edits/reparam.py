@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pandas as pd
@@ -19,9 +20,25 @@ from ..core.layout import AttentionLayout
 from .plan import Edit
 from .scale import coupled_selection
 
-__all__ = ["FitUnit", "ChannelFit", "FitHooks"]
+__all__ = ["FitUnit", "ChannelFit", "FitHooks", "frozen_parameters"]
 
 logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block every parameter has ``requires_grad=False`` and the model is in eval mode; both are
+    restored on exit, also on an error or Ctrl-C (gradients then reach only the log-scales of a fit)."""
+    flags, was_training = [p.requires_grad for p in model.parameters()], model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for flag, p in zip(flags, model.parameters()):
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 # ----- the differentiable edit ---------------------------------------------------------------------
