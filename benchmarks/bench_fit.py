@@ -21,7 +21,7 @@ import torch
 from th_edit import ChannelEditor
 from th_edit.data import laundry_list
 from th_edit.edits.fit import ChannelFit, FitConfig, fit_edit
-from th_edit.edits.fit_data import FitProblem
+from th_edit.edits.fit_problem import FitProblem
 from th_edit.models import load_model
 
 

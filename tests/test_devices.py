@@ -10,8 +10,8 @@ import torch
 from th_edit import ChannelEditor, DeviceError
 from th_edit.app.cli import main
 from th_edit.edits.fit import FitConfig
-from th_edit.edits.fit_data import FitProblem, split_rows
-from th_edit.sharing.models import load_model
+from th_edit.edits.fit_problem import FitProblem, split_rows
+from th_edit.sharing.bundled_models import load_model
 from th_edit.tasks.data import laundry_list
 from th_edit.utils import devices
 from th_edit.utils.devices import auto_batch_size, resolve_device, resolve_dtype

@@ -76,7 +76,7 @@ def doc_runs(tmp_path_factory):
 
     from th_edit import ChannelEditor
     from th_edit.data import laundry_list
-    from th_edit.sharing import models as models_mod
+    from th_edit.sharing import bundled_models as models_mod
 
     root = tmp_path_factory.mktemp("docs")
     server, state = serve(root / "hub", {"hf_test_me_write": "me"})

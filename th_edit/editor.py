@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, ContextManager, Sequence, Union
 import torch
 from torch import nn
 
-from .analysis import circuit as circuit_discovery, composition, discovery, edit_search, weights_only
-from .analysis.channels import ChannelMap
+from .analysis import channel_map as channel_maps, circuit_discovery, discovery, edit_search, weights_only
+from .analysis.channel_stream import ChannelMap
 from .core import circuits
 from .core.architectures import ArchSpec
 from .core.circuits import MODES, HeadWeights, SVDResult, check_circuit
-from .core.checkpoint import CheckpointLayout
+from .core.checkpoint_layout import CheckpointLayout
 from .core.layout import AttentionLayout
 from .edits import fit, steering
 from .edits.plan import Edit, EditPlan
@@ -124,29 +124,29 @@ class ChannelEditor:
         return circuits.stacked_factors(self.layout, circuit, folded=self._folded(folded), layers=layers, device=device)
 
     # ----- composition --------------------------------------------------------------------------
-    def channel_map(self, modes: Sequence[str] = MODES, *, config: composition.ChannelMapConfig | None = None,
+    def channel_map(self, modes: Sequence[str] = MODES, *, config: channel_maps.ChannelMapConfig | None = None,
                     folded: bool | None = None, senders: Sequence[tuple[int, int]] | None = None,
                     receivers: Sequence[tuple[int, int]] | None = None, layers: Sequence[int] | None = None,
                     device: Device = None, progress: bool = True, **settings: Any) -> ChannelMap:
         """Composition of every sender head's OV components into every later receiver head.
 
         ``settings`` (``memory_limit_mb``, ``keep_top``, ``baseline_samples``, ``seed``) override fields of
-        ``config`` (a :class:`~th_edit.analysis.composition.ChannelMapConfig`). See
-        :func:`th_edit.analysis.composition.channel_map`.
+        ``config`` (a :class:`~th_edit.analysis.channel_map.ChannelMapConfig`). See
+        :func:`th_edit.analysis.channel_map.channel_map`.
 
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> editor = ChannelEditor(GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=4, n_embd=64, vocab_size=50)))
         >>> editor.channel_map(progress=False, baseline_samples=4).head_scores("q").shape
         torch.Size([3, 4, 3, 4])
         """
-        cfg = composition.ChannelMapConfig.merged(config, modes=tuple(modes), **settings)
-        return composition.channel_map(self.layout, cfg, folded=self._folded(folded), senders=senders,
+        cfg = channel_maps.ChannelMapConfig.merged(config, modes=tuple(modes), **settings)
+        return channel_maps.channel_map(self.layout, cfg, folded=self._folded(folded), senders=senders,
                                        receivers=receivers, layers=layers, device=device, progress=progress)
 
     def composition(self, sender: tuple[int, int], receiver: tuple[int, int], mode: str = "q", *,
                     folded: bool | None = None) -> dict[str, Any]:
-        """One sender head into one later receiver head, all levels (see :func:`composition.head_composition`)."""
-        return composition.head_composition(self.layout, sender, receiver, mode, folded=self._folded(folded))
+        """One sender head into one later receiver head, all levels (see :func:`th_edit.analysis.channel_map.head_composition`)."""
+        return channel_maps.head_composition(self.layout, sender, receiver, mode, folded=self._folded(folded))
 
     # ----- editing ------------------------------------------------------------------------------
     def scale_component(self, layer: int, head: int, circuit: str = "ov", component: int | Sequence[int] = 0,
@@ -202,7 +202,7 @@ class ChannelEditor:
                      channel_map=None, measurements: dict | None = None, progress: bool = True,
                      **settings: Any) -> circuit_discovery.Circuit:
         """The circuit that writes the task's answer, found backward from the answer through composition
-        steps confirmed causally; see :func:`th_edit.analysis.circuit.find_circuit`. Pass train or dev
+        steps confirmed causally; see :func:`th_edit.analysis.circuit_discovery.find_circuit`. Pass train or dev
         prompts, never test."""
         return circuit_discovery.find_circuit(self, self._tokenizer(tokenizer), dataset, config,
                                               channel_map=channel_map, measurements=measurements,
@@ -307,7 +307,7 @@ class ChannelEditor:
         memory) work and equal the loaded model's; editing methods raise :class:`AnalysisOnlyError`.
         For a Hub id only ``config.json``, the index and the shards holding attention weights are downloaded.
         ``device``: where layers are loaded and circuits computed; ``dtype``: cast on load (default as
-        stored); ``cache_layers``: layers kept in memory. See :class:`~th_edit.core.checkpoint.CheckpointLayout`.
+        stored); ``cache_layers``: layers kept in memory. See :class:`~th_edit.core.checkpoint_layout.CheckpointLayout`.
 
         >>> editor = ChannelEditor.from_checkpoint("meta-llama/Meta-Llama-3-70B")  # doctest: +SKIP
         >>> cmap = editor.channel_map(memory_limit_mb=8192)                          # doctest: +SKIP
@@ -376,7 +376,7 @@ class ChannelEditor:
                                             **kwargs)
 
     def _adapter_plan(self, edits: EditPlan | Sequence[Edit] | None) -> EditPlan:
-        return lora.plan_of(self.export_plan(), self.layout, edits)
+        return lora.plan_to_export(self.export_plan(), self.layout, edits)
 
     @classmethod
     def from_adapter(cls, model: nn.Module, source: str | os.PathLike, *, verify: bool = True,
@@ -415,12 +415,12 @@ class WeightsOnlyEditor(ChannelEditor):
         return (f"WeightsOnlyEditor({L.directory}, {L.config.model_type}, layers={self.n_layers}, heads={self.n_heads}, "
                 f"kv_heads={self.n_kv_heads}, d_model={self.d_model}, d_head={self.d_head})")
 
-    def channel_map(self, modes: Sequence[str] = MODES, *, config: composition.ChannelMapConfig | None = None,
+    def channel_map(self, modes: Sequence[str] = MODES, *, config: channel_maps.ChannelMapConfig | None = None,
                     folded: bool | None = None, senders=None, receivers=None, layers=None, device=None,
                     progress: bool = True, **settings: Any):
         """The channel map, equal to the loaded model's, in bounded memory (see the class docstring);
         arguments as :meth:`ChannelEditor.channel_map`."""
-        cfg = composition.config_from(composition.ChannelMapConfig, config, modes=tuple(modes), **settings)
+        cfg = channel_maps.config_from(channel_maps.ChannelMapConfig, config, modes=tuple(modes), **settings)
         return weights_only.bounded_channel_map(self.layout, cfg, folded=self._folded(folded), senders=senders,
                                                 receivers=receivers, layers=layers, device=device, progress=progress)
 

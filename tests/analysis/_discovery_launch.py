@@ -25,7 +25,7 @@ def _counting(module, name: str, counts: dict[str, int]):
 
 
 def main(out: str) -> None:
-    import th_edit.analysis.circuit as circuit_mod
+    import th_edit.analysis.circuit_discovery as circuit_mod
     import th_edit.analysis.discovery as discovery_mod
 
     counts: dict[str, int] = {}

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-import th_edit.analysis.channels as channels
+import th_edit.analysis.channel_stream as channels
 from th_edit import ChannelEditor
-from th_edit.analysis.channels_shard import canonical_top, merge_parts, sender_blocks
+from th_edit.analysis.channel_shards import canonical_top, merge_parts, sender_blocks
 from th_edit.app.cli import main as cli_main
 from th_edit.utils.sharding import balanced_blocks
 from tiny_models import make_model

@@ -16,7 +16,7 @@ import th_edit.analysis.weights_only as weights_only
 from th_edit import (AnalysisOnlyError, ChannelEditor, ModelFileError, QuantizedModelError, UnsupportedModelError,
                      channel_map_from_checkpoint)
 from th_edit.app.cli import main as cli_main
-from th_edit.core.checkpoint import INDEX_FILE, CheckpointLayout
+from th_edit.core.checkpoint_layout import INDEX_FILE, CheckpointLayout
 from launching import simulated_ranks
 from tiny_models import ARCHS, make_model
 
@@ -180,7 +180,7 @@ def test_simulated_ranks_return_the_single_process_map(world, tmp_path, monkeypa
 
 
 def _blocks(cmap, world):
-    from th_edit.analysis.channels_shard import sender_blocks
+    from th_edit.analysis.channel_shards import sender_blocks
 
     return sender_blocks([l for l, _ in cmap.senders], [l for l, _ in cmap.receivers], world)
 

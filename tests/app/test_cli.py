@@ -56,7 +56,7 @@ def test_find_traces_the_circuit_and_draws_it(capsys, model_dir, tmp_path):
                        "--json", "--out", str(tmp_path / "c"))
     assert code == 0
     payload = json.loads(out)
-    from th_edit.analysis.circuit import Circuit
+    from th_edit.analysis.circuit_discovery import Circuit
 
     saved = Circuit.load(tmp_path / "c" / "circuit.json")
     assert [list(h) for h in saved.head_list()] == [list(h) for h in payload["heads"]]
@@ -172,7 +172,7 @@ def test_demo_runs_end_to_end_and_is_deterministic(capsys, model_dir, tmp_path):
         assert (tmp_path / "d1" / fig).is_file()
     assert (tmp_path / "d1" / "edit_plan" / "edit_plan.json").is_file()
     # the circuit traced back from the answer: saved, drawn, in the report, and what "discovered" now names
-    from th_edit.analysis.circuit import Circuit
+    from th_edit.analysis.circuit_discovery import Circuit
 
     circuit = Circuit.load(tmp_path / "d1" / "circuit.json")
     assert [list(h) for h in circuit.head_list()] == [list(h) for h in summaries[0]["discovered_heads"]]

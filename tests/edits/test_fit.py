@@ -224,7 +224,7 @@ def test_resolve_heads_all_and_list():
 def test_guard_through_the_cache_equals_guard_loss(task):
     """FitProblem.guard runs the guard paragraphs from the fit's first layer: the same value as guard_loss
     of the model with the edit written into its weights."""
-    from th_edit.edits.fit_data import FitProblem, split_rows
+    from th_edit.edits.fit_problem import FitProblem, split_rows
     from th_edit.evaluate import guard_loss
 
     model, tok, ds = task

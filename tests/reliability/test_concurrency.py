@@ -89,7 +89,7 @@ def test_r3_two_concurrent_saves_into_one_directory_do_not_mix(tmp_path):
 def test_mp6_two_processes_convert_a_bundled_model_once(tmp_path, monkeypatch):
     """Both callers (threads here; the lock is per open file, so it works between threads as between
     processes) load a complete model, and the conversion runs once."""
-    from th_edit.sharing import models
+    from th_edit.sharing import bundled_models as models
     from th_edit.utils.files import atomic_directory
 
     cache, calls, waiting = tmp_path / "newcache", [], threading.Event()

@@ -98,7 +98,7 @@ def test_cli_edit_out_equal_to_the_model_is_refused(tmp_path, capsys):
 
 
 def test_cache_dir_owns_only_its_subdirectory(tmp_path, monkeypatch):
-    from th_edit.sharing import models
+    from th_edit.sharing import bundled_models as models
 
     cache = tmp_path / "cache"
     cache.mkdir()

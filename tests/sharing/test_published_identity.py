@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 
 from th_edit import ChannelEditor, OutputDirectoryError
 from th_edit.sharing.cards import plan_card
-from th_edit.sharing.models import BUNDLED, load_model, published_license, published_name
+from th_edit.sharing.bundled_models import BUNDLED, load_model, published_license, published_name
 from tiny_models import laundry_model
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -6,7 +6,7 @@ the mean margin with respect to that component's log-scale at the unedited model
 ``d margin / d log(alpha_c)`` at ``alpha_c = 1``: the first-order change of the answer when the component
 is rescaled by ``exp(eps)``, so removing it changes the margin by about ``-attribution`` and scaling it
 by ``exp(+-step)`` by about ``+-step * attribution``. One forward and one backward pass per batch give it
-for every component of every head (the hooks of :class:`th_edit.edits.reparam.ChannelFit`, nothing is
+for every component of every head (the hooks of :class:`th_edit.edits.fit_hooks.ChannelFit`, nothing is
 written into the model).
 
 >>> # grads = component_attribution(editor, batches)   # [n_layers, n_heads, d_head]
@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from ..edits.reparam import ChannelFit, frozen_parameters
+from ..edits.fit_hooks import ChannelFit, frozen_parameters
 from ..tasks.batching import PromptBatch, input_device
 from ..utils.progress import progress_bar
 from .protocol import HeadEditor
@@ -49,7 +49,7 @@ def component_attribution(editor: HeadEditor, batches: Sequence[PromptBatch], *,
     component (index ``c`` as in ``editor.svd(l, h, "ov")``) over the prompts of ``batches``.
 
     The model's parameters are not written; it runs in eval mode, and its ``requires_grad`` flags and
-    training mode are restored (:func:`~th_edit.edits.reparam.frozen_parameters`).
+    training mode are restored (:func:`~th_edit.edits.fit_hooks.frozen_parameters`).
     """
     L = editor.layout
     heads = [(layer, head) for layer in range(L.n_layers) for head in range(L.n_heads)]

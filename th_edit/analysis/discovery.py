@@ -219,7 +219,7 @@ def find_channels(
         dataset: task prompts (e.g. the ``train`` split of :func:`th_edit.data.laundry_list`); the first
             ``n_prompts`` are used for the data-based scores.
         config: a :class:`DiscoveryConfig`; keyword ``overrides`` replace its fields (e.g. ``n_movers=2``).
-        channel_map: a precomputed :class:`th_edit.analysis.channels.ChannelMap` with modes q, k, v.
+        channel_map: a precomputed :class:`th_edit.analysis.channel_stream.ChannelMap` with modes q, k, v.
 
     Returns:
         :class:`ChannelFindings`.

@@ -25,7 +25,7 @@ from ..core.layer_cache import reuse_lower_layers
 from ..errors import InvalidArgumentError
 from ..tasks.evaluate import EvalResult, evaluate
 from ..core.circuits import check_components
-from ..tasks.batching import eager_attention, prompt_batches, rows as dataset_rows
+from ..tasks.batching import eager_attention, prompt_batches, dataset_rows
 from .protocol import HeadEditor
 
 __all__ = ["PositionalSubspace", "head_final_outputs", "fit_positional_subspace", "traverse", "search_steering"]

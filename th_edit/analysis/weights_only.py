@@ -1,21 +1,21 @@
 """The channel map in bounded memory: sender chunks against one receiver layer at a time.
 
-The in-memory :func:`~th_edit.analysis.composition.channel_map` computes the SVD of every head first
+The in-memory :func:`~th_edit.analysis.channel_map.channel_map` computes the SVD of every head first
 (``U, V [heads, d, d_h]`` float32 per circuit: ~86 GB for Llama-3-70B). :func:`bounded_channel_map`
 gives the same map while holding only
 
 * a chunk of senders' write directions ``V [n, d, d_h]`` (as many heads as the budget allows, at least
   one layer), computed one layer at a time;
 * one receiver layer's read directions per mode (its OV and QK SVDs), recomputed for each chunk;
-* the layout's cached raw layers (a :class:`~th_edit.core.checkpoint.CheckpointLayout` loads each layer
+* the layout's cached raw layers (a :class:`~th_edit.core.checkpoint_layout.CheckpointLayout` loads each layer
   from disk when asked) and one layer's SVD working set;
-* the streaming blocks of :func:`~th_edit.analysis.channels.stream_mode`;
+* the streaming blocks of :func:`~th_edit.analysis.channel_stream.stream_mode`;
 
 plus the result itself (head ``[Ns, Nr]`` and component ``[Ns, d_h, Nr]`` float32 scores per mode).
 Every score is the same per-element computation as the in-memory map (the same SVDs, the same block
 products and reductions), and the kept pairs are chosen the same way, so the two maps are equal.
 Under ``accelerate launch`` the senders are split over the processes exactly as the in-memory map does
-(:func:`~th_edit.analysis.channels_shard.sender_blocks`) and merged with the same exact top-k.
+(:func:`~th_edit.analysis.channel_shards.sender_blocks`) and merged with the same exact top-k.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from ..core.layout import AttentionLayout
 from ..utils.distributed import process_rank_and_count
 from ..utils.progress import progress_bar
 from ..utils.sharding import gather_from_processes
-from .channels import ChannelMap, ModeData, stream_mode, expected_abs_cosine, monte_carlo_baselines
-from .channels_shard import canonical_top, sender_blocks
-from .composition import MATMUL_DTYPES, ChannelMapConfig
+from .channel_stream import ChannelMap, ModeData, stream_mode, expected_abs_cosine, monte_carlo_baselines
+from .channel_shards import canonical_top, sender_blocks
+from .channel_map import MATMUL_DTYPES, ChannelMapConfig
 
 __all__ = ["bounded_channel_map", "MemoryPlan", "plan_memory"]
 
@@ -142,7 +142,7 @@ def bounded_channel_map(
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> ChannelMap:
-    """The channel map of :func:`~th_edit.analysis.composition.channel_map`, equal to it, in bounded memory.
+    """The channel map of :func:`~th_edit.analysis.channel_map.channel_map`, equal to it, in bounded memory.
 
     Memory bound: the working memory stays below ``max(memory_limit_mb, minimum)`` where ``minimum`` is one
     layer's worth (:func:`plan_memory`: the layout's cached raw layers, ~10 float32 ``[H, d, d_h]`` stacks

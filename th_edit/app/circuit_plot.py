@@ -1,4 +1,4 @@
-"""The circuit of :func:`th_edit.analysis.circuit.find_circuit` drawn as a layered graph (PNG or SVG).
+"""The circuit of :func:`th_edit.analysis.circuit_discovery.find_circuit` drawn as a layered graph (PNG or SVG).
 
 Heads sit at (head index, layer), coloured by role; a kept edge is an arrow from the sender head to the
 receiver head, its style naming the composition mode (Q solid, K dashed, V dotted) and its width the
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from ..analysis.circuit import Circuit
+from ..analysis.circuit_discovery import Circuit
 from .plots import pyplot, save_figure
 
 __all__ = ["plot_circuit", "ROLE_COLOURS"]

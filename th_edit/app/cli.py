@@ -50,7 +50,7 @@ class _Out:
 
 def _load(args):
     """``(model, tokenizer)`` on ``--device`` in ``--dtype`` (or spread by ``--device-map``)."""
-    from ..sharing.models import load_model
+    from ..sharing.bundled_models import load_model
 
     device = None if args.device_map and args.device == "auto" else args.device
     return load_model(args.model, gguf_file=args.gguf_file, revision=args.revision, cache_dir=args.cache_dir,
@@ -326,7 +326,7 @@ def cmd_demo(args, out: _Out) -> dict[str, Any]:
 def _tokenizer(args) -> tuple[Any, str]:
     """``(tokenizer, what lm-eval's pretrained= needs)`` of MODEL; a bundled model is converted once and
     named by its converted directory."""
-    from ..sharing.models import BUNDLED, cache_root, load_model
+    from ..sharing.bundled_models import BUNDLED, cache_root, load_model
 
     if args.model in BUNDLED:
         root = Path(args.cache_dir) if args.cache_dir else cache_root()

@@ -18,11 +18,11 @@ import torch
 from ..core.layer_cache import reuse_lower_layers
 from ..editor import ChannelEditor
 from ..edits.fit import FitResult
-from ..sharing.models import load_model
+from ..sharing.bundled_models import load_model
 from ..tasks.data import Rows, laundry_list
 from ..utils.devices import runtime_record
 from .circuit_plot import plot_circuit
-from .demo_controls import heads_carrying_edit, refit_on_heads
+from .demo_checks import heads_carrying_edit, refit_on_heads
 from .plots import plot_learned_scales
 from .report import write_report
 

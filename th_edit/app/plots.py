@@ -9,7 +9,7 @@ import torch
 
 import pandas as pd
 
-from ..analysis.channels import ChannelMap
+from ..analysis.channel_stream import ChannelMap
 from ..analysis.subspace import PositionalSubspace
 
 __all__ = ["pyplot", "save_figure", "plot_receiver_heatmap", "plot_component_profile", "plot_subspace", "plot_traversal"]

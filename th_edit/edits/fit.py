@@ -54,11 +54,12 @@ from ..errors import FitError, FitInterruptedError, InvalidArgumentError
 from ..tasks.data import Rows
 from ..tasks.evaluate import EvalResult, evaluate
 from ..utils.progress import progress_bar
-from .fit_config import FitConfig, FitResult
+from .fit_config import FitConfig
+from .fit_result import FitResult
 from ..utils.distributed import all_reduce_sum, process_rank_and_count
-from .fit_data import FitProblem, split_rows, task_ce
+from .fit_problem import FitProblem, split_rows, task_ce
 from .scale import EditLog
-from .reparam import ChannelFit, frozen_parameters
+from .fit_hooks import ChannelFit, frozen_parameters
 
 __all__ = ["FitConfig", "FitResult", "Candidate", "fit_edit", "resolve_heads", "ChannelFit"]
 
@@ -72,7 +73,7 @@ _HEAD_SPEC = "use 'all', 'upper', 'discovered' (= 'circuit'), 'roles' or a list 
 def resolve_heads(layout: AttentionLayout, spec: Any, findings: Any = None) -> list[tuple[int, int]]:
     """The sorted ``(layer, head)`` list of a head spec: ``"all"``, ``"upper"`` (every head of layers
     ``>= n_layers // 2``: cheaper to fit, the layer cache skips the lower half), ``"discovered"`` or
-    ``"circuit"`` (the heads of ``findings``, a :class:`~th_edit.analysis.circuit.Circuit`; for
+    ``"circuit"`` (the heads of ``findings``, a :class:`~th_edit.analysis.circuit_discovery.Circuit`; for
     ``"discovered"`` a :class:`~th_edit.analysis.discovery.ChannelFindings` is accepted too), ``"roles"`` (the
     heads of ``findings``, a :class:`~th_edit.analysis.discovery.ChannelFindings`: the paper's three-role
     reading) or explicit pairs. Pure: reads only the layout's geometry."""

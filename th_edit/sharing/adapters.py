@@ -59,7 +59,7 @@ from .cards import CardData, base_model_meta, card_fields, card_license, eval_re
 from .checkpoints import verify_plan
 from .lora import (
     ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, LAYOUTS, LORA_KEY, AdapterModule, adapter_modules, adapter_state,
-    check_uniform_layout, module_factors, pad_rank, require_peft, state_of, uniform_modules,
+    check_uniform_layout, module_factors, pad_rank, require_peft, adapter_parts, uniform_modules,
 )
 
 __all__ = [
@@ -182,7 +182,7 @@ def save_adapter(
     name = base_model_name_or_path if base_model_name_or_path is not None else plan.base.name_or_path
     if name != plan.base.name_or_path:
         plan = dataclasses.replace(plan, base=dataclasses.replace(plan.base, name_or_path=name))
-    config, tensors, modules = state_of(layout, plan, dtype, None, uniform_rank, adapter_layout=adapter_layout,
+    config, tensors, modules = adapter_parts(layout, plan, dtype, None, uniform_rank, adapter_layout=adapter_layout,
                                         max_rank=max_rank)
     directory = Path(directory)
 

@@ -24,7 +24,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard,
 from .._version import __version__
 from ..edits.plan import EditPlan
 from ..errors import InvalidArgumentError
-from .models import published_license, published_name
+from .bundled_models import published_license, published_name
 
 __all__ = ["CardData", "TEMPLATES", "card_fields", "base_model_meta", "eval_results", "card_license", "template_text",
            "model_card", "plan_card", "dataset_card"]

@@ -28,7 +28,7 @@ from ..utils.files import atomic_directory
 from . import hub
 from ..utils.devices import runtime_record
 from .cards import CardData, model_card, plan_card
-from .models import published_name
+from .bundled_models import published_name
 
 __all__ = ["export_plan", "verify_plan", "apply_plan", "load_plan", "save_plan", "save_pretrained", "push_to_hub",
            "push_plan", "check_fingerprints", "check_consistent", "FACTOR_RTOL"]
@@ -81,7 +81,7 @@ def check_consistent(layout: AttentionLayout, edit: Edit) -> None:
 
 def export_plan(model: nn.Module, log: EditLog, *, provenance: dict[str, Any] | None = None) -> EditPlan:
     """The edits of ``log``, in order, with the identity of ``model``'s base weights (its name as published:
-    a bundled model's Hub id, never a local path; see :func:`th_edit.sharing.models.published_name`) and the
+    a bundled model's Hub id, never a local path; see :func:`th_edit.sharing.bundled_models.published_name`) and the
     ``provenance`` record (how the edits were made; JSON-serialisable, see :attr:`EditPlan.provenance`)."""
     cfg = model.config
     touched = {f"{e.layer}.{e.head}" for e in log.edits}

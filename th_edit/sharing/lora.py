@@ -21,11 +21,12 @@ from ..core.layout import AttentionLayout
 from ..edits.plan import PLAN_FILES, Edit, EditPlan
 from ..edits.scale import head_fingerprint
 from ..errors import AdapterError, InvalidArgumentError, MissingDependencyError
-from .models import published_name
+from ..utils.deprecation import renamed_attributes
+from .bundled_models import published_name
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_FILES", "AdapterModule", "require_peft", "adapter_modules",
-    "adapter_state", "plan_of", "LAYOUTS", "uniform_modules", "check_uniform_layout",
+    "adapter_state", "plan_to_export", "LAYOUTS", "uniform_modules", "check_uniform_layout",
 ]
 
 
@@ -77,7 +78,7 @@ class AdapterModule:
         return int(self.lora_A.shape[0])
 
 
-def plan_of(plan: EditPlan, layout: AttentionLayout, edits: EditPlan | Sequence[Edit] | None) -> EditPlan:
+def plan_to_export(plan: EditPlan, layout: AttentionLayout, edits: EditPlan | Sequence[Edit] | None) -> EditPlan:
     """The plan to export: ``plan`` (the applied edits, by default), a given plan, or a list of edits made on
     the same base (fingerprints of the touched heads from ``plan``, or from the layout's current weights)."""
     if isinstance(edits, EditPlan):
@@ -318,12 +319,12 @@ def adapter_state(
         AdapterError: see :func:`adapter_modules`; a rank above ``max_rank``.
         InvalidArgumentError: an unknown ``adapter_layout``.
     """
-    config, tensors, _ = state_of(layout, plan, dtype, base_model_name_or_path, uniform_rank,
+    config, tensors, _ = adapter_parts(layout, plan, dtype, base_model_name_or_path, uniform_rank,
                                   adapter_layout=adapter_layout, max_rank=max_rank)
     return config, tensors
 
 
-def state_of(layout: AttentionLayout, plan: EditPlan, dtype: torch.dtype, base_model_name_or_path: str | None,
+def adapter_parts(layout: AttentionLayout, plan: EditPlan, dtype: torch.dtype, base_model_name_or_path: str | None,
              uniform_rank: bool, *, adapter_layout: str = "compact", max_rank: int | None = None,
              ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, AdapterModule]]:
     """``(adapter_config dict, tensors, modules)`` of ``plan`` on ``layout``; see :func:`adapter_state`."""
@@ -352,3 +353,4 @@ def state_of(layout: AttentionLayout, plan: EditPlan, dtype: torch.dtype, base_m
     return config, tensors, modules
 
 
+__getattr__ = renamed_attributes(__name__, {"plan_of": "plan_to_export", "state_of": "adapter_parts"})

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..core.checkpoint import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, needed_tensor_names, read_checkpoint_config
+from ..core.checkpoint_layout import CONFIG_FILE, INDEX_FILE, SINGLE_FILE, needed_tensor_names, read_checkpoint_config
 from ..errors import ModelFileError
 from .hub import resolve_local_or_hub
 

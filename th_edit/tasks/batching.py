@@ -15,15 +15,16 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError
+from ..utils.deprecation import renamed_attributes
 from .data import first_token
 
 __all__ = [
     "input_device", "output_device", "accepts_logits_to_keep", "plan_batches", "pad_token_id", "pad_sequences", "eager_attention",
-    "item_positions", "rows", "PromptBatch", "prompt_batches",
+    "item_positions", "dataset_rows", "PromptBatch", "prompt_batches",
 ]
 
 
-def rows(dataset) -> list[dict[str, Any]]:
+def dataset_rows(dataset) -> list[dict[str, Any]]:
     """A dataset (``datasets.Dataset`` or a sequence of dicts) as a list of row dicts."""
     return dataset.to_list() if hasattr(dataset, "to_list") else list(dataset)
 
@@ -166,3 +167,4 @@ def prompt_batches(tokenizer, dataset, batch_size: int = 8, limit: int | None = 
     return [PromptBatch(tokenizer, items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
+__getattr__ = renamed_attributes(__name__, {"rows": "dataset_rows"})

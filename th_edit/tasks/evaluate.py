@@ -30,8 +30,7 @@ import pandas as pd
 import torch
 
 from ..errors import InvalidArgumentError
-from .batching import accepts_logits_to_keep, input_device, pad_sequences, pad_token_id, plan_batches
-from .batching import rows as dataset_rows
+from .batching import accepts_logits_to_keep, dataset_rows, input_device, pad_sequences, pad_token_id, plan_batches
 from .data import Rows, first_token
 from .provenance import check_overlap
 from .guard_text import GUARD_TEXTS

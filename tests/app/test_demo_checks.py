@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import torch
 
 from th_edit import ChannelEditor
-from th_edit.app.demo_controls import heads_carrying_edit
+from th_edit.app.demo_checks import heads_carrying_edit
 from th_edit.data import laundry_list
 from th_edit.evaluate import evaluate
 from tiny_models import laundry_model

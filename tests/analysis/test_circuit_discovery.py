@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from th_edit import ChannelEditor, InvalidArgumentError
-from th_edit.analysis.circuit import Circuit, CircuitConfig, find_circuit
+from th_edit.analysis.circuit_discovery import Circuit, CircuitConfig, find_circuit
 from th_edit.data import laundry_list
 from tiny_models import laundry_model
 
@@ -89,7 +89,7 @@ def test_attribution_equals_a_finite_difference_of_plain_forward_passes(walked):
 def test_min_effect_keeps_only_large_effects_and_reuses_the_measurements(walked, monkeypatch):
     """A larger min_effect keeps a subset of the first step's senders (each at least min_effect times the
     seeds' summed |direct effect|); with the first walk's measurements passed in, nothing is measured again."""
-    import th_edit.analysis.circuit as circuit_module
+    import th_edit.analysis.circuit_discovery as circuit_module
 
     editor, tok, data, c, _ = walked
     seeds = {tuple(h) for h in c.meta["seeds"]}
