@@ -16,8 +16,8 @@ import torch
 
 from th_edit.data import first_token, laundry_list
 from th_edit.evaluate import evaluate, plan_batches
-from th_edit.tasks.batching import accepts_logits_to_keep
 from th_edit.models import load_default_model
+from th_edit.tasks.batching import accepts_logits_to_keep
 
 
 def plain_loop(model, tok, rows):

@@ -19,13 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+from fit_science import SETTINGS, Scorer, prompt_set_hash
+
 from th_edit import ChannelEditor
 from th_edit.data import laundry_list
 from th_edit.edits.fit import FitConfig, fit_edit
 from th_edit.evaluate import guard_loss, wilson_interval
 from th_edit.models import load_model
-
-from fit_science import SETTINGS, Scorer, prompt_set_hash
 
 logger = logging.getLogger("fit_options")
 

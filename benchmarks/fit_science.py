@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from th_edit import ChannelEditor
+from th_edit.core.layer_cache import LayerCache
 from th_edit.data import ioi, laundry_list
-from th_edit.evaluate import guard_loss, wilson_interval
 from th_edit.edits.fit import ChannelFit, FitConfig, fit_edit
 from th_edit.edits.fit_problem import FitProblem, split_rows, task_batches
-from th_edit.core.layer_cache import LayerCache
+from th_edit.evaluate import guard_loss, wilson_interval
 from th_edit.models import load_model
 
 logger = logging.getLogger("fit_science")

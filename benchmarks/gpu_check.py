@@ -35,11 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from tiny_models import ARCHS, input_ids, laundry_model, make_model  # noqa: E402
+
 from th_edit import ChannelEditor  # noqa: E402
 from th_edit.tasks.data import laundry_list  # noqa: E402
 from th_edit.tasks.evaluate import evaluate  # noqa: E402
 from th_edit.utils.devices import resolve_device, resolve_dtype  # noqa: E402
-from tiny_models import ARCHS, input_ids, laundry_model, make_model  # noqa: E402
 
 #: attention geometry of real models (MLP widths and vocabularies as published); random weights
 GEOMETRIES = {
@@ -220,7 +221,7 @@ def throughput(name: str, device: torch.device, dtype: torch.dtype, small: bool,
     t = result.timings
     out.update(fit_total_s=t["total_fit"], fit_dense_step_s=t["dense_fit"] / fit_steps, fit_steps=fit_steps,
                fit_components=result.n_components, fit_peak_mb=peak_mb(device))
-    del model, editor
+    model = editor = None  # free the model before emptying the CUDA cache
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

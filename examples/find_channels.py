@@ -10,9 +10,9 @@ import argparse
 from pathlib import Path
 
 from th_edit import ChannelEditor
+from th_edit.app.plots import plot_component_profile, plot_receiver_heatmap
 from th_edit.data import laundry_list
 from th_edit.models import load_model
-from th_edit.app.plots import plot_component_profile, plot_receiver_heatmap
 
 
 def main(argv=None):

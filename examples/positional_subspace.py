@@ -12,10 +12,10 @@ import argparse
 from pathlib import Path
 
 from th_edit import ChannelEditor
-from th_edit.data import laundry_list
-from th_edit.models import load_model
 from th_edit.analysis.subspace import fit_positional_subspace, search_steering, traverse
 from th_edit.app.plots import plot_subspace, plot_traversal
+from th_edit.data import laundry_list
+from th_edit.models import load_model
 
 
 def main(argv=None):

@@ -24,7 +24,6 @@ os.environ.pop("HF_TOKEN", None)
 
 from tiny_models import make_model  # noqa: E402
 
-
 LIVE_HUB_HOSTS = ("huggingface.co", "hf.co")  # reachable only for the opt-in live test (test_hub_live.py)
 
 
@@ -116,8 +115,9 @@ def hub(hub_server, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny llama with a word-level tokenizer covering the task templates, saved as a plain HF directory."""
-    from th_edit import ChannelEditor
     from tiny_models import laundry_model
+
+    from th_edit import ChannelEditor
 
     model, tok = laundry_model("llama", seed=3)
     folder = tmp_path_factory.mktemp("tiny_model") / "model"

@@ -3,9 +3,9 @@
 import pytest
 import torch
 from accelerate import cpu_offload, disk_offload, dispatch_model
+from tiny_models import input_ids, make_model
 
 from th_edit import ChannelEditor, OffloadedWeightsError
-from tiny_models import input_ids, make_model
 
 
 def _edited_reference(arch):

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tiny_models import laundry_model
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -10,12 +10,12 @@ first layer (or ``channel_map(device="cuda:0")``). The CUDA path is untested her
 import pytest
 import torch
 from accelerate import dispatch_model
+from tiny_models import input_ids, laundry_model, make_model
 
 from th_edit import ChannelEditor
 from th_edit.core.layout import AttentionLayout
 from th_edit.data import laundry_list
 from th_edit.evaluate import evaluate
-from tiny_models import input_ids, laundry_model, make_model
 
 
 def block_device_map(model, device: str = "cpu") -> dict[str, str]:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tiny_models import laundry_model
 
 from th_edit import ChannelEditor, DeviceError
 from th_edit.app.cli import main
@@ -15,7 +16,6 @@ from th_edit.sharing.bundled_models import load_model
 from th_edit.tasks.data import laundry_list
 from th_edit.utils import devices
 from th_edit.utils.devices import auto_batch_size, resolve_device, resolve_dtype
-from tiny_models import laundry_model
 
 
 def _gpus(monkeypatch, n: int, bf16: bool = True):

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from tiny_models import ARCHS, input_ids, make_model
 
 from th_edit import ChannelEditor, InvalidArgumentError, NothingToUndoError
-from tiny_models import ARCHS, input_ids, make_model
 
 
 def _snapshot(model):

@@ -8,33 +8,32 @@ See :class:`ChannelEditor` for a runnable example.
 import logging
 
 from ._version import __version__
-
 from .core.architectures import ARCHITECTURES, ArchSpec, supported_model_types
 from .core.circuits import CIRCUITS, HeadWeights, SVDResult
 from .editor import ChannelEditor, WeightsOnlyEditor, channel_map_from_checkpoint
 from .edits.fit import FitConfig, FitResult
+from .edits.plan import BaseModelIdentity, Edit, EditPlan
 from .errors import (
+    AdapterError,
     AnalysisOnlyError,
+    DataOverlapError,
     DeviceError,
     FitError,
     FitInterruptedError,
-    AdapterError,
-    DataOverlapError,
-    MissingDependencyError,
     HubError,
-    ModelFileError,
-    OutputDirectoryError,
-    QuantizedModelError,
     InvalidArgumentError,
+    MissingDependencyError,
+    ModelFileError,
     ModelNotInstalledError,
     NothingToUndoError,
     OffloadedWeightsError,
+    OutputDirectoryError,
     PlanFormatError,
     PlanMismatchError,
+    QuantizedModelError,
     ThEditError,
     UnsupportedModelError,
 )
-from .edits.plan import BaseModelIdentity, Edit, EditPlan
 
 logging.getLogger("th_edit").addHandler(logging.NullHandler())
 

@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any, ContextManager, Sequence, Union
 import torch
 from torch import nn
 
-from .analysis import channel_map as channel_maps, circuit_discovery, discovery, edit_search, weights_only
+from .analysis import channel_map as channel_maps
+from .analysis import circuit_discovery, discovery, edit_search, weights_only
 from .analysis.channel_stream import ChannelMap
 from .core import circuits
 from .core.architectures import ArchSpec
-from .core.circuits import MODES, HeadWeights, SVDResult, check_circuit
 from .core.checkpoint_layout import CheckpointLayout
+from .core.circuits import MODES, HeadWeights, SVDResult, check_circuit
 from .core.layout import AttentionLayout
 from .edits import fit, steering
 from .edits.plan import Edit, EditPlan

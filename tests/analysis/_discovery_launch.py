@@ -9,10 +9,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from tiny_models import laundry_model  # noqa: E402
+
 from th_edit import ChannelEditor  # noqa: E402
 from th_edit.tasks.data import laundry_list  # noqa: E402
 from th_edit.utils.distributed import is_main_process, process_rank_and_count  # noqa: E402
-from tiny_models import laundry_model  # noqa: E402
 
 
 def _counting(module, name: str, counts: dict[str, int]):

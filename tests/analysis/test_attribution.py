@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from tiny_models import laundry_model
 
 from th_edit import ChannelEditor
 from th_edit.analysis.attribution import answer_margins, component_attribution
 from th_edit.data import laundry_list
 from th_edit.tasks.batching import prompt_batches
-from tiny_models import laundry_model
 
 
 def _mean_margin(model, batches) -> float:

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from th_edit import ChannelEditor, InvalidArgumentError
 from reference import dense_circuit
 from tiny_models import make_model
+
+from th_edit import ChannelEditor, InvalidArgumentError
 
 
 def _dense_scores(model, arch, sender, receiver, mode):

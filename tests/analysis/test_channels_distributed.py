@@ -8,14 +8,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from launching import launch_two, simulated_ranks
+from tiny_models import make_model
 
 import th_edit.analysis.channel_stream as channels
 from th_edit import ChannelEditor
 from th_edit.analysis.channel_shards import canonical_top, merge_parts, sender_blocks
 from th_edit.app.cli import main as cli_main
 from th_edit.utils.sharding import balanced_blocks
-from tiny_models import make_model
-from launching import launch_two, simulated_ranks
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

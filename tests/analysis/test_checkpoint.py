@@ -10,15 +10,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from launching import simulated_ranks
 from safetensors.torch import load_file, save_file
+from tiny_models import ARCHS, make_model
 
 import th_edit.analysis.weights_only as weights_only
-from th_edit import (AnalysisOnlyError, ChannelEditor, ModelFileError, QuantizedModelError, UnsupportedModelError,
-                     channel_map_from_checkpoint)
+from th_edit import (
+    AnalysisOnlyError,
+    ChannelEditor,
+    ModelFileError,
+    QuantizedModelError,
+    UnsupportedModelError,
+    channel_map_from_checkpoint,
+)
 from th_edit.app.cli import main as cli_main
 from th_edit.core.checkpoint_layout import INDEX_FILE, CheckpointLayout
-from launching import simulated_ranks
-from tiny_models import ARCHS, make_model
 
 SETTINGS = dict(baseline_samples=4, keep_top=60, memory_limit_mb=0.002, progress=False)
 #: substrings of tensor names a weights-only analysis must never read

@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from tiny_models import laundry_model
 
 from th_edit import ChannelEditor, InvalidArgumentError
 from th_edit.analysis.circuit_discovery import Circuit, CircuitConfig, find_circuit
 from th_edit.data import laundry_list
-from tiny_models import laundry_model
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from tiny_models import laundry_model
 
 import th_edit.analysis.edit_search as discovery
 from th_edit import ChannelEditor
-from th_edit.data import laundry_list
 from th_edit.analysis.roles import inhibition_score
+from th_edit.data import laundry_list
 from th_edit.tasks.batching import prompt_batches
-from tiny_models import laundry_model
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from launching import launch_two, run_alone
 
 SCRIPT = str(Path(__file__).resolve().parent / "_discovery_launch.py")

@@ -3,15 +3,21 @@ previous-token and duplicate-token head; mover/inhibition plumbing against plain
 
 import pytest
 import torch
+from tiny_models import laundry_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from th_edit import ChannelEditor
-from th_edit.data import laundry_list
 from th_edit.analysis.roles import (
-    _norm_linear, inhibition_score, mover_scores, receiver_gap, repeated_tokens, sequence_roles, sequence_scores,
+    _norm_linear,
+    inhibition_score,
+    mover_scores,
+    receiver_gap,
+    repeated_tokens,
+    sequence_roles,
+    sequence_scores,
 )
+from th_edit.data import laundry_list
 from th_edit.tasks.batching import PromptBatch, eager_attention, item_positions
-from tiny_models import laundry_model
 
 
 def _pattern(T, pairs):

@@ -2,14 +2,18 @@
 
 import pytest
 import torch
+from tiny_models import laundry_model
 
 from th_edit import ChannelEditor, InvalidArgumentError
-from th_edit.data import laundry_list
 from th_edit.analysis.subspace import (
-    _nearest_centroid_accuracy, fit_positional_subspace, head_final_outputs, search_steering, traverse,
+    _nearest_centroid_accuracy,
+    fit_positional_subspace,
+    head_final_outputs,
+    search_steering,
+    traverse,
 )
 from th_edit.app.plots import plot_subspace, plot_traversal
-from tiny_models import laundry_model
+from th_edit.data import laundry_list
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +32,7 @@ def test_head_outputs_match_the_output_projection_run_on_that_head_alone(setup):
     for i, row in enumerate(rows):
         ids = torch.tensor([tok(row["prompt"])["input_ids"]])
         seen = {}
-        h = module.register_forward_pre_hook(lambda m, a: seen.__setitem__("z", a[0][0, -1].detach().clone()))
+        h = module.register_forward_pre_hook(lambda m, a, seen=seen: seen.__setitem__("z", a[0][0, -1].detach().clone()))
         with torch.no_grad():
             editor.model(ids)
         h.remove()

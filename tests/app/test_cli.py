@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from tiny_models import laundry_model
 from transformers import AutoModelForCausalLM
 
 from th_edit import ChannelEditor
 from th_edit.app.cli import main
-from tiny_models import laundry_model
 
 
 @pytest.fixture(scope="module")

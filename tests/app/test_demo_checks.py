@@ -4,12 +4,12 @@ that gets only those heads' edits."""
 from types import SimpleNamespace
 
 import torch
+from tiny_models import laundry_model
 
 from th_edit import ChannelEditor
 from th_edit.app.demo_checks import heads_carrying_edit
 from th_edit.data import laundry_list
 from th_edit.evaluate import evaluate
-from tiny_models import laundry_model
 
 EDITS = [(1, 0, [0, 1], 3.0), (1, 1, [2], 0.2), (2, 0, [0], 2.5), (2, 1, [1, 3], 0.5)]
 

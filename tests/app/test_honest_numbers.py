@@ -5,14 +5,14 @@ import json
 from collections import Counter
 
 import pytest
+from tiny_models import laundry_tokenizer
 from transformers import AutoModelForCausalLM
 
 from th_edit import DataOverlapError, EditPlan
 from th_edit.app.cli import main
 from th_edit.data import laundry_list
-from th_edit.evaluate import check_overlap, evaluate, prompt_key, recipe_of
 from th_edit.edits.plan import PLAN_JSON
-from tiny_models import laundry_tokenizer
+from th_edit.evaluate import check_overlap, evaluate, prompt_key, recipe_of
 
 FIT = ["--lengths", "3", "5", "--search-lengths", "3", "5", "--heads", "all", "--budget", "4", "--quiet"]
 

@@ -4,11 +4,11 @@ import types
 
 import pytest
 import torch
+from reference import dense_circuit, reference_heads
+from tiny_models import ARCHS, input_ids, make_model
 
 from th_edit import ChannelEditor, UnsupportedModelError, supported_model_types
 from th_edit.core.layout import AttentionLayout
-from reference import dense_circuit, reference_heads
-from tiny_models import ARCHS, input_ids, make_model
 
 REQUIRED = {"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
             "opt", "gptj", "phi", "phi3"}

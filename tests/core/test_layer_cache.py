@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import ARCHS, input_ids, make_model
 
 from th_edit import ChannelEditor
-from th_edit.errors import InvalidArgumentError
 from th_edit.core.layer_cache import LayerCache, hidden_entering, run_from
-from tiny_models import ARCHS, input_ids, make_model
+from th_edit.errors import InvalidArgumentError
 
 
 def _inputs():
@@ -69,9 +69,9 @@ def test_bad_layer():
 
 
 # ----- reuse_lower_layers -----------------------------------------------------------------------
-from th_edit.core.layer_cache import reuse_lower_layers  # noqa: E402
 import inspect  # noqa: E402
 
+from th_edit.core.layer_cache import reuse_lower_layers  # noqa: E402
 from th_edit.tasks.batching import accepts_logits_to_keep, eager_attention  # noqa: E402
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from tiny_models import laundry_model  # noqa: E402
+
 from th_edit import ChannelEditor  # noqa: E402
 from th_edit.tasks.data import laundry_list  # noqa: E402
 from th_edit.utils.distributed import is_main_process, process_rank_and_count  # noqa: E402
-from tiny_models import laundry_model  # noqa: E402
 
 SETTINGS = dict(heads=[(1, 0), (1, 2), (2, 1), (2, 3)], budget=6, steps=10, refit_steps=6, batch_size=5,
                 k_fractions=(1.0, 0.5), guard_weights=(1.0,), l1_weights=(1e-3,), rank_by="attribution",

@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from tiny_models import input_ids, laundry_model, make_model
 
 from th_edit import ChannelEditor, EditPlan
 from th_edit.data import HARDWARE_ITEMS, ITEM_POOLS, ITEMS, OMITTED_TEMPLATES, TOY_ITEMS, laundry_list
-from th_edit.errors import FitError, FitInterruptedError, InvalidArgumentError
 from th_edit.edits.fit import ChannelFit, FitConfig, fit_edit, resolve_heads
 from th_edit.edits.plan import PLAN_JSON
-from tiny_models import input_ids, laundry_model, make_model
+from th_edit.errors import FitError, FitInterruptedError, InvalidArgumentError
 
 FAST = dict(budget=6, steps=3, refit_steps=2, k_fractions=(1.0, 0.5), batch_size=4, progress=False)
 
@@ -132,8 +132,8 @@ def test_cached_layers_are_not_run(task):
     for steps in (3, 6):
         editor = ChannelEditor(model, tokenizer=tok)
         calls = {"n": 0, "top": 0}
-        h0 = editor.layout.module(0, editor.layout.spec.o).register_forward_hook(lambda *a: calls.__setitem__("n", calls["n"] + 1))
-        h2 = editor.layout.module(2, editor.layout.spec.o).register_forward_hook(lambda *a: calls.__setitem__("top", calls["top"] + 1))
+        h0 = editor.layout.module(0, editor.layout.spec.o).register_forward_hook(lambda *a, calls=calls: calls.__setitem__("n", calls["n"] + 1))
+        h2 = editor.layout.module(2, editor.layout.spec.o).register_forward_hook(lambda *a, calls=calls: calls.__setitem__("top", calls["top"] + 1))
         try:
             fit = fit_edit(editor.layout, editor.log, tok, ds["train"], ds["dev"],
                            FitConfig(**{**FAST, "heads": [(2, 0), (2, 3)], "steps": steps, "refit_steps": 2}))

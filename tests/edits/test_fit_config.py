@@ -5,13 +5,13 @@ import json
 import math
 
 import pytest
+from tiny_models import laundry_model, make_model
 
 from th_edit import ChannelEditor, EditPlan
 from th_edit.data import laundry_list
 from th_edit.edits.fit import FitConfig
 from th_edit.edits.plan import PLAN_JSON
 from th_edit.errors import InvalidArgumentError
-from tiny_models import laundry_model, make_model
 
 
 @pytest.mark.parametrize("bad, field", [

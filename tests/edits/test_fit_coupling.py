@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import input_ids, laundry_model, make_model
 
 from th_edit import ChannelEditor, EditPlan, PlanMismatchError
 from th_edit.core.circuits import circuit_factors, svd
@@ -15,7 +16,6 @@ from th_edit.edits.fit import ChannelFit, FitConfig, fit_edit
 from th_edit.edits.plan import PLAN_JSON
 from th_edit.edits.scale import make_edit
 from th_edit.errors import InvalidArgumentError
-from tiny_models import input_ids, laundry_model, make_model
 
 HEADS = [(0, 1), (1, 0), (2, 2)]
 

@@ -4,13 +4,13 @@ KeyboardInterrupt), as the README's Errors section promises."""
 
 import pytest
 import torch
+from tiny_models import laundry_model
 
 from th_edit import ChannelEditor
 from th_edit.data import laundry_list
 from th_edit.edits import fit as fit_mod
 from th_edit.edits.fit import FitConfig, fit_edit
 from th_edit.errors import FitInterruptedError
-from tiny_models import laundry_model
 
 FAST = dict(budget=4, steps=2, refit_steps=1, k_fractions=(1.0,), batch_size=4, progress=False,
             heads=[(1, 0), (2, 1)])

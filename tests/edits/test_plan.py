@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from tiny_models import make_model
 
 from th_edit import ChannelEditor, EditPlan, PlanFormatError, PlanMismatchError
 from th_edit.edits.plan import PLAN_JSON, PLAN_TENSORS, SCHEMA_VERSION
-from tiny_models import make_model
 
 
 def _snapshot(model):

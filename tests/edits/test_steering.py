@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from tiny_models import input_ids, make_model
 
 from th_edit import ChannelEditor, InvalidArgumentError
-from tiny_models import input_ids, make_model
 
 
 def _logits(model, ids):

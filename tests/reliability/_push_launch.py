@@ -8,9 +8,10 @@ import json
 import sys
 from pathlib import Path
 
+from tiny_models import make_model
+
 from th_edit import ChannelEditor
 from th_edit.utils.distributed import process_rank_and_count
-from tiny_models import make_model
 
 
 def run(out: str, token: str) -> None:

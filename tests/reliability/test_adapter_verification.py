@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import make_model
 
 from th_edit import ChannelEditor, EditPlan
 from th_edit.edits.plan_checks import file_sha256
 from th_edit.errors import AdapterError, PlanFormatError, PlanMismatchError
 from th_edit.sharing.lora import LORA_KEY, module_factors
-from tiny_models import make_model
 
 
 def _adapter(path, arch="llama", edits=((1, 2, [0, 1], 0.0),)):

@@ -6,12 +6,12 @@ import json
 
 import pytest
 from safetensors.torch import load_file, save_file
+from tiny_models import make_model
 
 from th_edit import ChannelEditor, HubError, ModelFileError, PlanFormatError
 from th_edit.app.cli import main
 from th_edit.edits.plan import PLAN_JSON, PLAN_TENSORS, EditPlan
 from th_edit.sharing.hub import push_folder
-from tiny_models import make_model
 
 
 @pytest.fixture

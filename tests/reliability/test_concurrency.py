@@ -14,8 +14,9 @@ import sys
 import threading
 from pathlib import Path
 
-from th_edit import ChannelEditor
 from tiny_models import make_model
+
+from th_edit import ChannelEditor
 
 ROOT = Path(__file__).resolve().parents[2]
 

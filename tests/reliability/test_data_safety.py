@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from tiny_models import make_model
 from transformers import AutoModelForCausalLM
 
 from th_edit import ChannelEditor, OutputDirectoryError
 from th_edit.app.cli import main
 from th_edit.data import save_task
 from th_edit.utils.files import MANIFEST, atomic_directory
-from tiny_models import make_model
 
 
 def _edited(seed=0):

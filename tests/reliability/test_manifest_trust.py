@@ -10,6 +10,7 @@ import os
 import pytest
 from datasets import DatasetDict
 from huggingface_hub import snapshot_download
+from tiny_models import make_model
 
 from th_edit import ChannelEditor, OutputDirectoryError
 from th_edit.app.cli import main
@@ -17,7 +18,6 @@ from th_edit.data import laundry_list
 from th_edit.sharing.datasets import save_task
 from th_edit.sharing.hub import files_to_push, push_folder
 from th_edit.utils.files import MANIFEST
-from tiny_models import make_model
 
 
 def sha256_file(path):

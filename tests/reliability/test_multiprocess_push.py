@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
+from launching import launch_env, launch_two
+from tiny_models import make_model
 
 from th_edit import ChannelEditor
-from tiny_models import make_model
-from launching import launch_env, launch_two
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import make_model
 
 from th_edit import ChannelEditor, PlanFormatError, PlanMismatchError
 from th_edit.edits.plan import PLAN_JSON, PLAN_TENSORS, EditPlan
-from tiny_models import make_model
 
 
 @pytest.fixture

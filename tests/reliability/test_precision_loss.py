@@ -5,10 +5,10 @@ import logging
 
 import pytest
 import torch
+from tiny_models import make_model
 
 from th_edit import ChannelEditor
 from th_edit.edits.plan import EditPlan
-from tiny_models import make_model
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

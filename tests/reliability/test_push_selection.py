@@ -3,11 +3,12 @@ notes), says what it left out, and creates private repositories unless ``--publi
 
 import json
 
+from tiny_models import make_model
+
 from th_edit import ChannelEditor
 from th_edit.app.cli import main
 from th_edit.sharing.hub import files_to_push, push_folder
 from th_edit.utils.files import MANIFEST
-from tiny_models import make_model
 
 
 def _secrets(folder):

@@ -3,10 +3,10 @@ with a typed error naming the fix, before anything is read or written."""
 
 import pytest
 import torch
+from tiny_models import make_model
 from torch import nn
 
 from th_edit import ChannelEditor, QuantizedModelError, UnsupportedModelError
-from tiny_models import make_model
 
 
 def _snapshot(model):

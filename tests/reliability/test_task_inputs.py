@@ -3,12 +3,12 @@ tokenizer that gives every item the same first token; D11: a target that is not 
 prompt; N-C1: a tokenizer that encodes a word as nothing)."""
 
 import pytest
+from tiny_models import laundry_model, make_model, make_tokenizer
 
 from th_edit import InvalidArgumentError
 from th_edit.data import laundry_list
 from th_edit.evaluate import evaluate
 from th_edit.tasks.data import first_token
-from tiny_models import laundry_model, make_model, make_tokenizer
 
 
 def test_d12_items_sharing_a_first_token_are_refused():

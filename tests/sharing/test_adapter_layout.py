@@ -9,15 +9,19 @@ import torch
 from huggingface_hub import ModelCard
 from peft import PeftModel
 from safetensors.torch import load_file
+from tiny_models import L, input_ids, make_model
 
 from th_edit import ChannelEditor
 from th_edit.app.cli import main
 from th_edit.core.architectures import ARCHITECTURES
 from th_edit.errors import AdapterError
 from th_edit.sharing.adapters import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_state, check_uniform_layout, load_adapter_edits,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_state,
+    check_uniform_layout,
+    load_adapter_edits,
 )
-from tiny_models import L, input_ids, make_model
 
 
 def _edit(editor):

@@ -14,17 +14,22 @@ import torch
 from huggingface_hub import ModelCard, snapshot_download
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from tiny_models import ARCHS, input_ids, make_model
 
 from th_edit import ChannelEditor, Edit, EditPlan, PlanMismatchError
-from th_edit.sharing.adapters import (
-    ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, adapter_modules, adapter_state,
-    load_adapter_edits, save_adapter,
-)
 from th_edit.core.architectures import ARCHITECTURES
 from th_edit.core.layout import AttentionLayout
 from th_edit.errors import AdapterError, MissingDependencyError
+from th_edit.sharing.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILES,
+    ADAPTER_WEIGHTS,
+    adapter_modules,
+    adapter_state,
+    load_adapter_edits,
+    save_adapter,
+)
 from th_edit.utils.files import MANIFEST
-from tiny_models import ARCHS, input_ids, make_model
 
 LOGIT_TOL, WEIGHT_TOL = 1e-5, 1e-6
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard, snapshot_download
+from tiny_models import ARCHS, input_ids, make_model, make_tokenizer
 from transformers import AutoModelForCausalLM
 
 from th_edit import ChannelEditor, HubError, PlanMismatchError
 from th_edit.edits.plan import PLAN_FILES
-from tiny_models import ARCHS, input_ids, make_model, make_tokenizer
 
 WORDS = "the a cat dog sat on mat . , and bought milk eggs bread".split()
 

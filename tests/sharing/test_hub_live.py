@@ -8,9 +8,9 @@ import os
 
 import pytest
 import torch
+from tiny_models import input_ids, make_model
 
 from th_edit import ChannelEditor
-from tiny_models import input_ids, make_model
 
 TOKEN, REPO = os.environ.get("TH_EDIT_LIVE_HUB_TOKEN"), os.environ.get("TH_EDIT_LIVE_HUB_REPO")
 pytestmark = pytest.mark.skipif(not (TOKEN and REPO), reason="live Hub test: set TH_EDIT_LIVE_HUB_TOKEN and _REPO")

@@ -5,11 +5,11 @@ import json
 
 import pytest
 from huggingface_hub import ModelCard
+from tiny_models import laundry_model
 
 from th_edit import ChannelEditor, OutputDirectoryError
-from th_edit.sharing.cards import plan_card
 from th_edit.sharing.bundled_models import BUNDLED, load_model, published_license, published_name
-from tiny_models import laundry_model
+from th_edit.sharing.cards import plan_card
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

@@ -5,10 +5,10 @@ import re
 import pytest
 from datasets import load_dataset
 from huggingface_hub import DatasetCard, snapshot_download
+from tiny_models import laundry_tokenizer, make_tokenizer
 
 from th_edit import InvalidArgumentError
 from th_edit.data import FEATURES, ITEMS, first_token, ioi, laundry_list, load_task, push_task, save_task, usable_words
-from tiny_models import laundry_tokenizer, make_tokenizer
 
 
 @pytest.fixture(scope="module")

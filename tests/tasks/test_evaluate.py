@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from launching import launch_two, run_alone
+from tiny_models import laundry_model
 
 from th_edit import ChannelEditor, InvalidArgumentError
 from th_edit.data import laundry_list
 from th_edit.evaluate import evaluate, guard_loss, plan_batches, wilson_interval
 from th_edit.tasks.guard_text import GUARD_TEXTS
-from tiny_models import laundry_model
-from launching import launch_two, run_alone
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,13 +5,13 @@ import json
 
 import pytest
 import yaml
+from tiny_models import laundry_model, laundry_tokenizer
 
 from th_edit.app.cli import main
 from th_edit.errors import MissingDependencyError, OutputDirectoryError
 from th_edit.tasks import lm_eval_export
 from th_edit.tasks.evaluate import evaluate
 from th_edit.tasks.lm_eval_export import ExportConfig, choice_texts, export_tasks, task_specs
-from tiny_models import laundry_model, laundry_tokenizer
 
 SMALL = ExportConfig(lengths=(3, 5), n_per_length=24, ioi_n=40)
 

@@ -48,14 +48,14 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from ..edits.plan import Edit
+from ..edits.scale import make_edit
 from ..errors import InvalidArgumentError
 from ..tasks.batching import PromptBatch, accepts_logits_to_keep, dataset_rows, prompt_batches
 from ..utils.distributed import process_rank_and_count
 from ..utils.progress import progress_bar
 from ..utils.settings import Settings
 from ..utils.sharding import gather_from_processes
-from ..edits.plan import Edit
-from ..edits.scale import make_edit
 from .attribution import answer_margins, component_attribution
 from .protocol import HeadEditor
 from .roles import mover_scores, prompt_cache, sequence_roles

@@ -30,8 +30,8 @@ from ..errors import InvalidArgumentError
 from ..tasks.batching import prompt_batches
 from ..utils.distributed import process_rank_and_count
 from ..utils.progress import progress_bar
-from ..utils.sharding import gather_from_processes
 from ..utils.settings import Settings
+from ..utils.sharding import gather_from_processes
 from .protocol import HeadEditor
 from .roles import inhibition_score, mover_scores, prompt_cache, receiver_gap, sequence_roles
 

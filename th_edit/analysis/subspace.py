@@ -21,11 +21,11 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from ..core.circuits import check_components
 from ..core.layer_cache import reuse_lower_layers
 from ..errors import InvalidArgumentError
+from ..tasks.batching import dataset_rows, eager_attention, prompt_batches
 from ..tasks.evaluate import EvalResult, evaluate
-from ..core.circuits import check_components
-from ..tasks.batching import eager_attention, prompt_batches, dataset_rows
 from .protocol import HeadEditor
 
 __all__ = ["PositionalSubspace", "head_final_outputs", "fit_positional_subspace", "traverse", "search_steering"]

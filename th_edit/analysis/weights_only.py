@@ -32,9 +32,9 @@ from ..core.layout import AttentionLayout
 from ..utils.distributed import process_rank_and_count
 from ..utils.progress import progress_bar
 from ..utils.sharding import gather_from_processes
-from .channel_stream import ChannelMap, ModeData, stream_mode, expected_abs_cosine, monte_carlo_baselines
-from .channel_shards import canonical_top, sender_blocks
 from .channel_map import MATMUL_DTYPES, ChannelMapConfig
+from .channel_shards import canonical_top, sender_blocks
+from .channel_stream import ChannelMap, ModeData, expected_abs_cosine, monte_carlo_baselines, stream_mode
 
 __all__ = ["bounded_channel_map", "MemoryPlan", "plan_memory"]
 

@@ -38,8 +38,10 @@ def plot_circuit(circuit: Circuit, path: str | os.PathLike, *, n_heads: int | No
             ax.scatter(*zip(*pts), s=220, color=colour, label=role, zorder=3, edgecolors="white")
     for (l, h) in heads:
         ax.text(h, l, f"{l}.{h}", ha="center", va="center", fontsize=6, color="white", zorder=4)
-    ax.set_xlabel("head"); ax.set_ylabel("layer")
-    ax.set_xlim(-0.8, width - 0.2); ax.set_ylim(min(layers) - 0.8, max(layers) + 0.8)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xlim(-0.8, width - 0.2)
+    ax.set_ylim(min(layers) - 0.8, max(layers) + 0.8)
     ax.set_title(f"circuit: {len(heads)} heads, {len(edges)} edges (Q solid, K dashed, V dotted)", fontsize=9)
     if heads:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

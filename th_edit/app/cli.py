@@ -19,8 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import (
-    AnalysisOnlyError, HubError, InvalidArgumentError, ModelFileError, ModelNotInstalledError, OffloadedWeightsError,
-    OutputDirectoryError, PlanFormatError, PlanMismatchError, ThEditError, UnsupportedModelError,
+    AnalysisOnlyError,
+    HubError,
+    InvalidArgumentError,
+    ModelFileError,
+    ModelNotInstalledError,
+    OffloadedWeightsError,
+    OutputDirectoryError,
+    PlanFormatError,
+    PlanMismatchError,
+    ThEditError,
+    UnsupportedModelError,
 )
 from .parser import build_parser
 
@@ -81,8 +90,8 @@ def cmd_analyze(args, out: _Out) -> dict[str, Any]:
     """Channel map (split over the processes under ``accelerate launch``), head roles, tables and plots;
     only the main process writes. ``--weights-only`` reads the checkpoint files without loading the model
     (no head roles: they need a forward pass)."""
-    from ..editor import ChannelEditor
     from ..analysis.roles import sequence_roles
+    from ..editor import ChannelEditor
 
     settings = dict(modes=tuple(args.modes), progress=not args.quiet, seed=args.seed,
                     memory_limit_mb=args.memory_limit_mb)
@@ -276,8 +285,8 @@ def cmd_eval(args, out: _Out) -> dict[str, Any]:
 
 
 def cmd_push(args, out: _Out) -> dict[str, Any]:
-    from ..sharing.hub import files_to_push, push_folder
     from ..edits.plan import PLAN_FILES, EditPlan
+    from ..sharing.hub import files_to_push, push_folder
 
     folder = Path(args.directory)
     if not folder.is_dir():

@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import torch
-
 import pandas as pd
+import torch
 
 from ..analysis.channel_stream import ChannelMap
 from ..analysis.subspace import PositionalSubspace

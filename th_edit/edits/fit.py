@@ -53,13 +53,13 @@ from ..core.layout import AttentionLayout
 from ..errors import FitError, FitInterruptedError, InvalidArgumentError
 from ..tasks.data import Rows
 from ..tasks.evaluate import EvalResult, evaluate
+from ..utils.distributed import all_reduce_sum, process_rank_and_count
 from ..utils.progress import progress_bar
 from .fit_config import FitConfig
-from .fit_result import FitResult
-from ..utils.distributed import all_reduce_sum, process_rank_and_count
-from .fit_problem import FitProblem, split_rows, task_ce
-from .scale import EditLog
 from .fit_hooks import ChannelFit, frozen_parameters
+from .fit_problem import FitProblem, split_rows, task_ce
+from .fit_result import FitResult
+from .scale import EditLog
 
 __all__ = ["FitConfig", "FitResult", "Candidate", "fit_edit", "resolve_heads", "ChannelFit"]
 

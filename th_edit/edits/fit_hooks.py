@@ -227,7 +227,7 @@ class FitHooks:
             theta, coupling = self.theta, self.coupling
 
             if circuit == "ov":
-                def hook(module, args, output, heads=heads, left=left, right=right, rows=rows):
+                def hook(module, args, output, heads=heads, left=left, right=right, rows=rows, theta=theta, coupling=coupling):
                     x = args[0]
                     c, g = fit.core(theta, coupling, rows)  # [n, r], [n, r, r] or None
                     xh = x.reshape(*x.shape[:-1], H, dh)[..., heads, :].to(torch.float32)  # [B, T, n, d_h]
@@ -238,7 +238,7 @@ class FitHooks:
             else:
                 cols = torch.cat([torch.arange(L.head_offset("q", int(h)), L.head_offset("q", int(h)) + dh) for h in heads])
 
-                def hook(module, args, output, left=left, right=right, rows=rows, cols=cols):
+                def hook(module, args, output, left=left, right=right, rows=rows, cols=cols, theta=theta, coupling=coupling):
                     x = args[0].to(torch.float32)
                     c, g = fit.core(theta, coupling, rows)
                     z = _mix(torch.einsum("btd,ndr->btnr", x, left.to(x.device)), c, g)

@@ -13,7 +13,15 @@ from torch import nn
 from ..core.layer_cache import LayerCache
 from ..core.layout import AttentionLayout
 from ..errors import InvalidArgumentError
-from ..tasks.batching import accepts_logits_to_keep, dataset_rows, input_device, output_device, pad_sequences, pad_token_id, plan_batches
+from ..tasks.batching import (
+    accepts_logits_to_keep,
+    dataset_rows,
+    input_device,
+    output_device,
+    pad_sequences,
+    pad_token_id,
+    plan_batches,
+)
 from ..tasks.data import Rows, first_token
 from ..tasks.evaluate import guard_loss
 from ..tasks.guard_text import GUARD_TEXTS

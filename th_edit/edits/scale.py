@@ -17,7 +17,13 @@ import torch
 
 from ..core import linalg
 from ..core.circuits import (
-    SVDResult, check_alpha, check_circuit, check_components, circuit_factors, edit_factors, head_weights,
+    SVDResult,
+    check_alpha,
+    check_circuit,
+    check_components,
+    circuit_factors,
+    edit_factors,
+    head_weights,
 )
 from ..core.layout import AttentionLayout
 from ..errors import InvalidArgumentError, NothingToUndoError

@@ -58,8 +58,20 @@ from .adapter_checks import check_adapter_config
 from .cards import CardData, base_model_meta, card_fields, card_license, eval_results, template_text
 from .checkpoints import verify_plan
 from .lora import (
-    ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, LAYOUTS, LORA_KEY, AdapterModule, adapter_modules, adapter_state,
-    check_uniform_layout, module_factors, pad_rank, require_peft, adapter_parts, uniform_modules,
+    ADAPTER_CONFIG,
+    ADAPTER_FILES,
+    ADAPTER_WEIGHTS,
+    LAYOUTS,
+    LORA_KEY,
+    AdapterModule,
+    adapter_modules,
+    adapter_parts,
+    adapter_state,
+    check_uniform_layout,
+    module_factors,
+    pad_rank,
+    require_peft,
+    uniform_modules,
 )
 
 __all__ = [

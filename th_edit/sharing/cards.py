@@ -14,9 +14,9 @@ Evidence rows are mappings with keys ``sender``, ``receiver`` (strings like ``"1
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData

@@ -19,16 +19,16 @@ from typing import Any
 from torch import nn
 
 from ..core.layout import AttentionLayout
-from ..edits.plan_checks import REMAKE_HINT
 from ..edits.plan import PLAN_FILES, BaseModelIdentity, Edit, EditPlan
+from ..edits.plan_checks import REMAKE_HINT
 from ..edits.scale import EditLog, head_fingerprint, make_edit
 from ..errors import OutputDirectoryError, PlanMismatchError
+from ..utils.devices import runtime_record
 from ..utils.distributed import is_main_process, run_on_main_process
 from ..utils.files import atomic_directory
 from . import hub
-from ..utils.devices import runtime_record
-from .cards import CardData, model_card, plan_card
 from .bundled_models import published_name
+from .cards import CardData, model_card, plan_card
 
 __all__ = ["export_plan", "verify_plan", "apply_plan", "load_plan", "save_plan", "save_pretrained", "push_to_hub",
            "push_plan", "check_fingerprints", "check_consistent", "FACTOR_RTOL"]

@@ -162,7 +162,7 @@ class PromptBatch:
 
 def prompt_batches(tokenizer, dataset, batch_size: int = 8, limit: int | None = None) -> list[PromptBatch]:
     """The first ``limit`` rows of ``dataset`` (all when None) as :class:`PromptBatch` es of ``batch_size``."""
-    items = rows(dataset)
+    items = dataset_rows(dataset)
     items = items[:limit] if limit else items
     return [PromptBatch(tokenizer, items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
 

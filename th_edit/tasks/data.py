@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover - datasets is imported only where a datase
     from datasets import Dataset, DatasetDict
 
 __all__ = [
-    "ITEMS", "TOY_ITEMS", "HARDWARE_ITEMS", "ITEM_POOLS", "OMITTED_TEMPLATES", "NAMES", "FEATURES", "TEMPLATES",
+    "ITEMS", "TOY_ITEMS", "HARDWARE_ITEMS", "ITEM_POOLS", "OMITTED_TEMPLATES", "NAMES", "FEATURES", "TEMPLATES",  # noqa: F822 - FEATURES is built on first use by __getattr__
     "first_token", "usable_words", "laundry_list", "ioi", "split_sizes",
     "describe_fields", "Rows",
 ]
@@ -86,7 +86,8 @@ NAMES = (
 
 def _features():
     """The ``datasets.Features`` of every task split (imported lazily: th_edit runs without ``datasets``)."""
-    from datasets import Features, Sequence as DSequence, Value
+    from datasets import Features, Value
+    from datasets import Sequence as DSequence
 
     return Features({
         "example_id": Value("int32"),

@@ -30,12 +30,12 @@ import pandas as pd
 import torch
 
 from ..errors import InvalidArgumentError
-from .batching import accepts_logits_to_keep, dataset_rows, input_device, pad_sequences, pad_token_id, plan_batches
-from .data import Rows, first_token
-from .provenance import check_overlap
-from .guard_text import GUARD_TEXTS
 from ..utils.distributed import process_rank_and_count
 from ..utils.progress import progress_bar
+from .batching import accepts_logits_to_keep, dataset_rows, input_device, pad_sequences, pad_token_id, plan_batches
+from .data import Rows, first_token
+from .guard_text import GUARD_TEXTS
+from .provenance import check_overlap
 
 __all__ = ["EvalResult", "evaluate", "evaluation_batch_size", "guard_loss", "wilson_interval"]
 
